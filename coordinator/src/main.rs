@@ -1,0 +1,2 @@
+//! `coordinator`: the coordinator daemon and its one-machine `generate` command.
+fn main() {}

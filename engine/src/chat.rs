@@ -1,0 +1,1 @@
+//! Chat templates rendered from the template the model carries (minijinja).

@@ -1,0 +1,1 @@
+//! GGUF v3 reader: metadata, tensor infos, memory-mapped data, split files.

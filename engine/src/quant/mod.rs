@@ -1,0 +1,264 @@
+//! Quantized block formats: the type table, dequantisation, activation quantisation and dot
+//! products that read packed blocks directly.
+//!
+//! Every GGML type is in the table (so a file holding types this engine cannot compute yet can
+//! still be parsed and sized exactly); `is_supported` says which ones the kernels handle.
+//! Adding a type (the IQ family) means: its row in `TABLE`, a `dequant` arm, a `dot` arm.
+//!
+//! Activations are quantised once per matvec to the weight type's `vec_dot_type` (as ggml does:
+//! Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants), or kept in f32 for float
+//! weights (F32/F16/BF16/F8E4M3), which is exact.
+
+pub mod act;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+pub mod dequant;
+pub mod dot;
+pub mod fp8;
+
+use thiserror::Error;
+
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+
+/// A tensor element format. GGML ids are those of `ggml.h`; `F8E4M3` is the safetensors FP8
+/// format of the official checkpoint (no GGML id; its 128x128 block scales live beside it).
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q8_1,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    Q8_K,
+    IQ2_XXS,
+    IQ2_XS,
+    IQ3_XXS,
+    IQ1_S,
+    IQ4_NL,
+    IQ3_S,
+    IQ2_S,
+    IQ4_XS,
+    I8,
+    I16,
+    I32,
+    I64,
+    F64,
+    IQ1_M,
+    BF16,
+    TQ1_0,
+    TQ2_0,
+    MXFP4,
+    F8E4M3,
+}
+
+struct TypeInfo {
+    ty: QuantType,
+    ggml_id: Option<u32>,
+    name: &'static str,
+    block_elems: usize,
+    block_bytes: usize,
+    supported: bool,
+}
+
+const fn t(ty: QuantType, id: u32, name: &'static str, be: usize, bb: usize, s: bool) -> TypeInfo {
+    TypeInfo {
+        ty,
+        ggml_id: Some(id),
+        name,
+        block_elems: be,
+        block_bytes: bb,
+        supported: s,
+    }
+}
+
+const TABLE: &[TypeInfo] = &[
+    t(QuantType::F32, 0, "F32", 1, 4, true),
+    t(QuantType::F16, 1, "F16", 1, 2, true),
+    t(QuantType::Q4_0, 2, "Q4_0", 32, 18, true),
+    t(QuantType::Q4_1, 3, "Q4_1", 32, 20, true),
+    t(QuantType::Q5_0, 6, "Q5_0", 32, 22, true),
+    t(QuantType::Q5_1, 7, "Q5_1", 32, 24, true),
+    t(QuantType::Q8_0, 8, "Q8_0", 32, 34, true),
+    t(QuantType::Q8_1, 9, "Q8_1", 32, 36, true),
+    t(QuantType::Q2_K, 10, "Q2_K", 256, 84, true),
+    t(QuantType::Q3_K, 11, "Q3_K", 256, 110, true),
+    t(QuantType::Q4_K, 12, "Q4_K", 256, 144, true),
+    t(QuantType::Q5_K, 13, "Q5_K", 256, 176, true),
+    t(QuantType::Q6_K, 14, "Q6_K", 256, 210, true),
+    t(QuantType::Q8_K, 15, "Q8_K", 256, 292, true),
+    t(QuantType::IQ2_XXS, 16, "IQ2_XXS", 256, 66, false),
+    t(QuantType::IQ2_XS, 17, "IQ2_XS", 256, 74, false),
+    t(QuantType::IQ3_XXS, 18, "IQ3_XXS", 256, 98, false),
+    t(QuantType::IQ1_S, 19, "IQ1_S", 256, 50, false),
+    t(QuantType::IQ4_NL, 20, "IQ4_NL", 32, 18, false),
+    t(QuantType::IQ3_S, 21, "IQ3_S", 256, 110, false),
+    t(QuantType::IQ2_S, 22, "IQ2_S", 256, 82, false),
+    t(QuantType::IQ4_XS, 23, "IQ4_XS", 256, 136, false),
+    t(QuantType::I8, 24, "I8", 1, 1, false),
+    t(QuantType::I16, 25, "I16", 1, 2, false),
+    t(QuantType::I32, 26, "I32", 1, 4, false),
+    t(QuantType::I64, 27, "I64", 1, 8, false),
+    t(QuantType::F64, 28, "F64", 1, 8, false),
+    t(QuantType::IQ1_M, 29, "IQ1_M", 256, 56, false),
+    t(QuantType::BF16, 30, "BF16", 1, 2, true),
+    t(QuantType::TQ1_0, 34, "TQ1_0", 256, 54, false),
+    t(QuantType::TQ2_0, 35, "TQ2_0", 256, 66, false),
+    t(QuantType::MXFP4, 39, "MXFP4", 32, 17, false),
+    TypeInfo {
+        ty: QuantType::F8E4M3,
+        ggml_id: None,
+        name: "F8_E4M3",
+        block_elems: 1,
+        block_bytes: 1,
+        supported: true,
+    },
+];
+
+/// Errors of the quant layer: all are caller mistakes that the loaders check for first.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum QuantError {
+    #[error("tensor type {0} is not supported by this engine's kernels yet")]
+    Unsupported(&'static str),
+    #[error("row of {len} elements is not a multiple of the {ty} block size {block}")]
+    RaggedRow {
+        ty: &'static str,
+        len: usize,
+        block: usize,
+    },
+    #[error("{ty} buffer holds {got} bytes, {expected} expected")]
+    BadLength {
+        ty: &'static str,
+        got: usize,
+        expected: usize,
+    },
+}
+
+impl QuantType {
+    fn info(self) -> &'static TypeInfo {
+        // The table is tiny and in declaration order; a linear scan is clearer than an index.
+        TABLE
+            .iter()
+            .find(|i| i.ty == self)
+            .expect("every QuantType has a table row")
+    }
+
+    /// The type with this GGML id, if the id exists.
+    pub fn from_ggml_id(id: u32) -> Option<Self> {
+        TABLE.iter().find(|i| i.ggml_id == Some(id)).map(|i| i.ty)
+    }
+
+    pub fn ggml_id(self) -> Option<u32> {
+        self.info().ggml_id
+    }
+
+    pub fn name(self) -> &'static str {
+        self.info().name
+    }
+
+    /// Elements per block (1 for plain scalar types).
+    pub fn block_elems(self) -> usize {
+        self.info().block_elems
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        self.info().block_bytes
+    }
+
+    /// Whether dequantisation and dot products exist for this type.
+    pub fn is_supported(self) -> bool {
+        self.info().supported
+    }
+
+    /// Bytes of a row of `n` elements, or an error when `n` is not a whole number of blocks.
+    pub fn row_bytes(self, n: usize) -> Result<usize, QuantError> {
+        let be = self.block_elems();
+        if n % be != 0 {
+            return Err(QuantError::RaggedRow {
+                ty: self.name(),
+                len: n,
+                block: be,
+            });
+        }
+        Ok(n / be * self.block_bytes())
+    }
+
+    /// Bytes of `n` elements laid out as whole blocks, checked for overflow.
+    pub fn bytes_for(self, n: u64) -> Option<u64> {
+        let be = self.block_elems() as u64;
+        if n % be != 0 {
+            return None;
+        }
+        (n / be).checked_mul(self.block_bytes() as u64)
+    }
+
+    /// The format activations take for `vec_dot` against weights of this type.
+    pub fn vec_dot_type(self) -> QuantType {
+        use QuantType::*;
+        match self {
+            Q4_0 | Q5_0 | Q8_0 => Q8_0,
+            Q4_1 | Q5_1 => Q8_1,
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => Q8_K,
+            _ => F32,
+        }
+    }
+}
+
+impl std::fmt::Display for QuantType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Dequantises one row (`dst.len()` elements) from its packed bytes.
+pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
+    let expected = ty.row_bytes(dst.len())?;
+    if src.len() != expected {
+        return Err(QuantError::BadLength {
+            ty: ty.name(),
+            got: src.len(),
+            expected,
+        });
+    }
+    dequant::dequantize_row(ty, src, dst)
+}
+
+/// Quantises an activation row to `ty` (one of F32, Q8_0, Q8_1, Q8_K) into `dst`
+/// (`ty.row_bytes(src.len())` bytes).
+pub fn quantize_activation(ty: QuantType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
+    let expected = ty.row_bytes(src.len())?;
+    if dst.len() != expected {
+        return Err(QuantError::BadLength {
+            ty: ty.name(),
+            got: dst.len(),
+            expected,
+        });
+    }
+    act::quantize_row(ty, src, dst)
+}
+
+/// Dot product of one packed weight row of `n` elements with an activation row already in
+/// `ty.vec_dot_type()` format. Uses the fastest kernel the CPU has (checked once).
+/// Lengths are the caller's contract (checked by debug assertions only: this is the hot path).
+#[inline]
+pub fn vec_dot(ty: QuantType, n: usize, w: &[u8], a: &[u8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2::available() {
+            if let Some(v) = avx2::vec_dot(ty, n, w, a) {
+                return v;
+            }
+        }
+    }
+    dot::vec_dot(ty, n, w, a)
+}

@@ -5,6 +5,7 @@
 //! sampling. This crate knows nothing about networks, clusters, HTTP or async runtimes: both
 //! daemons link it, and the cluster cuts the model at [`model::moe`]'s expert entry point.
 
+pub mod bench;
 pub mod bytes;
 pub mod chat;
 pub mod config;

@@ -1,0 +1,1 @@
+//! Measurement harness for the `bench` command: memory bandwidth and kernel throughput.

@@ -125,8 +125,9 @@ impl<'a> Reader<'a> {
                         type_id: item_type,
                     })?;
                 self.check_count(&format!("metadata `{key}` array length"), n, min)?;
-                // n * min <= remaining, so n is bounded by the file size.
-                let mut items = Vec::with_capacity(n as usize);
+                // n * min <= remaining bounds n by the file size; a MetaValue is much larger
+                // than a byte, so reserve only a little up front and grow as items parse.
+                let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
                 for _ in 0..n {
                     items.push(self.value(item_type, depth + 1, key)?);
                 }

@@ -483,8 +483,8 @@ mod tests {
             s[8 + (j as usize % 4)] |= (v >> 4) << (2 * (j / 4));
         }
         let got = q3_k_scales(&s);
-        for j in 0..16 {
-            assert_eq!(got[j] as i32, (j + 16 * (j % 4)) as i32 - 32, "scale {j}");
+        for (j, &g) in got.iter().enumerate() {
+            assert_eq!(g as i32, (j + 16 * (j % 4)) as i32 - 32, "scale {j}");
         }
     }
 }

@@ -397,7 +397,7 @@ mod tests {
     use super::*;
 
     /// A file of the test vectors made by `tests/data/quant/gen_vectors.py`.
-    pub(crate) fn vector(name: &str) -> Vec<u8> {
+    fn vector(name: &str) -> Vec<u8> {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/data/quant")
             .join(name);
@@ -410,16 +410,19 @@ mod tests {
             .collect()
     }
 
-    /// Random blocks dequantised by the `gguf` package (ggml's operation order) must come out
-    /// bit for bit the same here.
+    /// Random blocks, and real blocks from llama.cpp's quantizer, dequantised by the `gguf`
+    /// package (ggml's operation order) must come out bit for bit the same here.
     #[test]
     fn dequantize_matches_gguf_bit_for_bit() {
         use QuantType::*;
-        for ty in [
+        let random = [
             F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
-        ] {
-            let blocks = vector(&format!("deq_{}.blocks", ty.name()));
-            let want = f32s(&vector(&format!("deq_{}.f32", ty.name())));
+        ];
+        let real = [Q4_K, Q5_0, Q6_K, Q8_0];
+        let cases = random.iter().map(|t| ("deq", *t));
+        for (prefix, ty) in cases.chain(real.iter().map(|t| ("real", *t))) {
+            let blocks = vector(&format!("{prefix}_{}.blocks", ty.name()));
+            let want = f32s(&vector(&format!("{prefix}_{}.f32", ty.name())));
             assert_eq!(
                 ty.row_bytes(want.len()),
                 Ok(blocks.len()),
@@ -430,7 +433,7 @@ mod tests {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                    "{ty} element {i} (block {}): got {g:e} ({:#010x}), gguf {w:e} ({:#010x})",
+                    "{prefix} {ty} element {i} (block {}): got {g:e} ({:#010x}), gguf {w:e} ({:#010x})",
                     i / ty.block_elems(),
                     g.to_bits(),
                     w.to_bits()

@@ -14,6 +14,9 @@ Files (all little-endian):
   deq_<TYPE>.f32     the expected dequantised values
   act_<TYPE>.in      f32 activations; act_<TYPE>.out the expected quantised bytes
   fp8_e4m3fn.f32     256 f32 values, entry i decodes byte i
+  real_<TYPE>.blocks / real_<TYPE>.f32
+                     the first rows of one tensor per type of the oracle's tiny-model
+                     q4_k_m.gguf (made by llama.cpp's quantizer), dequantised by `gguf`
 
 Reproduce (fixed seed, same bytes every run):
   python3 -m venv /tmp/venv && /tmp/venv/bin/pip install gguf numpy ml_dtypes
@@ -141,6 +144,31 @@ def act_vectors() -> None:
     (OUT / "act_Q8_K.out").write_bytes(q8_k_ref(x))
 
 
+# One tensor per quant type of the tiny oracle model (llama-quantize output), first rows only.
+REAL_GGUF = Path("/work/shared/oracle/models/qlora/gguf/q4_k_m.gguf")
+REAL_ROWS = 4
+
+
+def real_vectors() -> None:
+    if not REAL_GGUF.exists():
+        print(f"{REAL_GGUF} not found: keeping the committed real_* vectors")
+        return
+    from gguf import GGUFReader
+
+    seen = set()
+    for t in GGUFReader(REAL_GGUF).tensors:
+        qtype = t.tensor_type
+        if qtype not in F16_FIELDS or qtype in seen:
+            continue
+        seen.add(qtype)
+        rows = np.asarray(t.data).reshape(-1, t.data.shape[-1])[:REAL_ROWS]
+        data = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
+        expected = np.asarray(dequantize(data, qtype), dtype=np.float32).reshape(-1)
+        (OUT / f"real_{qtype.name}.blocks").write_bytes(data.tobytes())
+        (OUT / f"real_{qtype.name}.f32").write_bytes(expected.astype("<f4").tobytes())
+        print(f"real_{qtype.name}: {t.name}, {expected.size} values")
+
+
 def fp8_table() -> None:
     codes = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
     (OUT / "fp8_e4m3fn.f32").write_bytes(codes.astype(np.float32).astype("<f4").tobytes())
@@ -149,4 +177,5 @@ def fp8_table() -> None:
 if __name__ == "__main__":
     deq_vectors()
     act_vectors()
+    real_vectors()
     fp8_table()

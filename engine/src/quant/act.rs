@@ -40,7 +40,7 @@ pub fn quantize_row(ty: QuantType, src: &[f32], dst: &mut [u8]) -> Result<(), Qu
 /// `d = amax / 127` and its inverse (0 for an all-zero block), as `quantize_row_q8_0_ref`.
 #[inline(always)]
 fn q8_scale(x: &[f32]) -> (f32, f32) {
-    // C's MAX(a, b) is `a > b ? a : b`; with NaN-free input this is f32::max.
+    // ggml's MAX(a, b) is `a > b ? a : b`, kept as such.
     let amax = x
         .iter()
         .fold(0f32, |m, v| if m > v.abs() { m } else { v.abs() });
@@ -53,8 +53,8 @@ fn q8_0_block(x: &[f32], y: &mut [u8]) {
     let (d, id) = q8_scale(x);
     y[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
     for (q, &v) in y[2..34].iter_mut().zip(x) {
-        // `roundf`: half away from zero; the float-to-i8 cast saturates like the C conversion
-        // does for every in-range value (|v * id| <= 127 up to rounding).
+        // `roundf` rounds half away from zero. |v * id| <= 127 by construction; where C's
+        // conversion would be undefined (NaN input) Rust's cast saturates instead.
         *q = (v * id).round() as i8 as u8;
     }
 }

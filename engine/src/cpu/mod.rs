@@ -28,6 +28,6 @@ pub fn matmul(w: &Matrix, xq: &[u8], n: usize, out: &mut [f32]) {
 fn dot_row(w: &Matrix, r: usize, xq: &[u8]) -> f32 {
     match w.row_scales(r) {
         Some(scales) => quant::fp8::dot_row(w.row(r), scales, bytemuck::cast_slice(xq)),
-        None => quant::vec_dot(w.ty, w.cols, w.row(r), xq),
+        None => quant::vec_dot_f32(w.ty, w.row(r), bytemuck::cast_slice(xq)),
     }
 }

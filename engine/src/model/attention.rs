@@ -41,7 +41,6 @@ struct HeadScratch {
     q_abs: Vec<f32>,
     scores: Vec<f32>,
     latent: Vec<f32>,
-    act: Vec<u64>,
 }
 
 /// Runs attention for `n` tokens at positions `pos0..pos0 + n` (their cache rows are written
@@ -154,7 +153,7 @@ fn one_head(
     rope.apply(&mut hs.q_pe, pos);
 
     hs.q_abs.resize(lora, 0.0);
-    serial_matvec(k_b, &hs.q_nope, &mut hs.q_abs, &mut hs.act);
+    serial_matvec(k_b, &hs.q_nope, &mut hs.q_abs);
 
     hs.scores.resize(pos + 1, 0.0);
     for (p, sc) in hs.scores.iter_mut().enumerate() {
@@ -168,20 +167,14 @@ fn one_head(
     for (p, &pr) in hs.scores.iter().enumerate() {
         ops::axpy(&mut hs.latent, pr, &rows[p * row..p * row + lora]);
     }
-    serial_matvec(v_b, &hs.latent, out, &mut hs.act);
+    serial_matvec(v_b, &hs.latent, out);
 }
 
-/// Single-threaded matvec for the small per-head matrices (already inside a parallel loop).
-fn serial_matvec(m: &Matrix, x: &[f32], out: &mut [f32], act: &mut Vec<u64>) {
-    let ty = m.act_type();
-    let rb = ty.row_bytes(m.cols).expect("checked at load");
-    let words = rb.div_ceil(8);
-    if act.len() < words {
-        act.resize(words, 0);
-    }
-    let bytes: &mut [u8] = &mut bytemuck::cast_slice_mut(&mut act[..words])[..rb];
-    quant::quantize_activation(ty, x, bytes).expect("activation type is quantisable");
+/// Single-threaded matvec with f32 activations for the small per-head matrices (already inside
+/// a parallel loop): quantising `q_nope` or the attended latent to 8 bits would cost accuracy
+/// where the scores are most sensitive, and these products are a negligible share of the work.
+fn serial_matvec(m: &Matrix, x: &[f32], out: &mut [f32]) {
     for (r, o) in out.iter_mut().enumerate() {
-        *o = quant::vec_dot(m.ty, m.cols, m.row(r), bytes);
+        *o = quant::vec_dot_f32(m.ty, m.row(r), x);
     }
 }

@@ -239,3 +239,178 @@ fn token_string(v: &serde_json::Value) -> Option<String> {
         .or_else(|| v.get("content").and_then(|c| c.as_str()))
         .map(str::to_owned)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::test_data::{json, read, tokenizer};
+
+    fn config(name: &str) -> HfTokenizerConfig {
+        let file = match name {
+            "v3" => "deepseek-v3_tokenizer_config.json",
+            "r1" => "deepseek-r1_tokenizer_config.json",
+            "tiny" => "tiny_tokenizer_config.json",
+            _ => panic!("unknown template {name}"),
+        };
+        HfTokenizerConfig::from_json_bytes(&read(file)).expect("config")
+    }
+
+    fn template(name: &str) -> ChatTemplate {
+        ChatTemplate::from_tokenizer_config(&config(name)).expect("template")
+    }
+
+    fn messages(v: &serde_json::Value) -> Vec<ChatMessage> {
+        serde_json::from_value(v.clone()).expect("messages")
+    }
+
+    #[test]
+    fn renders_like_jinja2() {
+        let data = json("chat_renderings.json");
+        let cases = data["cases"].as_array().expect("cases");
+        assert_eq!(cases.len(), 48);
+        for case in cases {
+            let name = case["template"].as_str().expect("template");
+            let agp = case["add_generation_prompt"].as_bool().expect("agp");
+            let got = template(name)
+                .render(&messages(&case["messages"]), agp)
+                .expect("render");
+            let want = case["rendered"].as_str().expect("rendered");
+            assert_eq!(got, want, "{name} {} agp={agp}", case["name"]);
+        }
+    }
+
+    #[test]
+    fn renders_oracle_chats_and_their_ids() {
+        for (file, vocab) in [
+            ("tokenizer_cases_small.json", "tiny"),
+            ("tokenizer_cases_realvocab.json", "r1"),
+        ] {
+            let tok = tokenizer(vocab, false);
+            let t = template(vocab);
+            for chat in json(file)["chat"].as_array().expect("chat") {
+                let rendered = t
+                    .render(&messages(&chat["messages"]), true)
+                    .expect("render");
+                assert_eq!(rendered, chat["rendered"].as_str().expect("rendered"));
+                let ids: Vec<u32> = serde_json::from_value(chat["ids"].clone()).expect("ids");
+                assert_eq!(tok.encode(&rendered, false).expect("encode"), ids);
+            }
+        }
+    }
+
+    #[test]
+    fn generation_prompts() {
+        let msgs = [ChatMessage::user("hi")];
+        let v3 = template("v3").render(&msgs, true).expect("render");
+        assert!(v3.ends_with("<｜User｜>hi<｜Assistant｜>"), "{v3}");
+        let r1 = template("r1").render(&msgs, true).expect("render");
+        assert!(r1.ends_with("<｜Assistant｜><think>\n"), "{r1}");
+        let none = template("r1").render(&msgs, false).expect("render");
+        assert_eq!(none, "<｜begin▁of▁sentence｜><｜User｜>hi");
+    }
+
+    #[test]
+    fn r1_drops_past_reasoning() {
+        let msgs = [
+            ChatMessage::user("q"),
+            ChatMessage::assistant("<think>\nsecret\n</think>\n\nanswer"),
+            ChatMessage::user("q2"),
+        ];
+        let r1 = template("r1").render(&msgs, true).expect("render");
+        assert!(!r1.contains("secret"));
+        assert!(r1.contains("<｜Assistant｜>\n\nanswer<｜end▁of▁sentence｜>"));
+        let v3 = template("v3").render(&msgs, true).expect("render");
+        assert!(v3.contains("secret"));
+    }
+
+    #[test]
+    fn tool_call_messages_serialize_for_the_template() {
+        let m = ChatMessage::assistant_tool_calls(vec![ToolCall::function("f", "{}")]);
+        let v = serde_json::to_value(&m).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"role": "assistant", "content": null,
+                "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]})
+        );
+        let plain = serde_json::to_value(ChatMessage::user("x")).expect("json");
+        assert!(plain.get("tool_calls").is_none(), "absent, not null");
+    }
+
+    #[test]
+    fn gguf_template_renders_like_the_config_one() {
+        let gguf = json("tiny_gguf_vocab.json");
+        let source = gguf["chat_template"].as_str().expect("template");
+        let t = ChatTemplate::new(source, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>")
+            .expect("template");
+        let msgs = [
+            ChatMessage::system("s"),
+            ChatMessage::user("u"),
+            ChatMessage::assistant("<think>x</think>a"),
+            ChatMessage::user("u2"),
+        ];
+        assert_eq!(
+            t.render(&msgs, true).expect("render"),
+            template("tiny").render(&msgs, true).expect("render")
+        );
+    }
+
+    #[test]
+    fn python_methods_and_raise_exception() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% if m.role not in ['user', 'system'] %}\
+             {{ raise_exception('bad role ' + m.role) }}{% endif %}\
+             {{ m.content.strip().upper() }}|{{ m.content.split(',')[-1] }}\n{% endfor %}",
+            "",
+            "",
+        )
+        .expect("template");
+        let out = t
+            .render(&[ChatMessage::user("  a,b  ")], false)
+            .expect("render");
+        assert_eq!(out, "A,B|b  \n");
+        let err = t
+            .render(&[ChatMessage::new("robot", "x")], false)
+            .expect_err("raises");
+        assert!(err.to_string().contains("bad role robot"), "{err}");
+    }
+
+    #[test]
+    fn template_errors_are_typed() {
+        assert!(matches!(
+            ChatTemplate::new("{% if %}", "", ""),
+            Err(ChatError::Compile(_))
+        ));
+        assert!(matches!(
+            HfTokenizerConfig::from_json_bytes(b"[1]"),
+            Err(ChatError::Config(_))
+        ));
+        assert!(matches!(
+            HfTokenizerConfig::from_json_bytes(b"{"),
+            Err(ChatError::ConfigJson(_))
+        ));
+        let no_template = HfTokenizerConfig::from_json_bytes(b"{}").expect("config");
+        assert!(matches!(
+            ChatTemplate::from_tokenizer_config(&no_template),
+            Err(ChatError::NoTemplate)
+        ));
+    }
+
+    #[test]
+    fn config_fields() {
+        let c = config("v3");
+        assert_eq!(c.bos_token.as_deref(), Some("<｜begin▁of▁sentence｜>"));
+        assert_eq!(c.eos_token.as_deref(), Some("<｜end▁of▁sentence｜>"));
+        assert_eq!(
+            (c.add_bos_token, c.add_eos_token),
+            (Some(true), Some(false))
+        );
+        let listed = HfTokenizerConfig::from_json_bytes(
+            br#"{"bos_token": "<s>", "chat_template": [{"name": "tool_use", "template": "T"},
+                {"name": "default", "template": "D"}]}"#,
+        )
+        .expect("config");
+        assert_eq!(listed.chat_template.as_deref(), Some("D"));
+        assert_eq!(listed.bos_token.as_deref(), Some("<s>"));
+        assert_eq!(listed.eos_token, None);
+    }
+}

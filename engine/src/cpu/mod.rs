@@ -1,33 +1,183 @@
 //! The CPU backend's matrix kernels: threaded matvec (decode) and matmul (prefill) over packed
 //! weight rows, calling the quant layer's dot products.
+//!
+//! Work is split by output rows into contiguous chunks (a few per thread, so a thread that
+//! is descheduled on a busy machine does not hold up the call: the others steal its chunks).
+//! Each chunk streams its rows once, front to back, which keeps the hardware prefetchers busy.
+//! The dot kernel is resolved once per call, not per row.
+//!
+//! `matmul` walks each chunk in tiles of rows small enough to stay in L1/L2 and runs every
+//! activation row against a tile before moving on, so weights come from memory once per call
+//! however many tokens there are; `matmul` with `n == 1` is `matvec`.
+//!
+//! This module knows nothing about the model: it sees a [`Matrix`] and packed activations.
 
 use rayon::prelude::*;
 
-use crate::quant;
+use crate::quant::{self, QuantType};
 use crate::tensor::Matrix;
+
+/// Rows per chunk are a multiple of this (64 bytes of f32 output: no false sharing).
+const ROW_ALIGN: usize = 16;
+/// Chunks per thread: enough for stealing to even out a slow thread, few enough to be cheap.
+const CHUNKS_PER_THREAD: usize = 4;
+/// Below this many weight bytes a product runs on the calling thread: splitting costs more.
+const PARALLEL_MIN_BYTES: usize = 64 * 1024;
+/// Weight bytes of one `matmul` row tile (stays in L2 while every token passes over it).
+const TILE_BYTES: usize = 64 * 1024;
 
 /// `out[r] = W[r] · x` where `xq` is `x` already in `w.act_type()` format.
 pub fn matvec(w: &Matrix, xq: &[u8], out: &mut [f32]) {
-    out.par_iter_mut()
+    debug_assert_eq!(out.len(), w.rows);
+    let dot = RowDot::new(w);
+    let chunk = chunk_rows(w);
+    if chunk >= w.rows {
+        dot.rows(0, xq, out);
+        return;
+    }
+    out.par_chunks_mut(chunk)
         .enumerate()
-        .for_each(|(r, o)| *o = dot_row(w, r, xq));
+        .for_each(|(c, o)| dot.rows(c * chunk, xq, o));
 }
 
 /// `out[t * rows + r] = W[r] · x_t` for `n` activation rows packed back to back in `xq`.
 pub fn matmul(w: &Matrix, xq: &[u8], n: usize, out: &mut [f32]) {
-    let arb = xq.len() / n.max(1);
-    out.par_chunks_mut(w.rows).enumerate().for_each(|(t, o)| {
-        let x = &xq[t * arb..(t + 1) * arb];
-        for (r, v) in o.iter_mut().enumerate() {
-            *v = dot_row(w, r, x);
+    debug_assert_eq!(out.len(), n * w.rows);
+    if n == 0 {
+        return;
+    }
+    if n == 1 {
+        return matvec(w, xq, out);
+    }
+    let arb = xq.len() / n;
+    let dot = RowDot::new(w);
+    let chunk = chunk_rows(w);
+    let tile = (TILE_BYTES / w.row_bytes.max(1)).clamp(1, chunk);
+    let nchunks = w.rows.div_ceil(chunk);
+    let out = SharedOut(out.as_mut_ptr(), out.len());
+    let run = |c: usize| {
+        let end = ((c + 1) * chunk).min(w.rows);
+        let mut r0 = c * chunk;
+        while r0 < end {
+            let r1 = (r0 + tile).min(end);
+            for t in 0..n {
+                let x = &xq[t * arb..(t + 1) * arb];
+                // SAFETY: chunks are disjoint row ranges, so each (t, r) is written once.
+                let o = unsafe { out.slice(t * w.rows + r0, r1 - r0) };
+                dot.rows(r0, x, o);
+            }
+            r0 = r1;
         }
-    });
+    };
+    if nchunks == 1 {
+        run(0);
+    } else {
+        (0..nchunks).into_par_iter().for_each(run);
+    }
+}
+
+/// Rows per parallel chunk for `w` (all of them when the matrix is too small to split).
+fn chunk_rows(w: &Matrix) -> usize {
+    let bytes = w.rows * w.row_bytes;
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || bytes < PARALLEL_MIN_BYTES {
+        return w.rows.max(1);
+    }
+    let per = w.rows.div_ceil(threads * CHUNKS_PER_THREAD);
+    per.next_multiple_of(ROW_ALIGN).min(w.rows).max(1)
+}
+
+/// The output matrix, written from several threads at disjoint indices.
+struct SharedOut(*mut f32, usize);
+
+// SAFETY: only used to hand disjoint sub-slices to parallel tasks (see `matmul`).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// No two live slices may overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.1);
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+/// One weight matrix's row dot product, with the kernel chosen once.
+struct RowDot<'a> {
+    w: &'a Matrix,
+    data: &'a [u8],
+    kind: Kind,
+}
+
+enum Kind {
+    /// A SIMD kernel for this CPU.
+    Fast(fn(usize, &[u8], &[u8]) -> f32),
+    /// The dispatching `quant::vec_dot` (portable fallback).
+    Portable(QuantType),
+    /// FP8 rows with block scales and f32 activations.
+    Fp8,
+}
+
+impl<'a> RowDot<'a> {
+    fn new(w: &'a Matrix) -> Self {
+        let kind = if w.block_scales.is_some() {
+            Kind::Fp8
+        } else {
+            match fast_kernel(w.ty) {
+                Some(f) => Kind::Fast(f),
+                None => Kind::Portable(w.ty),
+            }
+        };
+        RowDot {
+            w,
+            data: &w.data,
+            kind,
+        }
+    }
+
+    /// `out[i] = W[r0 + i] · x` for `i in 0..out.len()`.
+    #[inline]
+    fn rows(&self, r0: usize, x: &[u8], out: &mut [f32]) {
+        let (n, rb) = (self.w.cols, self.w.row_bytes);
+        let rows = &self.data[r0 * rb..(r0 + out.len()) * rb];
+        match self.kind {
+            Kind::Fast(f) => {
+                for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                    *o = f(n, row, x);
+                }
+            }
+            Kind::Portable(ty) => {
+                for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                    *o = quant::vec_dot(ty, n, row, x);
+                }
+            }
+            Kind::Fp8 => {
+                let xf: &[f32] = bytemuck::cast_slice(x);
+                for (i, (o, row)) in out.iter_mut().zip(rows.chunks_exact(rb)).enumerate() {
+                    let scales = self.w.row_scales(r0 + i).expect("FP8 matrix has scales");
+                    *o = fp8_dot(row, scales, xf);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fast_kernel(ty: QuantType) -> Option<fn(usize, &[u8], &[u8]) -> f32> {
+    quant::avx2::kernel(ty)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fast_kernel(_ty: QuantType) -> Option<fn(usize, &[u8], &[u8]) -> f32> {
+    None
 }
 
 #[inline]
-fn dot_row(w: &Matrix, r: usize, xq: &[u8]) -> f32 {
-    match w.row_scales(r) {
-        Some(scales) => quant::fp8::dot_row(w.row(r), scales, bytemuck::cast_slice(xq)),
-        None => quant::vec_dot(w.ty, w.cols, w.row(r), xq),
+fn fp8_dot(row: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = quant::avx2::fp8_dot_row(row, scales, x) {
+        return v;
     }
+    quant::fp8::dot_row(row, scales, x)
 }

@@ -200,7 +200,9 @@ pub fn run_kernel_bench_with(threads: usize, cfg: &BenchConfig) -> Vec<BenchLine
         }
     }
     for &(ty, rows, cols, n) in &cfg.matmuls {
-        lines.push(BenchLine::Matmul(matmul_with(ty, rows, cols, n, threads, cfg)));
+        lines.push(BenchLine::Matmul(matmul_with(
+            ty, rows, cols, n, threads, cfg,
+        )));
     }
     lines
 }
@@ -306,7 +308,14 @@ pub fn matvec_gbps(
     threads: usize,
     bandwidth_gbps: f64,
 ) -> MatvecResult {
-    matvec_with(ty, rows, cols, threads, bandwidth_gbps, &BenchConfig::full())
+    matvec_with(
+        ty,
+        rows,
+        cols,
+        threads,
+        bandwidth_gbps,
+        &BenchConfig::full(),
+    )
 }
 
 fn matvec_with(

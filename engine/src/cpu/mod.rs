@@ -15,6 +15,9 @@
 use rayon::prelude::*;
 
 use crate::quant::{self, QuantType};
+
+/// A row kernel: `(n, weight row bytes, activation row bytes) -> dot`.
+type DotFn = fn(usize, &[u8], &[u8]) -> f32;
 use crate::tensor::Matrix;
 
 /// Rows per chunk are a multiple of this (64 bytes of f32 output: no false sharing).
@@ -112,7 +115,7 @@ struct RowDot<'a> {
 
 enum Kind {
     /// A SIMD kernel for this CPU.
-    Fast(fn(usize, &[u8], &[u8]) -> f32),
+    Fast(DotFn),
     /// The dispatching `quant::vec_dot` (portable fallback).
     Portable(QuantType),
     /// FP8 rows with block scales and f32 activations.
@@ -164,12 +167,12 @@ impl<'a> RowDot<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn fast_kernel(ty: QuantType) -> Option<fn(usize, &[u8], &[u8]) -> f32> {
+fn fast_kernel(ty: QuantType) -> Option<DotFn> {
     quant::avx2::kernel(ty)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn fast_kernel(_ty: QuantType) -> Option<fn(usize, &[u8], &[u8]) -> f32> {
+fn fast_kernel(_ty: QuantType) -> Option<DotFn> {
     None
 }
 

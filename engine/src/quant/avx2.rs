@@ -83,7 +83,10 @@ pub fn fp8_dot_row(w: &[u8], scales: &[f32], x: &[f32]) -> Option<f32> {
 fn check(n: usize, w: &[u8], a: &[u8], be: usize, wb: usize, ab: usize) -> usize {
     debug_assert_eq!(n % be, 0, "row length {n} is not a multiple of {be}");
     let nb = n / be;
-    assert!(w.len() >= nb * wb && a.len() >= nb * ab, "row shorter than {n} elements");
+    assert!(
+        w.len() >= nb * wb && a.len() >= nb * ab,
+        "row shorter than {n} elements"
+    );
     nb
 }
 
@@ -329,7 +332,7 @@ unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scale_k(scales: __m256i, k: usize) -> __m256i {
-    let m = ((2 * k + 1) << 8 | 2 * k) as i16;
+    let m = (((2 * k + 1) << 8) | (2 * k)) as i16;
     _mm256_shuffle_epi8(scales, _mm256_set1_epi16(m))
 }
 

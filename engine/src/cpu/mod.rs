@@ -184,3 +184,97 @@ fn fp8_dot(row: &[u8], scales: &[f32], x: &[f32]) -> f32 {
     }
     quant::fp8::dot_row(row, scales, x)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{random_activation, random_f32, random_weights};
+    use crate::Bytes;
+
+    fn matrix(ty: QuantType, rows: usize, cols: usize, seed: u64) -> Matrix {
+        let data = random_weights(ty, rows * cols, seed);
+        Matrix::new(ty, rows, cols, Bytes::from_vec(data)).unwrap()
+    }
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
+    /// Every row against `quant::vec_dot`, one thread and several, small and split matrices.
+    #[test]
+    fn matvec_matches_rowwise_dots() {
+        for (ty, rows, cols) in [
+            (QuantType::Q4_K, 3, 256),
+            (QuantType::Q4_K, 200, 2048),
+            (QuantType::Q6_K, 77, 1024),
+            (QuantType::Q8_0, 300, 512),
+            (QuantType::F32, 50, 100),
+        ] {
+            let w = matrix(ty, rows, cols, 1);
+            let xq = random_activation(ty.vec_dot_type(), cols, 2);
+            let want: Vec<f32> = (0..rows)
+                .map(|r| quant::vec_dot(ty, cols, w.row(r), &xq))
+                .collect();
+            for threads in [1, 3] {
+                let mut out = vec![f32::NAN; rows];
+                pool(threads).install(|| matvec(&w, &xq, &mut out));
+                assert_eq!(out, want, "{ty} {rows}x{cols}, {threads} threads");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_is_matvec_per_token() {
+        for (ty, rows, cols, n) in [
+            (QuantType::Q4_K, 300, 512, 5),
+            (QuantType::Q8_0, 40, 256, 3),
+            (QuantType::Q6_K, 1000, 256, 2),
+            // Rows large enough that a chunk spans several tiles.
+            (QuantType::Q8_0, 200, 16384, 2),
+        ] {
+            let w = matrix(ty, rows, cols, 3);
+            let arb = ty.vec_dot_type().row_bytes(cols).unwrap();
+            let xq: Vec<u8> = (0..n)
+                .flat_map(|t| random_activation(ty.vec_dot_type(), cols, 10 + t as u64))
+                .collect();
+            for threads in [1, 2, 3] {
+                pool(threads).install(|| {
+                    let mut out = vec![f32::NAN; rows * n];
+                    matmul(&w, &xq, n, &mut out);
+                    for t in 0..n {
+                        let mut one = vec![f32::NAN; rows];
+                        matvec(&w, &xq[t * arb..(t + 1) * arb], &mut one);
+                        assert_eq!(&out[t * rows..(t + 1) * rows], &one[..], "{ty} token {t}");
+                    }
+                    let mut single = vec![f32::NAN; rows];
+                    matmul(&w, &xq[..arb], 1, &mut single);
+                    assert_eq!(&single[..], &out[..rows]);
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_rows_use_their_block_scales() {
+        let (rows, cols) = (260, 300);
+        let data: Vec<u8> = (0..rows * cols)
+            .map(|i| crate::bench::splitmix(i as u64) as u8 & 0x77)
+            .collect();
+        let scales: Vec<f32> = (0..3 * 3).map(|k| 1.0 + k as f32).collect();
+        let w = Matrix::new_fp8(rows, cols, Bytes::from_vec(data), scales).unwrap();
+        let x = random_f32(cols, 5);
+        let xq: &[u8] = bytemuck::cast_slice(&x);
+        let mut out = vec![0f32; rows];
+        pool(2).install(|| matvec(&w, xq, &mut out));
+        let mut deq = vec![0f32; cols];
+        for (r, &o) in out.iter().enumerate() {
+            w.dequantize_row(r, &mut deq).unwrap();
+            let want: f32 = deq.iter().zip(&x).map(|(a, b)| a * b).sum();
+            let mag: f32 = deq.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            assert!((o - want).abs() <= 1e-5 * mag, "row {r}: {o} vs {want}");
+        }
+    }
+}

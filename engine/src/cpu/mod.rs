@@ -1,33 +1,290 @@
 //! The CPU backend's matrix kernels: threaded matvec (decode) and matmul (prefill) over packed
 //! weight rows, calling the quant layer's dot products.
+//!
+//! Work is split by output rows into contiguous chunks (a few per thread, so a thread that
+//! is descheduled on a busy machine does not hold up the call: the others steal its chunks).
+//! Each chunk streams its rows once, front to back, which keeps the hardware prefetchers busy.
+//! The dot kernel is resolved once per call, not per row.
+//!
+//! `matmul` walks each chunk in tiles of rows small enough to stay in L1/L2 and runs every
+//! activation row against a tile before moving on, so weights come from memory once per call
+//! however many tokens there are; `matmul` with `n == 1` is `matvec`.
+//!
+//! This module knows nothing about the model: it sees a [`Matrix`] and packed activations.
 
 use rayon::prelude::*;
 
-use crate::quant;
+use crate::quant::{self, QuantType};
+
+/// A row kernel: `(n, weight row bytes, activation row bytes) -> dot`.
+type DotFn = fn(usize, &[u8], &[u8]) -> f32;
 use crate::tensor::Matrix;
+
+/// Rows per chunk are a multiple of this (64 bytes of f32 output: no false sharing).
+const ROW_ALIGN: usize = 16;
+/// Chunks per thread: enough for stealing to even out a slow thread, few enough to be cheap.
+const CHUNKS_PER_THREAD: usize = 4;
+/// Below this many weight bytes a product runs on the calling thread: splitting costs more.
+const PARALLEL_MIN_BYTES: usize = 64 * 1024;
+/// Weight bytes of one `matmul` row tile (stays in L2 while every token passes over it).
+const TILE_BYTES: usize = 64 * 1024;
 
 /// `out[r] = W[r] · x` where `xq` is `x` already in `w.act_type()` format.
 pub fn matvec(w: &Matrix, xq: &[u8], out: &mut [f32]) {
-    out.par_iter_mut()
+    debug_assert_eq!(out.len(), w.rows);
+    let dot = RowDot::new(w);
+    let chunk = chunk_rows(w);
+    if chunk >= w.rows {
+        dot.rows(0, xq, out);
+        return;
+    }
+    out.par_chunks_mut(chunk)
         .enumerate()
-        .for_each(|(r, o)| *o = dot_row(w, r, xq));
+        .for_each(|(c, o)| dot.rows(c * chunk, xq, o));
 }
 
 /// `out[t * rows + r] = W[r] · x_t` for `n` activation rows packed back to back in `xq`.
 pub fn matmul(w: &Matrix, xq: &[u8], n: usize, out: &mut [f32]) {
-    let arb = xq.len() / n.max(1);
-    out.par_chunks_mut(w.rows).enumerate().for_each(|(t, o)| {
-        let x = &xq[t * arb..(t + 1) * arb];
-        for (r, v) in o.iter_mut().enumerate() {
-            *v = dot_row(w, r, x);
+    debug_assert_eq!(out.len(), n * w.rows);
+    if n == 0 {
+        return;
+    }
+    if n == 1 {
+        return matvec(w, xq, out);
+    }
+    let arb = xq.len() / n;
+    let dot = RowDot::new(w);
+    let chunk = chunk_rows(w);
+    let tile = (TILE_BYTES / w.row_bytes.max(1)).clamp(1, chunk);
+    let nchunks = w.rows.div_ceil(chunk);
+    let out = SharedOut(out.as_mut_ptr(), out.len());
+    let run = |c: usize| {
+        let end = ((c + 1) * chunk).min(w.rows);
+        let mut r0 = c * chunk;
+        while r0 < end {
+            let r1 = (r0 + tile).min(end);
+            for t in 0..n {
+                let x = &xq[t * arb..(t + 1) * arb];
+                // SAFETY: chunks are disjoint row ranges, so each (t, r) is written once.
+                let o = unsafe { out.slice(t * w.rows + r0, r1 - r0) };
+                dot.rows(r0, x, o);
+            }
+            r0 = r1;
         }
-    });
+    };
+    if nchunks == 1 {
+        run(0);
+    } else {
+        (0..nchunks).into_par_iter().for_each(run);
+    }
+}
+
+/// Rows per parallel chunk for `w` (all of them when the matrix is too small to split).
+fn chunk_rows(w: &Matrix) -> usize {
+    let bytes = w.rows * w.row_bytes;
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || bytes < PARALLEL_MIN_BYTES {
+        return w.rows.max(1);
+    }
+    let per = w.rows.div_ceil(threads * CHUNKS_PER_THREAD);
+    per.next_multiple_of(ROW_ALIGN).min(w.rows).max(1)
+}
+
+/// The output matrix, written from several threads at disjoint indices.
+struct SharedOut(*mut f32, usize);
+
+// SAFETY: only used to hand disjoint sub-slices to parallel tasks (see `matmul`).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// No two live slices may overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.1);
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+/// One weight matrix's row dot product, with the kernel chosen once.
+struct RowDot<'a> {
+    w: &'a Matrix,
+    data: &'a [u8],
+    kind: Kind,
+}
+
+enum Kind {
+    /// A SIMD kernel for this CPU.
+    Fast(DotFn),
+    /// `quant::vec_dot_f32`: blocks dequantised against f32 activations.
+    Portable(QuantType),
+    /// FP8 rows with block scales and f32 activations.
+    Fp8,
+}
+
+impl<'a> RowDot<'a> {
+    fn new(w: &'a Matrix) -> Self {
+        let kind = if w.block_scales.is_some() {
+            Kind::Fp8
+        } else {
+            match w.ty {
+                // Float weights: the SIMD kernels take f32 activations directly.
+                QuantType::F32 | QuantType::F16 | QuantType::BF16 => match fast_kernel(w.ty) {
+                    Some(f) => Kind::Fast(f),
+                    None => Kind::Portable(w.ty),
+                },
+                // Quantized weights: dequantised block by block against f32 activations.
+                ty => Kind::Portable(ty),
+            }
+        };
+        RowDot {
+            w,
+            data: &w.data,
+            kind,
+        }
+    }
+
+    /// `out[i] = W[r0 + i] · x` for `i in 0..out.len()`.
+    #[inline]
+    fn rows(&self, r0: usize, x: &[u8], out: &mut [f32]) {
+        let (n, rb) = (self.w.cols, self.w.row_bytes);
+        let rows = &self.data[r0 * rb..(r0 + out.len()) * rb];
+        match self.kind {
+            Kind::Fast(f) => {
+                for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                    *o = f(n, row, x);
+                }
+            }
+            Kind::Portable(ty) => {
+                let xf: &[f32] = bytemuck::cast_slice(x);
+                for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                    *o = quant::vec_dot_f32(ty, row, xf);
+                }
+            }
+            Kind::Fp8 => {
+                let xf: &[f32] = bytemuck::cast_slice(x);
+                for (i, (o, row)) in out.iter_mut().zip(rows.chunks_exact(rb)).enumerate() {
+                    let scales = self.w.row_scales(r0 + i).expect("FP8 matrix has scales");
+                    *o = fp8_dot(row, scales, xf);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fast_kernel(ty: QuantType) -> Option<DotFn> {
+    quant::avx2::kernel(ty)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fast_kernel(_ty: QuantType) -> Option<DotFn> {
+    None
 }
 
 #[inline]
-fn dot_row(w: &Matrix, r: usize, xq: &[u8]) -> f32 {
-    match w.row_scales(r) {
-        Some(scales) => quant::fp8::dot_row(w.row(r), scales, bytemuck::cast_slice(xq)),
-        None => quant::vec_dot_f32(w.ty, w.row(r), bytemuck::cast_slice(xq)),
+fn fp8_dot(row: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = quant::avx2::fp8_dot_row(row, scales, x) {
+        return v;
+    }
+    quant::fp8::dot_row(row, scales, x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{random_f32, random_weights};
+    use crate::Bytes;
+
+    fn matrix(ty: QuantType, rows: usize, cols: usize, seed: u64) -> Matrix {
+        let data = random_weights(ty, rows * cols, seed);
+        Matrix::new(ty, rows, cols, Bytes::from_vec(data)).unwrap()
+    }
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
+    /// Every row against `quant::vec_dot`, one thread and several, small and split matrices.
+    #[test]
+    fn matvec_matches_rowwise_dots() {
+        for (ty, rows, cols) in [
+            (QuantType::Q4_K, 3, 256),
+            (QuantType::Q4_K, 200, 2048),
+            (QuantType::Q6_K, 77, 1024),
+            (QuantType::Q8_0, 300, 512),
+            (QuantType::F32, 50, 100),
+        ] {
+            let w = matrix(ty, rows, cols, 1);
+            let x = random_f32(cols, 2);
+            let xq: &[u8] = bytemuck::cast_slice(&x);
+            let want: Vec<f32> = (0..rows)
+                .map(|r| match fast_kernel(ty).filter(|_| matches!(ty, QuantType::F32)) {
+                    Some(f) => f(cols, w.row(r), xq),
+                    None => quant::vec_dot_f32(ty, w.row(r), &x),
+                })
+                .collect();
+            for threads in [1, 3] {
+                let mut out = vec![f32::NAN; rows];
+                pool(threads).install(|| matvec(&w, xq, &mut out));
+                assert_eq!(out, want, "{ty} {rows}x{cols}, {threads} threads");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_is_matvec_per_token() {
+        for (ty, rows, cols, n) in [
+            (QuantType::Q4_K, 300, 512, 5),
+            (QuantType::Q8_0, 40, 256, 3),
+            (QuantType::Q6_K, 1000, 256, 2),
+            // Rows large enough that a chunk spans several tiles.
+            (QuantType::Q8_0, 200, 16384, 2),
+        ] {
+            let w = matrix(ty, rows, cols, 3);
+            let arb = 4 * cols;
+            let xq: Vec<u8> = (0..n)
+                .flat_map(|t| bytemuck::cast_slice::<f32, u8>(&random_f32(cols, 10 + t as u64)).to_vec())
+                .collect();
+            for threads in [1, 2, 3] {
+                pool(threads).install(|| {
+                    let mut out = vec![f32::NAN; rows * n];
+                    matmul(&w, &xq, n, &mut out);
+                    for t in 0..n {
+                        let mut one = vec![f32::NAN; rows];
+                        matvec(&w, &xq[t * arb..(t + 1) * arb], &mut one);
+                        assert_eq!(&out[t * rows..(t + 1) * rows], &one[..], "{ty} token {t}");
+                    }
+                    let mut single = vec![f32::NAN; rows];
+                    matmul(&w, &xq[..arb], 1, &mut single);
+                    assert_eq!(&single[..], &out[..rows]);
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_rows_use_their_block_scales() {
+        let (rows, cols) = (260, 300);
+        let data: Vec<u8> = (0..rows * cols)
+            .map(|i| crate::bench::splitmix(i as u64) as u8 & 0x77)
+            .collect();
+        let scales: Vec<f32> = (0..3 * 3).map(|k| 1.0 + k as f32).collect();
+        let w = Matrix::new_fp8(rows, cols, Bytes::from_vec(data), scales).unwrap();
+        let x = random_f32(cols, 5);
+        let xq: &[u8] = bytemuck::cast_slice(&x);
+        let mut out = vec![0f32; rows];
+        pool(2).install(|| matvec(&w, xq, &mut out));
+        let mut deq = vec![0f32; cols];
+        for (r, &o) in out.iter().enumerate() {
+            w.dequantize_row(r, &mut deq).unwrap();
+            let want: f32 = deq.iter().zip(&x).map(|(a, b)| a * b).sum();
+            let mag: f32 = deq.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            assert!((o - want).abs() <= 1e-5 * mag, "row {r}: {o} vs {want}");
+        }
     }
 }

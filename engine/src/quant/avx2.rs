@@ -1,13 +1,680 @@
-//! AVX2/FMA dot-product kernels, selected at run time.
+//! AVX2/FMA/F16C dot-product kernels, selected at run time.
+//!
+//! Each kernel reads packed weight blocks and the matching activation blocks (`vec_dot_type`)
+//! straight from byte slices with unaligned loads (rows live in mmaps at arbitrary offsets) and
+//! does the integer part exactly: 8-bit products are summed in i16 pairs (`maddubs`, which can
+//! not saturate for these value ranges) and widened to i32 while being multiplied by the
+//! sub-block scale (`madd`). Only the per-block float scale multiply is inexact, so a kernel
+//! agrees with the scalar reference to f32 rounding of the block sums.
+//!
+//! Where an activation's zero point would cost a multiply per vector, the K-quant kernels use
+//! the Q8_K block sums instead: `Σ sc·(q − z)·y = Σ sc·q·y − z·Σ sc·bsum`.
+//!
+//! Nothing here allocates. The `#[target_feature]` functions are reached only through
+//! [`kernel`] / [`vec_dot`], which check the CPU first; the safe wrappers check slice lengths
+//! (one compare per row), so a wrong length panics instead of reading out of bounds.
 
-use super::QuantType;
+use core::arch::x86_64::*;
+
+use super::{QuantType, QK_K};
+
+/// A dot-product kernel: `(n, weight row bytes, activation row bytes) -> dot`.
+pub type DotFn = fn(usize, &[u8], &[u8]) -> f32;
 
 /// Whether this CPU has AVX2 and FMA (checked once, cached by std).
 pub fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+/// AVX2 + FMA + F16C: what every kernel here is compiled for (all AVX2 CPUs have F16C).
+fn full() -> bool {
+    available() && is_x86_feature_detected!("f16c")
+}
+
+/// The kernel for weights of type `ty`, or `None` when this CPU or type has none. Resolve it
+/// once per matrix product rather than per row.
+pub fn kernel(ty: QuantType) -> Option<DotFn> {
+    if !full() {
+        return None;
+    }
+    use QuantType::*;
+    let f: DotFn = match ty {
+        Q4_K => q4_k,
+        Q6_K => q6_k,
+        Q8_0 => q8_0,
+        F32 => f32_row,
+        BF16 => bf16_row,
+        F16 => f16_row,
+        Q5_K => q5_k,
+        Q5_0 => q5_0,
+        Q3_K => q3_k,
+        Q2_K => q2_k,
+        Q4_0 => q4_0,
+        Q4_1 => q4_1,
+        Q5_1 => q5_1,
+        _ => return None,
+    };
+    Some(f)
+}
+
 /// `Some(dot)` when an AVX2 kernel exists for `ty`, `None` to fall back to the portable one.
-pub fn vec_dot(_ty: QuantType, _n: usize, _w: &[u8], _a: &[u8]) -> Option<f32> {
-    None
+#[inline]
+pub fn vec_dot(ty: QuantType, n: usize, w: &[u8], a: &[u8]) -> Option<f32> {
+    kernel(ty).map(|f| f(n, w, a))
+}
+
+/// FP8 E4M3FN row · f32 activations with one scale per 128 columns (as `fp8::dot_row`), or
+/// `None` without AVX2/F16C. NaN encodings (`S.1111.111`) read as ±480 here: checkpoints hold
+/// none.
+pub fn fp8_dot_row(w: &[u8], scales: &[f32], x: &[f32]) -> Option<f32> {
+    if !full() {
+        return None;
+    }
+    assert!(x.len() >= w.len() && scales.len() * 128 >= w.len());
+    // SAFETY: features checked above, lengths checked by the assert.
+    Some(unsafe { fp8_avx2(w, scales, x) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Safe wrappers: length checks, then the kernel. Only reachable through `kernel`.
+
+/// Checks that `n` elements of blocks `(be, wb)` and activation blocks of `ab` bytes fit.
+#[inline(always)]
+fn check(n: usize, w: &[u8], a: &[u8], be: usize, wb: usize, ab: usize) -> usize {
+    debug_assert_eq!(n % be, 0, "row length {n} is not a multiple of {be}");
+    let nb = n / be;
+    assert!(
+        w.len() >= nb * wb && a.len() >= nb * ab,
+        "row shorter than {n} elements"
+    );
+    nb
+}
+
+macro_rules! wrapper {
+    ($name:ident, $kern:ident, $be:expr, $wb:expr, $ab:expr) => {
+        fn $name(n: usize, w: &[u8], a: &[u8]) -> f32 {
+            let nb = check(n, w, a, $be, $wb, $ab);
+            // SAFETY: `kernel` hands this out only when avx2, fma and f16c are present, and
+            // `check` proved `nb` blocks of both rows are in bounds.
+            unsafe { $kern(nb, w.as_ptr(), a.as_ptr()) }
+        }
+    };
+}
+
+wrapper!(q4_k, q4_k_avx2, QK_K, 144, 292);
+wrapper!(q5_k, q5_k_avx2, QK_K, 176, 292);
+wrapper!(q6_k, q6_k_avx2, QK_K, 210, 292);
+wrapper!(q2_k, q2_k_avx2, QK_K, 84, 292);
+wrapper!(q3_k, q3_k_avx2, QK_K, 110, 292);
+wrapper!(q8_0, q8_0_avx2, 32, 34, 34);
+wrapper!(q4_0, q4_0_avx2, 32, 18, 34);
+wrapper!(q5_0, q5_0_avx2, 32, 22, 34);
+wrapper!(q4_1, q4_1_avx2, 32, 20, 36);
+wrapper!(q5_1, q5_1_avx2, 32, 24, 36);
+wrapper!(f32_row, f32_avx2, 1, 4, 4);
+wrapper!(f16_row, f16_avx2, 1, 2, 4);
+wrapper!(bf16_row, bf16_avx2, 1, 2, 4);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+/// Loads 32 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p as *const __m256i)
+}
+
+/// Loads 16 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld128(p: *const u8) -> __m128i {
+    _mm_loadu_si128(p as *const __m128i)
+}
+
+/// An IEEE half at `p` as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = core::ptr::read_unaligned(p as *const u16);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_at(p: *const u8) -> f32 {
+    core::ptr::read_unaligned(p as *const f32)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    hsum_ps128(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_ps128(s: __m128) -> f32 {
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Signed 8-bit `x · y`, summed in groups of four into 8 i32. `y` must not hold -128
+/// (activations never do: they are quantised to ±127).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
+    let ax = _mm256_sign_epi8(x, x);
+    let sy = _mm256_sign_epi8(y, x);
+    _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
+}
+
+/// Unsigned 8-bit `x` (< 128) times signed `y`, summed in groups of four into 8 i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_u8(x: __m256i, y: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+}
+
+/// 32 nibbles of a legacy block: low nibbles of 16 bytes in lanes 0..16, high in 16..32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles_32(p: *const u8) -> __m256i {
+    let b = ld128(p);
+    let both = _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+}
+
+/// The 32 bits at `p` spread to 32 bytes: 0xFF where the bit is set, 0 elsewhere.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bits_32(p: *const u8) -> __m256i {
+    let x = core::ptr::read_unaligned(p as *const u32);
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(x as i32),
+        _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        ),
+    );
+    // Every bit except the one this byte tests is forced on, so the byte is all-ones iff set.
+    let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe_u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1))
+}
+
+/// i16 lanes 0..8 = scale byte `2i`, lanes 8..16 = byte `2i + 1` of `sc` (16 signed bytes):
+/// the scales of the two 16-element halves of the `i`-th 32-element vector.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pair_scales(sc: __m128i, i: usize) -> __m256i {
+    let lo = 0x0101010101010101u64.wrapping_mul(2 * i as u64);
+    let hi = 0x0101010101010101u64.wrapping_mul(2 * i as u64 + 1);
+    let m = _mm_set_epi64x(hi as i64, lo as i64);
+    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, m))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Legacy 32-element blocks.
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 2 <= nb {
+        let (x0, y0) = (w.add(i * 34), a.add(i * 34));
+        let (x1, y1) = (x0.add(34), y0.add(34));
+        let p0 = dot_i8(ld(x0.add(2)), ld(y0.add(2)));
+        let p1 = dot_i8(ld(x1.add(2)), ld(y1.add(2)));
+        let d0 = _mm256_set1_ps(f16_at(x0) * f16_at(y0));
+        let d1 = _mm256_set1_ps(f16_at(x1) * f16_at(y1));
+        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+        i += 2;
+    }
+    if i < nb {
+        let (x, y) = (w.add(i * 34), a.add(i * 34));
+        let p = dot_i8(ld(x.add(2)), ld(y.add(2)));
+        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        acc0 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc0);
+    }
+    hsum_ps(_mm256_add_ps(acc0, acc1))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        let (x, y) = (w.add(i * 18), a.add(i * 34));
+        let q = _mm256_sub_epi8(nibbles_32(x.add(2)), _mm256_set1_epi8(8));
+        let p = dot_i8(q, ld(y.add(2)));
+        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        let (x, y) = (w.add(i * 22), a.add(i * 34));
+        // q - 16: a clear fifth bit means the value is nibble - 16, i.e. the nibble with its
+        // top four bits set (two's complement).
+        let hi = _mm256_andnot_si256(bits_32(x.add(2)), _mm256_set1_epi8(0xf0u8 as i8));
+        let q = _mm256_or_si256(nibbles_32(x.add(6)), hi);
+        let p = dot_i8(q, ld(y.add(2)));
+        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum_ps(acc)
+}
+
+/// `Σ (d·q + m)·dy·qy = d·dy·Σ q·qy + m·s` where Q8_1's `s = dy·Σ qy`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summ = 0f32;
+    for i in 0..nb {
+        let (x, y) = (w.add(i * 20), a.add(i * 36));
+        let p = dot_u8(nibbles_32(x.add(4)), ld(y.add(4)));
+        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        summ += f16_at(x.add(2)) * f16_at(y.add(2));
+    }
+    hsum_ps(acc) + summ
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_1_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summ = 0f32;
+    for i in 0..nb {
+        let (x, y) = (w.add(i * 24), a.add(i * 36));
+        let hi = _mm256_and_si256(bits_32(x.add(4)), _mm256_set1_epi8(0x10));
+        let q = _mm256_or_si256(nibbles_32(x.add(8)), hi);
+        let p = dot_u8(q, ld(y.add(4)));
+        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        summ += f16_at(x.add(2)) * f16_at(y.add(2));
+    }
+    hsum_ps(acc) + summ
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quants against Q8_K (`d` f32 at 0, `qs[256]` at 4, `bsums[16]` i16 at 260).
+
+const Y_QS: usize = 4;
+const Y_BSUMS: usize = 260;
+
+/// The 8 six-bit scales (bytes 0..8) and 8 mins (bytes 8..16) packed in Q4_K/Q5_K's 12 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
+    const M6: u32 = 0x3f3f3f3f;
+    const M4: u32 = 0x0f0f0f0f;
+    const M2: u32 = 0x03030303;
+    let s0 = core::ptr::read_unaligned(p as *const u32);
+    let s1 = core::ptr::read_unaligned(p.add(4) as *const u32);
+    let s2 = core::ptr::read_unaligned(p.add(8) as *const u32);
+    let sc_lo = s0 & M6;
+    let sc_hi = (s2 & M4) | (((s0 >> 6) & M2) << 4);
+    let mn_lo = s1 & M6;
+    let mn_hi = ((s2 >> 4) & M4) | (((s1 >> 6) & M2) << 4);
+    _mm_set_epi32(mn_hi as i32, mn_lo as i32, sc_hi as i32, sc_lo as i32)
+}
+
+/// Scale `k` of Q4_K/Q5_K in every i16 lane, from the 8 scales as i16 in both 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale_k(scales: __m256i, k: usize) -> __m256i {
+    let m = (((2 * k + 1) << 8) | (2 * k)) as i16;
+    _mm256_shuffle_epi8(scales, _mm256_set1_epi16(m))
+}
+
+/// The mins term of Q4_K/Q5_K: `Σ_j m_j · (bsum_{2j} + bsum_{2j+1})` as 4 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_mins_dot(mins_and_scales: __m256i, y: *const u8) -> __m128i {
+    let bs = ld(y.add(Y_BSUMS));
+    let sums = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+    _mm_madd_epi16(_mm256_extracti128_si256(mins_and_scales, 1), sums)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm_setzero_ps();
+    for i in 0..nb {
+        let (x, y) = (w.add(i * 144), a.add(i * 292));
+        let yd = f32_at(y);
+        let d = yd * f16_at(x);
+        let dmin = -yd * f16_at(x.add(2));
+        let ms = _mm256_cvtepu8_epi16(k4_scales_mins(x.add(4)));
+        let mins = k4_mins_dot(ms, y);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins), acc_m);
+        let sc = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
+
+        let qs = x.add(16);
+        let q8 = y.add(Y_QS);
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..4 {
+            let bits = ld(qs.add(32 * j));
+            let lo = _mm256_and_si256(bits, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            let pl = _mm256_maddubs_epi16(lo, ld(q8.add(64 * j)));
+            let ph = _mm256_maddubs_epi16(hi, ld(q8.add(64 * j + 32)));
+            let pl = _mm256_madd_epi16(scale_k(sc, 2 * j), pl);
+            let ph = _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph);
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc) + hsum_ps128(acc_m)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm_setzero_ps();
+    for i in 0..nb {
+        let (x, y) = (w.add(i * 176), a.add(i * 292));
+        let yd = f32_at(y);
+        let d = yd * f16_at(x);
+        let dmin = -yd * f16_at(x.add(2));
+        let ms = _mm256_cvtepu8_epi16(k4_scales_mins(x.add(4)));
+        let mins = k4_mins_dot(ms, y);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins), acc_m);
+        let sc = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
+
+        let mut hbits = ld(x.add(16));
+        let qs = x.add(48);
+        let q8 = y.add(Y_QS);
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..4 {
+            let bits = ld(qs.add(32 * j));
+            // Bit 2j of qh[l] is the fifth bit of the low-nibble value l, bit 2j+1 of the high.
+            let h_lo = _mm256_slli_epi16(_mm256_and_si256(hbits, one), 4);
+            let h_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 1), one), 4);
+            hbits = _mm256_srli_epi16(hbits, 2);
+            let lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h_lo);
+            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h_hi);
+            let pl = _mm256_maddubs_epi16(lo, ld(q8.add(64 * j)));
+            let ph = _mm256_maddubs_epi16(hi, ld(q8.add(64 * j + 32)));
+            let pl = _mm256_madd_epi16(scale_k(sc, 2 * j), pl);
+            let ph = _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph);
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc) + hsum_ps128(acc_m)
+}
+
+/// `Σ_k sc_k · bsum_k` over the 16 per-16 scales (i8) of a Q2_K/Q3_K/Q6_K block, as 8 i32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scaled_bsums(sc: __m128i, y: *const u8) -> __m256i {
+    _mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), ld(y.add(Y_BSUMS)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m2 = _mm256_set1_epi8(0x03);
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        let (x, y) = (w.add(i * 210), a.add(i * 292));
+        let d = f32_at(y) * f16_at(x.add(208));
+        let sc = ld128(x.add(192));
+        let q8 = y.add(Y_QS);
+        // Values are stored as q + 32 (unsigned 0..63): subtract 32·Σ sc·bsum once.
+        let mut sumi = _mm256_slli_epi32(scaled_bsums(sc, y), 5);
+        sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+        for h in 0..2 {
+            let ql = x.add(64 * h);
+            let qh = ld(x.add(128 + 32 * h));
+            let ql0 = ld(ql);
+            let ql1 = ld(ql.add(32));
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4),
+                ),
+            ];
+            for (t, &qt) in q.iter().enumerate() {
+                let p = _mm256_maddubs_epi16(qt, ld(q8.add(128 * h + 32 * t)));
+                let p = _mm256_madd_epi16(pair_scales(sc, 4 * h + t), p);
+                sumi = _mm256_add_epi32(sumi, p);
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    const M4: u32 = 0x0f0f0f0f;
+    const M2: u32 = 0x03030303;
+    let m2 = _mm256_set1_epi8(0x03);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        let (x, y) = (w.add(i * 110), a.add(i * 292));
+        let d = f32_at(y) * f16_at(x.add(108));
+        let s = x.add(96);
+        let s0 = core::ptr::read_unaligned(s as *const u32);
+        let s1 = core::ptr::read_unaligned(s.add(4) as *const u32);
+        let s2 = core::ptr::read_unaligned(s.add(8) as *const u32);
+        let sc = _mm_set_epi32(
+            (((s1 >> 4) & M4) | (((s2 >> 6) & M2) << 4)) as i32,
+            (((s0 >> 4) & M4) | (((s2 >> 4) & M2) << 4)) as i32,
+            ((s1 & M4) | (((s2 >> 2) & M2) << 4)) as i32,
+            ((s0 & M4) | ((s2 & M2) << 4)) as i32,
+        );
+        let sc = _mm_sub_epi8(sc, _mm_set1_epi8(32));
+        let q8 = y.add(Y_QS);
+        // Values are stored as q + 4 (0..7, the high bit set meaning "no -4").
+        let mut sumi = _mm256_slli_epi32(scaled_bsums(sc, y), 2);
+        sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+        let mut hm = ld(x);
+        for h in 0..2 {
+            let mut qs = ld(x.add(32 + 32 * h));
+            for t in 0..4 {
+                let lo = _mm256_and_si256(qs, m2);
+                qs = _mm256_srli_epi16(qs, 2);
+                let hb = _mm256_slli_epi16(_mm256_and_si256(hm, one), 2);
+                hm = _mm256_srli_epi16(hm, 1);
+                let q = _mm256_or_si256(lo, hb);
+                let p = _mm256_maddubs_epi16(q, ld(q8.add(128 * h + 32 * t)));
+                let p = _mm256_madd_epi16(pair_scales(sc, 4 * h + t), p);
+                sumi = _mm256_add_epi32(sumi, p);
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    let m2 = _mm256_set1_epi8(0x03);
+    let m4 = _mm_set1_epi8(0x0f);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm256_setzero_ps();
+    for i in 0..nb {
+        let (x, y) = (w.add(i * 84), a.add(i * 292));
+        let yd = f32_at(y);
+        let d = yd * f16_at(x.add(80));
+        let dmin = -yd * f16_at(x.add(82));
+        let raw = ld128(x);
+        let sc = _mm_and_si128(raw, m4);
+        let mins = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+        acc_m = _mm256_fmadd_ps(
+            _mm256_set1_ps(dmin),
+            _mm256_cvtepi32_ps(scaled_bsums(mins, y)),
+            acc_m,
+        );
+        let q8 = y.add(Y_QS);
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            let mut qs = ld(x.add(16 + 32 * h));
+            for t in 0..4 {
+                let q = _mm256_and_si256(qs, m2);
+                qs = _mm256_srli_epi16(qs, 2);
+                let p = _mm256_maddubs_epi16(q, ld(q8.add(128 * h + 32 * t)));
+                let p = _mm256_madd_epi16(pair_scales(sc, 4 * h + t), p);
+                sumi = _mm256_add_epi32(sumi, p);
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(_mm256_add_ps(acc, acc_m))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float rows against f32 activations. `nb` is the element count here.
+
+/// `Σ w·x` over `n` elements: `$load(w, i)` gives weights `i..i + 8` as f32, `$scalar(w, i)`
+/// weight `i`; four accumulators hide the FMA latency.
+macro_rules! float_dot {
+    ($n:expr, $w:expr, $x:expr, $load:expr, $scalar:expr) => {{
+        let (n, w, x) = ($n, $w, $x as *const f32);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let j = i + 8 * k;
+                *a = _mm256_fmadd_ps($load(w, j), _mm256_loadu_ps(x.add(j)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps($load(w, i), _mm256_loadu_ps(x.add(i)), acc[0]);
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut s = hsum_ps(v);
+        while i < n {
+            s += $scalar(w, i) * *x.add(i);
+            i += 1;
+        }
+        s
+    }};
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld_f32x8(w: *const u8, j: usize) -> __m256 {
+    _mm256_loadu_ps(w.add(4 * j) as *const f32)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld_f32(w: *const u8, j: usize) -> f32 {
+    f32_at(w.add(4 * j))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld_f16x8(w: *const u8, j: usize) -> __m256 {
+    _mm256_cvtph_ps(ld128(w.add(2 * j)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld_f16(w: *const u8, j: usize) -> f32 {
+    f16_at(w.add(2 * j))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld_bf16x8(w: *const u8, j: usize) -> __m256 {
+    let v = _mm256_cvtepu16_epi32(ld128(w.add(2 * j)));
+    _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld_bf16(w: *const u8, j: usize) -> f32 {
+    f32::from_bits((core::ptr::read_unaligned(w.add(2 * j) as *const u16) as u32) << 16)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_avx2(n: usize, w: *const u8, a: *const u8) -> f32 {
+    float_dot!(n, w, a, ld_f32x8, ld_f32)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_avx2(n: usize, w: *const u8, a: *const u8) -> f32 {
+    float_dot!(n, w, a, ld_f16x8, ld_f16)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bf16_avx2(n: usize, w: *const u8, a: *const u8) -> f32 {
+    float_dot!(n, w, a, ld_bf16x8, ld_bf16)
+}
+
+// ---------------------------------------------------------------------------------------------
+// FP8 E4M3FN.
+
+/// 16 E4M3 bytes as two vectors of 8 f32, each `2^-8` times the true value: the sign, exponent
+/// and mantissa bits are moved into an IEEE half (exponent bias 15 instead of 7), which F16C
+/// widens exactly, subnormals included.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn e4m3x16(p: *const u8) -> (__m256, __m256) {
+    let v = _mm256_cvtepu8_epi16(ld128(p));
+    let sign = _mm256_and_si256(_mm256_slli_epi16(v, 8), _mm256_set1_epi16(i16::MIN));
+    let mag = _mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16(0x3f80));
+    let h = _mm256_or_si256(sign, mag);
+    (
+        _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)),
+    )
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fp8_avx2(w: &[u8], scales: &[f32], x: &[f32]) -> f32 {
+    const UNBIAS: f32 = 256.0; // 2^(15 - 7)
+    let lut = super::fp8::lut();
+    let mut total = 0f32;
+    for (blk, (wc, s)) in w.chunks(128).zip(scales).enumerate() {
+        let xc = x.as_ptr().add(blk * 128);
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= wc.len() {
+            let (lo, hi) = e4m3x16(wc.as_ptr().add(i));
+            acc0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xc.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xc.add(i + 8)), acc1);
+            i += 16;
+        }
+        let mut sum = hsum_ps(_mm256_add_ps(acc0, acc1)) * UNBIAS;
+        while i < wc.len() {
+            sum += lut[wc[i] as usize] * *xc.add(i);
+            i += 1;
+        }
+        total += sum * s;
+    }
+    total
 }

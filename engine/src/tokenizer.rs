@@ -256,10 +256,16 @@ impl Tokenizer {
     }
 
     fn from_inner(
-        inner: tokenizers::Tokenizer,
+        mut inner: tokenizers::Tokenizer,
         bos_id: Option<u32>,
         eos_id: Option<u32>,
     ) -> Result<Self> {
+        // A tokenizer.json may ask for truncation or padding; a prompt must never be cut or
+        // padded behind the caller's back.
+        inner
+            .with_truncation(None)
+            .map_err(TokenizerError::Build)?
+            .with_padding(None);
         if !matches!(inner.get_model(), ModelWrapper::BPE(_)) {
             return Err(TokenizerError::UnsupportedModel(
                 "tokenizer.json model is not BPE".into(),
@@ -953,6 +959,26 @@ mod tests {
             bare.with_bos_eos(Some("<nope>"), None),
             Err(TokenizerError::UnknownToken(_))
         ));
+    }
+
+    #[test]
+    fn truncation_and_padding_in_json_are_ignored() {
+        let mut t = json("tiny_tokenizer.json");
+        t["truncation"] = serde_json::json!(
+            {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0});
+        t["padding"] = serde_json::json!({"strategy": {"Fixed": 64}, "direction": "Right",
+            "pad_to_multiple_of": null, "pad_id": 1, "pad_type_id": 0,
+            "pad_token": "<｜end▁of▁sentence｜>"});
+        let tok = Tokenizer::from_json_bytes(&serde_json::to_vec(&t).expect("json")).expect("load");
+        let text = "The quick brown fox jumps over the lazy dog.";
+        let ids = tok.encode(text, false).expect("encode");
+        assert_eq!(
+            ids,
+            tokenizer("tiny", false)
+                .encode(text, false)
+                .expect("encode")
+        );
+        assert_eq!(ids.len(), 27);
     }
 
     #[test]

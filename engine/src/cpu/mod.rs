@@ -223,10 +223,12 @@ mod tests {
             let x = random_f32(cols, 2);
             let xq: &[u8] = bytemuck::cast_slice(&x);
             let want: Vec<f32> = (0..rows)
-                .map(|r| match fast_kernel(ty).filter(|_| matches!(ty, QuantType::F32)) {
-                    Some(f) => f(cols, w.row(r), xq),
-                    None => quant::vec_dot_f32(ty, w.row(r), &x),
-                })
+                .map(
+                    |r| match fast_kernel(ty).filter(|_| matches!(ty, QuantType::F32)) {
+                        Some(f) => f(cols, w.row(r), xq),
+                        None => quant::vec_dot_f32(ty, w.row(r), &x),
+                    },
+                )
                 .collect();
             for threads in [1, 3] {
                 let mut out = vec![f32::NAN; rows];
@@ -248,7 +250,9 @@ mod tests {
             let w = matrix(ty, rows, cols, 3);
             let arb = 4 * cols;
             let xq: Vec<u8> = (0..n)
-                .flat_map(|t| bytemuck::cast_slice::<f32, u8>(&random_f32(cols, 10 + t as u64)).to_vec())
+                .flat_map(|t| {
+                    bytemuck::cast_slice::<f32, u8>(&random_f32(cols, 10 + t as u64)).to_vec()
+                })
                 .collect();
             for threads in [1, 2, 3] {
                 pool(threads).install(|| {

@@ -37,6 +37,10 @@ pub enum LoadError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Weights(#[from] WeightError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error("chat template: {0}")]
+    Template(String),
 }
 
 /// Anything that stops a forward pass.
@@ -89,6 +93,87 @@ impl ModelFile {
             });
         }
         Err(LoadError::UnknownFormat(path.display().to_string()))
+    }
+
+    /// The tokenizer the model carries (GGUF metadata or the directory's tokenizer.json).
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer, LoadError> {
+        use crate::tokenizer::{GgufVocab, Tokenizer};
+        if let Some(dir) = &self.hf_dir {
+            return Ok(Tokenizer::from_hf_dir(dir)?);
+        }
+        let g = self.gguf.as_ref().expect("a model is GGUF or a directory");
+        let strings = |key: &str| -> Vec<String> {
+            g.meta(key)
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let text = |key: &str| {
+            g.meta(key)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let id = |key: &str| g.meta(key).and_then(|v| v.as_u64()).map(|v| v as u32);
+        let vocab = GgufVocab {
+            model: text("tokenizer.ggml.model"),
+            pre: text("tokenizer.ggml.pre"),
+            tokens: strings("tokenizer.ggml.tokens"),
+            token_types: g
+                .meta("tokenizer.ggml.token_type")
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_i64())
+                        .map(|v| v as i32)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            merges: strings("tokenizer.ggml.merges"),
+            bos_id: id("tokenizer.ggml.bos_token_id"),
+            eos_id: id("tokenizer.ggml.eos_token_id"),
+        };
+        Ok(Tokenizer::from_gguf_vocab(vocab)?)
+    }
+
+    /// The chat template the model carries, if any, with its BOS/EOS token strings.
+    pub fn chat_template(
+        &self,
+        tok: &crate::tokenizer::Tokenizer,
+    ) -> Result<Option<crate::chat::ChatTemplate>, LoadError> {
+        use crate::chat::{ChatTemplate, HfTokenizerConfig};
+        let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i).ok()).unwrap_or_default();
+        let (source, bos, eos) = if let Some(dir) = &self.hf_dir {
+            let path = dir.join("tokenizer_config.json");
+            if !path.exists() {
+                return Ok(None);
+            }
+            let bytes = std::fs::read(&path)
+                .map_err(|e| LoadError::Template(format!("{}: {e}", path.display())))?;
+            let cfg = HfTokenizerConfig::from_json_bytes(&bytes)
+                .map_err(|e| LoadError::Template(e.to_string()))?;
+            match cfg.chat_template {
+                Some(t) => (
+                    t,
+                    cfg.bos_token.unwrap_or_else(|| name(tok.bos_id())),
+                    cfg.eos_token.unwrap_or_else(|| name(tok.eos_id())),
+                ),
+                None => return Ok(None),
+            }
+        } else {
+            let g = self.gguf.as_ref().expect("a model is GGUF or a directory");
+            match g.meta("tokenizer.chat_template").and_then(|v| v.as_str()) {
+                Some(t) => (t.to_string(), name(tok.bos_id()), name(tok.eos_id())),
+                None => return Ok(None),
+            }
+        };
+        ChatTemplate::new(source, bos, eos)
+            .map(Some)
+            .map_err(|e| LoadError::Template(e.to_string()))
     }
 
     /// Loads the always-active part.

@@ -95,6 +95,17 @@ impl ModelFile {
         Err(LoadError::UnknownFormat(path.display().to_string()))
     }
 
+    /// Multi-token-prediction tensors (the checkpoint's extra layer, GGUF `nextn`) present in
+    /// the file; they are recognised and not loaded.
+    pub fn mtp_tensors(&self) -> usize {
+        let extra = format!("model.layers.{}.", self.config.n_layers);
+        self.source
+            .names()
+            .iter()
+            .filter(|n| n.starts_with(&extra) || n.contains(".nextn."))
+            .count()
+    }
+
     /// The tokenizer the model carries (GGUF metadata or the directory's tokenizer.json).
     pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer, LoadError> {
         use crate::tokenizer::{GgufVocab, Tokenizer};
@@ -178,6 +189,13 @@ impl ModelFile {
 
     /// Loads the always-active part.
     pub fn load_model(&self) -> Result<Model, LoadError> {
+        let mtp = self.mtp_tensors();
+        if mtp > 0 {
+            tracing::info!(
+                "{}: {mtp} multi-token-prediction tensors skipped",
+                self.source.describe()
+            );
+        }
         let weights = weights::load_dense(self.source.as_ref(), self.naming, &self.config)?;
         Ok(Model::new(self.config.clone(), weights))
     }

@@ -2,7 +2,7 @@
 //! prefill speed of a model file, optionally against llama.cpp's `llama-bench` on the same file
 //! in the same run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -82,7 +82,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Prefill tokens/s for `prompt` tokens and decode tokens/s over `decode` steps.
-fn model_speed(path: &PathBuf, prompt: usize, decode: usize, reps: usize) -> Result<(f64, f64)> {
+fn model_speed(path: &Path, prompt: usize, decode: usize, reps: usize) -> Result<(f64, f64)> {
     let mf = ModelFile::open(path).with_context(|| format!("opening {}", path.display()))?;
     let model = mf.load_model()?;
     let experts = mf.load_experts(&ExpertFilter::All)?;
@@ -117,8 +117,8 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Runs `llama-bench -o json` and returns (prefill, decode) tokens/s.
 fn llama_bench(
-    bin: &PathBuf,
-    model: &PathBuf,
+    bin: &Path,
+    model: &Path,
     threads: usize,
     p: usize,
     n: usize,

@@ -379,7 +379,7 @@ impl ModelConfig {
                 return Err(bad(k, "must be > 0".into()));
             }
         }
-        if self.qk_rope % 2 != 0 {
+        if !self.qk_rope.is_multiple_of(2) {
             return Err(bad("qk_rope", format!("{} is odd", self.qk_rope)));
         }
         if self.n_dense_layers < self.n_layers && self.n_routed > 0 {
@@ -392,7 +392,7 @@ impl ModelConfig {
             if self.moe_inter == 0 {
                 return Err(bad("moe_inter", "must be > 0".into()));
             }
-            if self.n_routed % self.n_group != 0 || self.topk_group > self.n_group {
+            if !self.n_routed.is_multiple_of(self.n_group) || self.topk_group > self.n_group {
                 return Err(bad(
                     "n_group",
                     format!(

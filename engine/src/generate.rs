@@ -67,8 +67,8 @@ pub fn generate(
     let mut cache: KvCache = model.new_cache(req.cache, req.prompt.len() + req.max_new_tokens + 1);
     let mut ws = Workspace::default();
     // Rows past the tokenizer's vocabulary are padding: never sample them.
-    let mut sampler = Sampler::new(req.sampling.clone())
-        .with_banned_from(tokenizer.vocab_size().min(vocab) as u32);
+    let mut sampler =
+        Sampler::new(req.sampling).with_banned_from(tokenizer.vocab_size().min(vocab) as u32);
     let mut stream = StreamDecoder::new(true);
     let mut logits_out = req.keep_logits.then(Vec::new);
 

@@ -183,7 +183,7 @@ impl QuantType {
     /// Bytes of a row of `n` elements, or an error when `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Result<usize, QuantError> {
         let be = self.block_elems();
-        if n % be != 0 {
+        if !n.is_multiple_of(be) {
             return Err(QuantError::RaggedRow {
                 ty: self.name(),
                 len: n,
@@ -196,7 +196,7 @@ impl QuantType {
     /// Bytes of `n` elements laid out as whole blocks, checked for overflow.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let be = self.block_elems() as u64;
-        if n % be != 0 {
+        if !n.is_multiple_of(be) {
             return None;
         }
         (n / be).checked_mul(self.block_bytes() as u64)

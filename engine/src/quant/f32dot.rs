@@ -182,17 +182,15 @@ mod x86 {
             _ => 1,
         };
 
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn new() -> Self {
+        #[inline(always)]
+        unsafe fn new() -> Self {
             Acc {
                 a: [[_mm256_setzero_ps(); 4]; N],
             }
         }
 
         /// `acc[j] += wv * xs[j][off..off + 8]`, on chain `k % R`.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline(always)]
         unsafe fn fma(&mut self, k: usize, wv: __m256, xs: &[*const f32; N], off: usize) {
             let c = k % Self::R;
             for (a, x) in self.a.iter_mut().zip(xs) {
@@ -202,8 +200,7 @@ mod x86 {
 
         /// 32 weights from 32 signed quants at `q`: the first 16 are `q * s0 + b0`, the last
         /// 16 `q * s1 + b1` (`q * s` without a bias), against `xs[j][off..off + 32]`.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline(always)]
         #[allow(clippy::too_many_arguments)]
         unsafe fn q32<const BIAS: bool>(
             &mut self,
@@ -241,23 +238,21 @@ mod x86 {
         }
 
         /// The N totals.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn sum(&self) -> [f32; N] {
+        #[inline(always)]
+        unsafe fn sum(&self) -> [f32; N] {
             std::array::from_fn(|j| {
                 let a = &self.a[j];
-                let mut v = a[0];
-                for c in a.iter().take(Self::R).skip(1) {
-                    v = _mm256_add_ps(v, *c);
-                }
-                hsum(v)
+                hsum(match Self::R {
+                    1 => a[0],
+                    2 => _mm256_add_ps(a[0], a[1]),
+                    _ => _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])),
+                })
             })
         }
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -265,35 +260,37 @@ mod x86 {
     }
 
     /// 8 signed bytes at `q` as f32.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn cvt8(q: *const i8) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q as *const __m128i)))
     }
 
-    /// The little-endian f16 at `p`, as f32 (exact).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16(p: *const u8) -> f32 {
+    /// The little-endian f16 at `p`, as f32 (exact) in all 8 lanes. (Broadcasting the f16
+    /// before converting keeps the load free of any dependency on other registers.)
+    #[inline(always)]
+    unsafe fn f16x8(p: *const u8) -> __m256 {
         let bits = (p as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    /// `-v` (exact).
+    #[inline(always)]
+    unsafe fn neg(v: __m256) -> __m256 {
+        _mm256_xor_ps(v, _mm256_set1_ps(-0.0))
+    }
+
+    #[inline(always)]
     unsafe fn load256(p: *const u8) -> __m256i {
         _mm256_loadu_si256(p as *const __m256i)
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn load128(p: *const u8) -> __m128i {
         _mm_loadu_si128(p as *const __m128i)
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn splat8(v: u8) -> __m256i {
+    #[inline(always)]
+    unsafe fn splat8(v: u8) -> __m256i {
         _mm256_set1_epi8(v as i8)
     }
 
@@ -302,8 +299,7 @@ mod x86 {
     struct Quants([i8; 256]);
 
     impl Quants {
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline(always)]
         unsafe fn store(&mut self, at: usize, v: __m256i) {
             debug_assert!(at + 32 <= 256);
             _mm256_store_si256(self.0.as_mut_ptr().add(at) as *mut __m256i, v);
@@ -320,16 +316,14 @@ mod x86 {
     struct Scales([f32; 16]);
 
     impl Scales {
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline(always)]
         unsafe fn store(&mut self, at: usize, v: __m256) {
             debug_assert!(at + 8 <= 16);
             _mm256_store_ps(self.0.as_mut_ptr().add(at), v);
         }
 
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn splat(&self, i: usize) -> __m256 {
+        #[inline(always)]
+        unsafe fn splat(&self, i: usize) -> __m256 {
             _mm256_set1_ps(self.0[i])
         }
     }
@@ -337,8 +331,7 @@ mod x86 {
     // ---- float rows -------------------------------------------------------------------
 
     /// 8 weights at element `i` of a float row: `W` = 4 (F32), 2 (F16) or 3 (BF16).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn float8<const W: usize>(w: *const u8, i: usize) -> __m256 {
         match W {
             4 => _mm256_loadu_ps((w as *const f32).add(i)),
@@ -405,15 +398,14 @@ mod x86 {
         let z = _mm256_setzero_ps();
         for i in 0..nb {
             let b = w.add(34 * i);
-            let d = _mm256_set1_ps(f16(b));
+            let d = f16x8(b);
             acc.q32::<false>(b.add(2) as *const i8, d, z, d, z, xs, 32 * i);
         }
         acc.sum()
     }
 
     /// The 32 nibbles of 16 bytes at `p`: low nibbles then high nibbles.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn nibbles32(p: *const u8) -> __m256i {
         let v = load128(p);
         let m = _mm_set1_epi8(0x0F);
@@ -424,8 +416,7 @@ mod x86 {
 
     /// The 32 bits of the u32 at `p` as bytes holding 0x10 where the bit is set (byte i for
     /// bit i), ggml's `bytes_from_bits_32`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn bits32(p: *const u8) -> __m256i {
         let x = (p as *const u32).read_unaligned();
         let shuf = _mm256_set_epi64x(
@@ -448,7 +439,7 @@ mod x86 {
         let z = _mm256_setzero_ps();
         for i in 0..nb {
             let b = w.add(18 * i);
-            let d = _mm256_set1_ps(f16(b));
+            let d = f16x8(b);
             q.store(0, _mm256_sub_epi8(nibbles32(b.add(2)), splat8(8)));
             acc.q32::<false>(q.at(0), d, z, d, z, xs, 32 * i);
         }
@@ -462,8 +453,8 @@ mod x86 {
         let mut q = Quants([0; 256]);
         for i in 0..nb {
             let b = w.add(20 * i);
-            let d = _mm256_set1_ps(f16(b));
-            let m = _mm256_set1_ps(f16(b.add(2)));
+            let d = f16x8(b);
+            let m = f16x8(b.add(2));
             q.store(0, nibbles32(b.add(4)));
             acc.q32::<true>(q.at(0), d, m, d, m, xs, 32 * i);
         }
@@ -478,7 +469,7 @@ mod x86 {
         let z = _mm256_setzero_ps();
         for i in 0..nb {
             let b = w.add(22 * i);
-            let d = _mm256_set1_ps(f16(b));
+            let d = f16x8(b);
             let v = _mm256_or_si256(nibbles32(b.add(6)), bits32(b.add(2)));
             q.store(0, _mm256_sub_epi8(v, splat8(16)));
             acc.q32::<false>(q.at(0), d, z, d, z, xs, 32 * i);
@@ -493,8 +484,8 @@ mod x86 {
         let mut q = Quants([0; 256]);
         for i in 0..nb {
             let b = w.add(24 * i);
-            let d = _mm256_set1_ps(f16(b));
-            let m = _mm256_set1_ps(f16(b.add(2)));
+            let d = f16x8(b);
+            let m = f16x8(b.add(2));
             q.store(0, _mm256_or_si256(nibbles32(b.add(8)), bits32(b.add(4))));
             acc.q32::<true>(q.at(0), d, m, d, m, xs, 32 * i);
         }
@@ -503,10 +494,18 @@ mod x86 {
 
     // ---- K-quants (256-element super-blocks) --------------------------------------------
 
+    /// `n`, hidden from the optimiser: keeps the sub-block loops of the K-quants as loops that
+    /// read the unpacked quants back from the stack. Unrolled, LLVM turns the stack round trip
+    /// into register shuffles and schedules all 256 weights ahead of their FMAs, spilling
+    /// most of them (about half the speed).
+    #[inline(always)]
+    fn opaque(n: usize) -> usize {
+        std::hint::black_box(n)
+    }
+
     /// Runs the 256 unpacked quants of a super-block with 16-element sub-blocks (scale `sc[s]`,
     /// bias `bi[s]` when `BIAS`) against `xs[..][off..off + 256]`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn run16<const N: usize, const BIAS: bool>(
         acc: &mut Acc<N>,
         q: &Quants,
@@ -515,7 +514,7 @@ mod x86 {
         xs: &[*const f32; N],
         off: usize,
     ) {
-        for p in 0..8 {
+        for p in 0..opaque(8) {
             let (s0, s1) = (sc.splat(2 * p), sc.splat(2 * p + 1));
             let (b0, b1) = if BIAS {
                 (bi.splat(2 * p), bi.splat(2 * p + 1))
@@ -527,8 +526,7 @@ mod x86 {
     }
 
     /// As `run16` with 32-element sub-blocks (8 scales and biases).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn run32<const N: usize>(
         acc: &mut Acc<N>,
         q: &Quants,
@@ -537,7 +535,7 @@ mod x86 {
         xs: &[*const f32; N],
         off: usize,
     ) {
-        for s in 0..8 {
+        for s in 0..opaque(8) {
             let (sv, bv) = (sc.splat(s), bi.splat(s));
             acc.q32::<true>(q.at(32 * s), sv, bv, sv, bv, xs, off + 32 * s);
         }
@@ -545,9 +543,8 @@ mod x86 {
 
     /// The 8 six-bit scales and 8 mins of a Q4_K/Q5_K block (12 bytes at `p`) times `d` and
     /// `-dmin`: ggml's `utmp` unpacking (scales in bytes 0..8, mins in bytes 8..16).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn k4_scales(p: *const u8, d: f32, dmin: f32, sc: &mut Scales, bi: &mut Scales) {
+    #[inline(always)]
+    unsafe fn k4_scales(p: *const u8, d: __m256, dmin: __m256, sc: &mut Scales, bi: &mut Scales) {
         const KMASK1: u32 = 0x3f3f3f3f;
         const KMASK2: u32 = 0x0f0f0f0f;
         const KMASK3: u32 = 0x03030303;
@@ -558,8 +555,8 @@ mod x86 {
         let mins = (u1 & KMASK1) as u64
             | ((((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4)) as u64) << 32;
         let cv = |x: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(x as i64)));
-        sc.store(0, _mm256_mul_ps(cv(scales), _mm256_set1_ps(d)));
-        bi.store(0, _mm256_mul_ps(cv(mins), _mm256_set1_ps(-dmin)));
+        sc.store(0, _mm256_mul_ps(cv(scales), d));
+        bi.store(0, _mm256_mul_ps(cv(mins), neg(dmin)));
     }
 
     /// `block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128] }`.
@@ -572,7 +569,7 @@ mod x86 {
         let m4 = splat8(0x0F);
         for i in 0..nb {
             let b = w.add(144 * i);
-            k4_scales(b.add(4), f16(b), f16(b.add(2)), &mut sc, &mut bi);
+            k4_scales(b.add(4), f16x8(b), f16x8(b.add(2)), &mut sc, &mut bi);
             for c in 0..4 {
                 let v = load256(b.add(16 + 32 * c));
                 q.store(64 * c, _mm256_and_si256(v, m4));
@@ -594,7 +591,7 @@ mod x86 {
         let m16 = splat8(0x10);
         for i in 0..nb {
             let b = w.add(176 * i);
-            k4_scales(b.add(4), f16(b), f16(b.add(2)), &mut sc, &mut bi);
+            k4_scales(b.add(4), f16x8(b), f16x8(b.add(2)), &mut sc, &mut bi);
             // Chunk c takes bit 2c of qh[l] for its low nibbles and bit 2c+1 for its high ones.
             let mut h = load256(b.add(16));
             for c in 0..4 {
@@ -623,7 +620,7 @@ mod x86 {
         let m32 = splat8(32);
         for i in 0..nb {
             let b = w.add(210 * i);
-            let d = _mm256_set1_ps(f16(b.add(208)));
+            let d = f16x8(b.add(208));
             let s = load128(b.add(192));
             sc.store(
                 0,
@@ -674,7 +671,7 @@ mod x86 {
         let m4 = splat8(4);
         for i in 0..nb {
             let b = w.add(110 * i);
-            let d = _mm256_set1_ps(f16(b.add(108)));
+            let d = f16x8(b.add(108));
             let s: [i8; 16] = dequant::q3_k_scales(std::slice::from_raw_parts(b.add(96), 12));
             let s = _mm_loadu_si128(s.as_ptr() as *const __m128i);
             sc.store(
@@ -718,8 +715,8 @@ mod x86 {
         let m3 = splat8(3);
         for i in 0..nb {
             let b = w.add(84 * i);
-            let d = _mm256_set1_ps(f16(b.add(80)));
-            let dmin = _mm256_set1_ps(-f16(b.add(82)));
+            let d = f16x8(b.add(80));
+            let dmin = neg(f16x8(b.add(82)));
             for h in 0..2 {
                 let s = _mm_cvtsi64_si128((b.add(8 * h) as *const i64).read_unaligned());
                 let lo = _mm_and_si128(s, _mm_set1_epi8(0x0F));

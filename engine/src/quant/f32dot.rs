@@ -88,7 +88,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
-    use super::super::{dequant, QuantType};
+    use super::super::QuantType;
 
     /// Whether the CPU has AVX2, FMA and F16C (checked once).
     #[inline]
@@ -672,8 +672,19 @@ mod x86 {
         for i in 0..nb {
             let b = w.add(110 * i);
             let d = f16x8(b.add(108));
-            let s: [i8; 16] = dequant::q3_k_scales(std::slice::from_raw_parts(b.add(96), 12));
-            let s = _mm_loadu_si128(s.as_ptr() as *const __m128i);
+            // The 16 six-bit scales: low nibbles from bytes 0..8, top bits from bytes 8..12
+            // (ggml's `aux` unpacking), then minus 32.
+            let u = |k: usize| (b.add(96 + 4 * k) as *const u32).read_unaligned();
+            let (a0, a1, a2) = (u(0), u(1), u(2));
+            const K1: u32 = 0x03030303;
+            const K2: u32 = 0x0f0f0f0f;
+            let s = _mm_set_epi32(
+                (((a1 >> 4) & K2) | (((a2 >> 6) & K1) << 4)) as i32,
+                (((a0 >> 4) & K2) | (((a2 >> 4) & K1) << 4)) as i32,
+                ((a1 & K2) | (((a2 >> 2) & K1) << 4)) as i32,
+                ((a0 & K2) | ((a2 & K1) << 4)) as i32,
+            );
+            let s = _mm_sub_epi8(s, _mm_set1_epi8(32));
             sc.store(
                 0,
                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)), d),

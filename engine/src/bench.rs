@@ -574,6 +574,76 @@ mod tests {
         assert_eq!(text.lines().count(), lines.len());
     }
 
+    /// Kernel ceilings: matvec over matrices that stay in L2 (not a memory measurement).
+    #[test]
+    #[ignore]
+    fn hot_kernels() {
+        let threads = std::env::var("BENCH_THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        let cfg = BenchConfig {
+            weight_bytes_min: 0,
+            calls_min: 2000,
+            time_min: Duration::from_millis(300),
+            ..BenchConfig::full()
+        };
+        for ty in BENCH_TYPES {
+            let rows = std::env::var("HOT_ROWS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(128);
+            let m = matvec_with(*ty, rows * threads, 7168, threads, 1.0, &cfg);
+            println!("{}", BenchLine::Matvec(m));
+        }
+    }
+
+    /// On-CPU nanoseconds of the calling thread (Linux), unaffected by time it waits for a core.
+    fn thread_cpu_ns() -> u64 {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Single-core kernel ceilings in weight GB per CPU-second, rows in L2.
+    #[test]
+    #[ignore]
+    fn kernel_cpu_throughput() {
+        for &ty in &[
+            QuantType::Q4_K,
+            QuantType::Q6_K,
+            QuantType::Q8_0,
+            QuantType::Q5_K,
+            QuantType::Q3_K,
+            QuantType::Q2_K,
+            QuantType::Q4_0,
+            QuantType::F16,
+        ] {
+            let (rows, cols) = (64, 7168);
+            let w = random_weights(ty, rows * cols, 1);
+            let rb = ty.row_bytes(cols).unwrap();
+            let a = random_activation(ty.vec_dot_type(), cols, 2);
+            let mut sink = 0f32;
+            let mut bytes = 0usize;
+            let t0 = thread_cpu_ns();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(400) {
+                for r in w.chunks_exact(rb) {
+                    sink += crate::quant::vec_dot(ty, cols, r, &a);
+                }
+                bytes += w.len();
+            }
+            let ns = thread_cpu_ns() - t0;
+            std::hint::black_box(sink);
+            println!(
+                "{:<5} {:6.2} GB per CPU-second",
+                ty.name(),
+                bytes as f64 / ns as f64
+            );
+        }
+    }
+
     /// The real measurement (minutes, ~1.5 GiB of memory): `cargo test --release -p engine
     /// full_kernel_bench -- --ignored --nocapture`.
     #[test]

@@ -140,6 +140,21 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
+/// The half at `p` in all 8 lanes. A broadcast load, so (unlike a scalar convert, which
+/// merges into some register) it starts no dependency chain through the accumulators.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16x8(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(core::ptr::read_unaligned(p as *const i16)))
+}
+
+/// The f32 at `p` in all 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32x8(p: *const u8) -> __m256 {
+    _mm256_set1_ps(core::ptr::read_unaligned(p as *const f32))
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f32_at(p: *const u8) -> f32 {
@@ -230,8 +245,8 @@ unsafe fn q8_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let (x1, y1) = (x0.add(34), y0.add(34));
         let p0 = dot_i8(ld(x0.add(2)), ld(y0.add(2)));
         let p1 = dot_i8(ld(x1.add(2)), ld(y1.add(2)));
-        let d0 = _mm256_set1_ps(f16_at(x0) * f16_at(y0));
-        let d1 = _mm256_set1_ps(f16_at(x1) * f16_at(y1));
+        let d0 = _mm256_mul_ps(f16x8(x0), f16x8(y0));
+        let d1 = _mm256_mul_ps(f16x8(x1), f16x8(y1));
         acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
         acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
         i += 2;
@@ -239,7 +254,7 @@ unsafe fn q8_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     if i < nb {
         let (x, y) = (w.add(i * 34), a.add(i * 34));
         let p = dot_i8(ld(x.add(2)), ld(y.add(2)));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
         acc0 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc0);
     }
     hsum_ps(_mm256_add_ps(acc0, acc1))
@@ -252,7 +267,7 @@ unsafe fn q4_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let (x, y) = (w.add(i * 18), a.add(i * 34));
         let q = _mm256_sub_epi8(nibbles_32(x.add(2)), _mm256_set1_epi8(8));
         let p = dot_i8(q, ld(y.add(2)));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
     }
     hsum_ps(acc)
@@ -268,7 +283,7 @@ unsafe fn q5_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let hi = _mm256_andnot_si256(bits_32(x.add(2)), _mm256_set1_epi8(0xf0u8 as i8));
         let q = _mm256_or_si256(nibbles_32(x.add(6)), hi);
         let p = dot_i8(q, ld(y.add(2)));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
     }
     hsum_ps(acc)
@@ -278,31 +293,33 @@ unsafe fn q5_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut summ = 0f32;
+    // Every lane of `summ` holds the same running sum.
+    let mut summ = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 20), a.add(i * 36));
         let p = dot_u8(nibbles_32(x.add(4)), ld(y.add(4)));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-        summ += f16_at(x.add(2)) * f16_at(y.add(2));
+        summ = _mm256_fmadd_ps(f16x8(x.add(2)), f16x8(y.add(2)), summ);
     }
-    hsum_ps(acc) + summ
+    hsum_ps(acc) + _mm256_cvtss_f32(summ)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_1_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut summ = 0f32;
+    // Every lane of `summ` holds the same running sum.
+    let mut summ = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 24), a.add(i * 36));
         let hi = _mm256_and_si256(bits_32(x.add(4)), _mm256_set1_epi8(0x10));
         let q = _mm256_or_si256(nibbles_32(x.add(8)), hi);
         let p = dot_u8(q, ld(y.add(4)));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-        summ += f16_at(x.add(2)) * f16_at(y.add(2));
+        summ = _mm256_fmadd_ps(f16x8(x.add(2)), f16x8(y.add(2)), summ);
     }
-    hsum_ps(acc) + summ
+    hsum_ps(acc) + _mm256_cvtss_f32(summ)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,12 +369,12 @@ unsafe fn q4_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc_m = _mm_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 144), a.add(i * 292));
-        let yd = f32_at(y);
-        let d = yd * f16_at(x);
-        let dmin = -yd * f16_at(x.add(2));
+        let yd = f32x8(y);
+        let d = _mm256_mul_ps(yd, f16x8(x));
+        let dmin = _mm256_castps256_ps128(_mm256_mul_ps(yd, f16x8(x.add(2))));
         let ms = _mm256_cvtepu8_epi16(k4_scales_mins(x.add(4)));
         let mins = k4_mins_dot(ms, y);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins), acc_m);
+        acc_m = _mm_fnmadd_ps(dmin, _mm_cvtepi32_ps(mins), acc_m);
         let sc = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
 
         let qs = x.add(16);
@@ -373,7 +390,7 @@ unsafe fn q4_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
             let ph = _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph);
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc) + hsum_ps128(acc_m)
 }
@@ -386,12 +403,12 @@ unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc_m = _mm_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 176), a.add(i * 292));
-        let yd = f32_at(y);
-        let d = yd * f16_at(x);
-        let dmin = -yd * f16_at(x.add(2));
+        let yd = f32x8(y);
+        let d = _mm256_mul_ps(yd, f16x8(x));
+        let dmin = _mm256_castps256_ps128(_mm256_mul_ps(yd, f16x8(x.add(2))));
         let ms = _mm256_cvtepu8_epi16(k4_scales_mins(x.add(4)));
         let mins = k4_mins_dot(ms, y);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins), acc_m);
+        acc_m = _mm_fnmadd_ps(dmin, _mm_cvtepi32_ps(mins), acc_m);
         let sc = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
 
         let mut hbits = ld(x.add(16));
@@ -412,7 +429,7 @@ unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
             let ph = _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph);
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc) + hsum_ps128(acc_m)
 }
@@ -431,7 +448,7 @@ unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 210), a.add(i * 292));
-        let d = f32_at(y) * f16_at(x.add(208));
+        let d = _mm256_mul_ps(f32x8(y), f16x8(x.add(208)));
         let sc = ld128(x.add(192));
         let q8 = y.add(Y_QS);
         // Values are stored as q + 32 (unsigned 0..63): subtract 32·Σ sc·bsum once.
@@ -466,7 +483,7 @@ unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
                 sumi = _mm256_add_epi32(sumi, p);
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc)
 }
@@ -480,7 +497,7 @@ unsafe fn q3_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 110), a.add(i * 292));
-        let d = f32_at(y) * f16_at(x.add(108));
+        let d = _mm256_mul_ps(f32x8(y), f16x8(x.add(108)));
         let s = x.add(96);
         let s0 = core::ptr::read_unaligned(s as *const u32);
         let s1 = core::ptr::read_unaligned(s.add(4) as *const u32);
@@ -510,7 +527,7 @@ unsafe fn q3_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
                 sumi = _mm256_add_epi32(sumi, p);
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc)
 }
@@ -523,17 +540,13 @@ unsafe fn q2_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc_m = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 84), a.add(i * 292));
-        let yd = f32_at(y);
-        let d = yd * f16_at(x.add(80));
-        let dmin = -yd * f16_at(x.add(82));
+        let yd = f32x8(y);
+        let d = _mm256_mul_ps(yd, f16x8(x.add(80)));
+        let dmin = _mm256_mul_ps(yd, f16x8(x.add(82)));
         let raw = ld128(x);
         let sc = _mm_and_si128(raw, m4);
         let mins = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-        acc_m = _mm256_fmadd_ps(
-            _mm256_set1_ps(dmin),
-            _mm256_cvtepi32_ps(scaled_bsums(mins, y)),
-            acc_m,
-        );
+        acc_m = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(scaled_bsums(mins, y)), acc_m);
         let q8 = y.add(Y_QS);
         let mut sumi = _mm256_setzero_si256();
         for h in 0..2 {
@@ -546,7 +559,7 @@ unsafe fn q2_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
                 sumi = _mm256_add_epi32(sumi, p);
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(_mm256_add_ps(acc, acc_m))
 }

@@ -691,3 +691,167 @@ unsafe fn fp8_avx2(w: &[u8], scales: &[f32], x: &[f32]) -> f32 {
     }
     total
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{random_activation, random_f32, random_weights};
+    use crate::quant::{act, dequant, dot, fp8};
+
+    const KERNEL_TYPES: &[QuantType] = &[
+        QuantType::Q4_K,
+        QuantType::Q6_K,
+        QuantType::Q8_0,
+        QuantType::F32,
+        QuantType::BF16,
+        QuantType::F16,
+        QuantType::Q5_K,
+        QuantType::Q5_0,
+        QuantType::Q3_K,
+        QuantType::Q2_K,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_1,
+    ];
+
+    /// Row lengths: 1..=8 blocks, then the 671B's 2048, 7168 and 16384; for float types also
+    /// lengths that leave a scalar tail.
+    fn lengths(ty: QuantType) -> Vec<usize> {
+        let be = ty.block_elems().max(32);
+        let mut v: Vec<usize> = (1..=8).map(|k| k * be).collect();
+        v.extend([2048, 7168, 16384]);
+        if ty.block_elems() == 1 {
+            v.extend([1, 7, 9, 31, 33, 100]);
+        }
+        v
+    }
+
+    /// `Σ |w_i·a_i|`: the scale the rounding error of any summation order is bounded by.
+    fn magnitude(ty: QuantType, n: usize, w: &[u8], a: &[u8]) -> f32 {
+        let mut wf = vec![0f32; n];
+        let mut af = vec![0f32; n];
+        dequant::dequantize_row(ty, w, &mut wf).unwrap();
+        dequant::dequantize_row(ty.vec_dot_type(), a, &mut af).unwrap();
+        wf.iter().zip(&af).map(|(x, y)| (x * y).abs()).sum()
+    }
+
+    /// The integer parts are exact, so the kernels differ from the scalar reference only by
+    /// f32 summation order: relative 1e-5 of `Σ |w·a|` (observed: ~1e-8).
+    fn check_against_reference(ty: QuantType, n: usize, w: &[u8], a: &[u8]) {
+        let fast = kernel(ty).expect("kernel")(n, w, a);
+        let want = dot::vec_dot(ty, n, w, a);
+        let tol = 1e-5 * magnitude(ty, n, w, a) + 1e-30;
+        assert!(
+            (fast - want).abs() <= tol,
+            "{ty} n={n}: avx2 {fast} vs scalar {want} (tolerance {tol})"
+        );
+    }
+
+    #[test]
+    fn every_kernel_matches_the_scalar_reference() {
+        if !full() {
+            eprintln!("no AVX2/FMA/F16C: nothing to test");
+            return;
+        }
+        for &ty in KERNEL_TYPES {
+            for (k, n) in lengths(ty).into_iter().enumerate() {
+                let seed = 100 * k as u64 + ty.block_bytes() as u64;
+                let w = random_weights(ty, n, seed);
+                // Activations as the engine makes them (the quantiser) and synthetic ones
+                // covering the whole ±127 range.
+                let x = random_f32(n, seed + 1);
+                let mut aq = vec![0u8; ty.vec_dot_type().row_bytes(n).unwrap()];
+                act::quantize_row(ty.vec_dot_type(), &x, &mut aq).unwrap();
+                check_against_reference(ty, n, &w, &aq);
+                let ar = random_activation(ty.vec_dot_type(), n, seed + 2);
+                check_against_reference(ty, n, &w, &ar);
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_read_rows_at_any_alignment() {
+        if !full() {
+            return;
+        }
+        for &ty in KERNEL_TYPES {
+            let n = 2 * ty.block_elems().max(128);
+            let w = random_weights(ty, n, 9);
+            let a = random_activation(ty.vec_dot_type(), n, 10);
+            let want = kernel(ty).unwrap()(n, &w, &a);
+            for off in 1..8 {
+                let mut ws = vec![0u8; off];
+                ws.extend_from_slice(&w);
+                let mut as_ = vec![0u8; off + 3];
+                as_.extend_from_slice(&a);
+                let got = kernel(ty).unwrap()(n, &ws[off..], &as_[off + 3..]);
+                assert_eq!(got.to_bits(), want.to_bits(), "{ty} offset {off}");
+            }
+        }
+    }
+
+    #[test]
+    fn types_without_a_kernel_fall_back() {
+        for ty in [QuantType::IQ2_XXS, QuantType::F8E4M3, QuantType::Q8_K] {
+            assert!(vec_dot(ty, 256, &[], &[]).is_none());
+        }
+    }
+
+    #[test]
+    #[should_panic]
+    fn short_rows_panic_instead_of_reading_past_the_end() {
+        if !full() {
+            panic!("no AVX2: nothing to test");
+        }
+        let w = random_weights(QuantType::Q4_K, 512, 1);
+        let a = random_activation(QuantType::Q8_K, 256, 1);
+        kernel(QuantType::Q4_K).unwrap()(512, &w, &a);
+    }
+
+    #[test]
+    fn fp8_matches_the_scalar_reference() {
+        if !full() {
+            return;
+        }
+        for n in [16usize, 128, 200, 7168] {
+            let w: Vec<u8> = (0..n)
+                .map(|i| crate::bench::splitmix(i as u64) as u8)
+                // NaN encodings do not occur in checkpoints.
+                .map(|b| if b & 0x7f == 0x7f { b ^ 1 } else { b })
+                .collect();
+            let scales: Vec<f32> = (0..n.div_ceil(128)).map(|k| 0.5 + k as f32).collect();
+            let x = random_f32(n, 3);
+            let want = fp8::dot_row(&w, &scales, &x);
+            let got = fp8_dot_row(&w, &scales, &x).unwrap();
+            let mag: f32 = w
+                .iter()
+                .zip(&x)
+                .enumerate()
+                .map(|(i, (&b, xv))| (fp8::e4m3_to_f32(b) * scales[i / 128] * xv).abs())
+                .sum();
+            assert!((got - want).abs() <= 1e-5 * mag, "n={n}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn fp8_subnormals_and_signs_decode_exactly() {
+        if !full() {
+            return;
+        }
+        let bytes: Vec<u8> = (0..=255u8).filter(|b| b & 0x7f != 0x7f).collect();
+        let n = bytes.len() / 16 * 16;
+        for c in bytes[..n].chunks(16) {
+            // SAFETY: features checked above; 16 bytes available.
+            let (lo, hi) = unsafe { e4m3x16(c.as_ptr()) };
+            let mut v = [0f32; 16];
+            // SAFETY: 16 f32 fit in `v`.
+            unsafe {
+                _mm256_storeu_ps(v.as_mut_ptr(), lo);
+                _mm256_storeu_ps(v.as_mut_ptr().add(8), hi);
+            }
+            for (k, &b) in c.iter().enumerate() {
+                assert_eq!(v[k] * 256.0, fp8::e4m3_to_f32(b), "byte {b:#x}");
+            }
+        }
+    }
+}

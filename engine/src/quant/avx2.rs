@@ -328,21 +328,19 @@ unsafe fn q5_1_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
 const Y_QS: usize = 4;
 const Y_BSUMS: usize = 260;
 
-/// The 8 six-bit scales (bytes 0..8) and 8 mins (bytes 8..16) packed in Q4_K/Q5_K's 12 bytes.
+/// Q4_K/Q5_K's 8 scales and 8 mins, each as 8 bytes in the low half of a vector.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
-    const M6: u32 = 0x3f3f3f3f;
-    const M4: u32 = 0x0f0f0f0f;
-    const M2: u32 = 0x03030303;
-    let s0 = core::ptr::read_unaligned(p as *const u32);
-    let s1 = core::ptr::read_unaligned(p.add(4) as *const u32);
-    let s2 = core::ptr::read_unaligned(p.add(8) as *const u32);
-    let sc_lo = s0 & M6;
-    let sc_hi = (s2 & M4) | (((s0 >> 6) & M2) << 4);
-    let mn_lo = s1 & M6;
-    let mn_hi = ((s2 >> 4) & M4) | (((s1 >> 6) & M2) << 4);
-    _mm_set_epi32(mn_hi as i32, mn_lo as i32, sc_hi as i32, sc_lo as i32)
+unsafe fn k4_scales_mins_split(p: *const u8) -> (__m128i, __m128i) {
+    const M6: u64 = 0x3f3f3f3f;
+    const M4: u64 = 0x0f0f0f0f;
+    const M2: u64 = 0x03030303;
+    let s01 = core::ptr::read_unaligned(p as *const u64);
+    let s2 = core::ptr::read_unaligned(p.add(8) as *const u32) as u64;
+    let (s0, s1) = (s01 & 0xffff_ffff, s01 >> 32);
+    let sc = (s0 & M6) | (((s2 & M4) | (((s0 >> 6) & M2) << 4)) << 32);
+    let mn = (s1 & M6) | ((((s2 >> 4) & M4) | (((s1 >> 6) & M2) << 4)) << 32);
+    (_mm_cvtsi64_si128(sc as i64), _mm_cvtsi64_si128(mn as i64))
 }
 
 /// Scale `k` of Q4_K/Q5_K in every i16 lane, from the 8 scales as i16 in both 128-bit lanes.
@@ -353,46 +351,46 @@ unsafe fn scale_k(scales: __m256i, k: usize) -> __m256i {
     _mm256_shuffle_epi8(scales, _mm256_set1_epi16(m))
 }
 
-/// The mins term of Q4_K/Q5_K: `Σ_j m_j · (bsum_{2j} + bsum_{2j+1})` as 4 i32 lanes.
+/// The mins term of Q4_K/Q5_K, `Σ_j m_j · (bsum_{2j} + bsum_{2j+1})`, as 8 i32 lanes: each
+/// min covers 32 values, i.e. two Q8_K block sums, so it is paired with both.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k4_mins_dot(mins_and_scales: __m256i, y: *const u8) -> __m128i {
-    let bs = ld(y.add(Y_BSUMS));
-    let sums = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-    _mm_madd_epi16(_mm256_extracti128_si256(mins_and_scales, 1), sums)
+unsafe fn k4_mins_dot(mn: __m128i, y: *const u8) -> __m256i {
+    let mn2 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn));
+    _mm256_madd_epi16(mn2, ld(y.add(Y_BSUMS)))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let m4 = _mm256_set1_epi8(0x0f);
     let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
+    let mut acc_m = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 144), a.add(i * 292));
         let yd = f32x8(y);
         let d = _mm256_mul_ps(yd, f16x8(x));
-        let dmin = _mm256_castps256_ps128(_mm256_mul_ps(yd, f16x8(x.add(2))));
-        let ms = _mm256_cvtepu8_epi16(k4_scales_mins(x.add(4)));
-        let mins = k4_mins_dot(ms, y);
-        acc_m = _mm_fnmadd_ps(dmin, _mm_cvtepi32_ps(mins), acc_m);
-        let sc = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
+        let dmin = _mm256_mul_ps(yd, f16x8(x.add(2)));
+        let (sc, mn) = k4_scales_mins_split(x.add(4));
+        acc_m = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(k4_mins_dot(mn, y)), acc_m);
+        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
 
         let qs = x.add(16);
         let q8 = y.add(Y_QS);
-        let mut sumi = _mm256_setzero_si256();
+        let mut sum_l = _mm256_setzero_si256();
+        let mut sum_h = _mm256_setzero_si256();
         for j in 0..4 {
             let bits = ld(qs.add(32 * j));
             let lo = _mm256_and_si256(bits, m4);
             let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
             let pl = _mm256_maddubs_epi16(lo, ld(q8.add(64 * j)));
             let ph = _mm256_maddubs_epi16(hi, ld(q8.add(64 * j + 32)));
-            let pl = _mm256_madd_epi16(scale_k(sc, 2 * j), pl);
-            let ph = _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph);
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            sum_l = _mm256_add_epi32(sum_l, _mm256_madd_epi16(scale_k(sc, 2 * j), pl));
+            sum_h = _mm256_add_epi32(sum_h, _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph));
         }
+        let sumi = _mm256_add_epi32(sum_l, sum_h);
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps(acc) + hsum_ps128(acc_m)
+    hsum_ps(_mm256_add_ps(acc, acc_m))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -400,16 +398,15 @@ unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let m4 = _mm256_set1_epi8(0x0f);
     let one = _mm256_set1_epi8(1);
     let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
+    let mut acc_m = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 176), a.add(i * 292));
         let yd = f32x8(y);
         let d = _mm256_mul_ps(yd, f16x8(x));
-        let dmin = _mm256_castps256_ps128(_mm256_mul_ps(yd, f16x8(x.add(2))));
-        let ms = _mm256_cvtepu8_epi16(k4_scales_mins(x.add(4)));
-        let mins = k4_mins_dot(ms, y);
-        acc_m = _mm_fnmadd_ps(dmin, _mm_cvtepi32_ps(mins), acc_m);
-        let sc = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
+        let dmin = _mm256_mul_ps(yd, f16x8(x.add(2)));
+        let (sc, mn) = k4_scales_mins_split(x.add(4));
+        acc_m = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(k4_mins_dot(mn, y)), acc_m);
+        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
 
         let mut hbits = ld(x.add(16));
         let qs = x.add(48);
@@ -431,7 +428,7 @@ unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
         }
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps(acc) + hsum_ps128(acc_m)
+    hsum_ps(_mm256_add_ps(acc, acc_m))
 }
 
 /// `Σ_k sc_k · bsum_k` over the 16 per-16 scales (i8) of a Q2_K/Q3_K/Q6_K block, as 8 i32.

@@ -441,7 +441,6 @@ unsafe fn scaled_bsums(sc: __m128i, y: *const u8) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let m4 = _mm256_set1_epi8(0x0f);
-    let m2 = _mm256_set1_epi8(0x03);
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 210), a.add(i * 292));
@@ -456,22 +455,23 @@ unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
             let qh = ld(x.add(128 + 32 * h));
             let ql0 = ld(ql);
             let ql1 = ld(ql.add(32));
+            // The two high bits of value group t sit at bits 2t..2t+2 of qh: move them to 4..6.
             let q = [
                 _mm256_or_si256(
                     _mm256_and_si256(ql0, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
                 ),
                 _mm256_or_si256(
                     _mm256_and_si256(ql1, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0c)), 2),
                 ),
                 _mm256_or_si256(
                     _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
+                    _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
                 ),
                 _mm256_or_si256(
                     _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4),
+                    _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xc0u8 as i8)), 2),
                 ),
             ];
             for (t, &qt) in q.iter().enumerate() {

@@ -10,10 +10,12 @@
 //! scales; consistent Q8_K/Q8_1 sums), shared with the kernel tests.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
+use crate::cpu::pool::{self, Pool};
 use crate::quant::{QuantType, QK_K};
 use crate::tensor::Matrix;
 use crate::Bytes;
@@ -207,12 +209,13 @@ pub fn run_kernel_bench_with(threads: usize, cfg: &BenchConfig) -> Vec<BenchLine
     lines
 }
 
-/// A rayon pool of exactly `threads` threads, for running a measurement inside.
-fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
-        .build()
-        .expect("thread pool")
+/// Runs `f` with the matrix kernels' pool at `threads` threads, then restores its size.
+fn with_threads<T>(threads: usize, f: impl FnOnce() -> T) -> T {
+    let before = pool::threads();
+    pool::set_threads(threads);
+    let r = f();
+    pool::set_threads(before);
+    r
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -225,26 +228,21 @@ pub fn memory_bandwidth_gbps(threads: usize) -> f64 {
 
 /// Reads a `bytes` buffer `passes` times with `threads` threads (each a contiguous part).
 pub fn bandwidth_with(threads: usize, bytes: usize, passes: usize) -> BandwidthResult {
-    let pool = pool(threads);
+    let pool = Pool::new(threads);
     let words = bytes / 8;
-    let buf: Vec<u64> = pool.install(|| {
-        (0..words)
-            .into_par_iter()
-            .map(|i| splitmix(i as u64))
-            .collect()
-    });
-    let part = words.div_ceil(threads.max(1)).next_multiple_of(64);
-    let mut gbps: Vec<f64> = pool.install(|| {
-        // One untimed pass to fault in and settle the pages.
-        std::hint::black_box(read_all(&buf, part));
-        (0..passes.max(1))
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(read_all(&buf, part));
-                (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
-            })
-            .collect()
-    });
+    let buf: Vec<u64> = (0..words)
+        .into_par_iter()
+        .map(|i| splitmix(i as u64))
+        .collect();
+    // One untimed pass to fault in and settle the pages.
+    std::hint::black_box(read_all(&pool, &buf));
+    let mut gbps: Vec<f64> = (0..passes.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(read_all(&pool, &buf));
+            (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
     gbps.sort_by(f64::total_cmp);
     BandwidthResult {
         threads,
@@ -254,11 +252,15 @@ pub fn bandwidth_with(threads: usize, bytes: usize, passes: usize) -> BandwidthR
     }
 }
 
-/// Reads `buf` in parallel parts of `part` words.
-fn read_all(buf: &[u64], part: usize) -> u64 {
-    buf.par_chunks(part)
-        .map(sum_words)
-        .reduce(|| 0, u64::wrapping_add)
+/// Reads `buf` with every thread of `pool`, each a contiguous part.
+fn read_all(pool: &Pool, buf: &[u64]) -> u64 {
+    let part = buf.len().div_ceil(pool.threads()).next_multiple_of(64);
+    let total = AtomicU64::new(0);
+    pool.for_each(buf.len().div_ceil(part), |c| {
+        let s = sum_words(&buf[c * part..((c + 1) * part).min(buf.len())]);
+        total.fetch_add(s, Ordering::Relaxed);
+    });
+    total.load(Ordering::Relaxed)
 }
 
 /// Wrapping sum of `c` (the fastest way to make the CPU read every byte).
@@ -329,7 +331,7 @@ fn matvec_with(
     let mats = matrix_copies(ty, rows, cols, cfg.weight_bytes_min);
     let xq = random_activation(ty.vec_dot_type(), cols, 7);
     let mut out = vec![0f32; rows];
-    let times = pool(threads).install(|| {
+    let times = with_threads(threads, || {
         time_calls(mats.len(), cfg, |k| {
             crate::cpu::matvec(&mats[k], &xq, &mut out);
         })
@@ -378,7 +380,7 @@ fn matmul_with(
         calls_min: cfg.calls_min.min(10),
         ..cfg.clone()
     };
-    let times = pool(threads).install(|| {
+    let times = with_threads(threads, || {
         time_calls(mats.len(), &cfg, |k| {
             crate::cpu::matmul(&mats[k], &xq, tokens, &mut out);
         })

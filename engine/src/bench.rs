@@ -43,6 +43,8 @@ pub struct BenchConfig {
     /// Least calls and least time per measurement.
     pub calls_min: usize,
     pub time_min: Duration,
+    /// Time per in-cache kernel ceiling figure.
+    pub ceiling_time: Duration,
     /// Matvec shapes `(rows, cols)` and types.
     pub shapes: Vec<(usize, usize)>,
     pub types: Vec<QuantType>,
@@ -59,6 +61,7 @@ impl BenchConfig {
             weight_bytes_min: 256 << 20,
             calls_min: 40,
             time_min: Duration::from_millis(600),
+            ceiling_time: Duration::from_millis(300),
             shapes: DECODE_SHAPES.iter().map(|&(r, c, _)| (r, c)).collect(),
             types: BENCH_TYPES.to_vec(),
             matmuls: vec![
@@ -78,6 +81,7 @@ impl BenchConfig {
             weight_bytes_min: 1 << 20,
             calls_min: 3,
             time_min: Duration::ZERO,
+            ceiling_time: Duration::ZERO,
             shapes: vec![(64, 512), (96, 1024)],
             types: BENCH_TYPES.to_vec(),
             matmuls: vec![(QuantType::Q4_K, 64, 512, 4)],
@@ -126,10 +130,22 @@ pub struct MatmulResult {
     pub gbps: f64,
 }
 
+/// One core's kernel speed with weights in cache (see [`kernel_ceiling`]).
+#[derive(Clone, Debug)]
+pub struct CeilingResult {
+    pub ty: QuantType,
+    pub cols: usize,
+    /// Weight GB per second of CPU time.
+    pub gb_per_cpu_s: f64,
+    /// CPU time over wall time during the measurement (below 1: the core was shared).
+    pub cpu_share: f64,
+}
+
 /// A line of the kernel benchmark report.
 #[derive(Clone, Debug)]
 pub enum BenchLine {
     Bandwidth(BandwidthResult),
+    Ceiling(CeilingResult),
     Matvec(MatvecResult),
     Matmul(MatmulResult),
 }
@@ -144,6 +160,15 @@ impl fmt::Display for BenchLine {
                 b.bytes as f64 / (1 << 20) as f64,
                 b.median_gbps,
                 b.best_gbps
+            ),
+            BenchLine::Ceiling(c) => write!(
+                f,
+                "kernel      1 thr  {:<5} cols {:<5} in cache: {:6.2} GB per CPU-second \
+                 (had {:3.0}% of a core)",
+                c.ty.name(),
+                c.cols,
+                c.gb_per_cpu_s,
+                c.cpu_share * 100.0
             ),
             BenchLine::Matvec(m) => write!(
                 f,
@@ -195,6 +220,13 @@ pub fn run_kernel_bench(threads: usize) -> Vec<BenchLine> {
 pub fn run_kernel_bench_with(threads: usize, cfg: &BenchConfig) -> Vec<BenchLine> {
     let bw = bandwidth_with(threads, cfg.bandwidth_bytes, cfg.bandwidth_passes);
     let mut lines = vec![BenchLine::Bandwidth(bw.clone())];
+    for &ty in &cfg.types {
+        lines.push(BenchLine::Ceiling(kernel_ceiling(
+            ty,
+            7168,
+            cfg.ceiling_time,
+        )));
+    }
     for &ty in &cfg.types {
         for &(rows, cols) in &cfg.shapes {
             let m = matvec_with(ty, rows, cols, threads, bw.median_gbps, cfg);
@@ -436,6 +468,47 @@ fn matrix_copies(ty: QuantType, rows: usize, cols: usize, min_bytes: usize) -> V
         .collect()
 }
 
+/// One core's dot-kernel speed in weight GB per CPU-second, rows and activations in L2: the
+/// ceiling a matvec could reach per thread if memory were free. Measured in on-CPU time where
+/// the OS reports it (Linux), so it holds on a machine shared with other work.
+pub fn kernel_ceiling(ty: QuantType, cols: usize, time: Duration) -> CeilingResult {
+    let rows = 64;
+    let w = random_weights(ty, rows * cols, 1);
+    let rb = ty.row_bytes(cols).expect("whole blocks");
+    let a = random_activation(ty.vec_dot_type(), cols, 2);
+    let mut sink = 0f32;
+    let mut bytes = 0usize;
+    let (cpu0, start) = (thread_cpu_ns(), Instant::now());
+    while bytes == 0 || start.elapsed() < time {
+        for r in w.chunks_exact(rb) {
+            sink += crate::quant::vec_dot(ty, cols, r, &a);
+        }
+        bytes += w.len();
+    }
+    std::hint::black_box(sink);
+    let wall = start.elapsed().as_nanos() as u64;
+    let cpu = match (cpu0, thread_cpu_ns()) {
+        (Some(a), Some(b)) if b > a => b - a,
+        _ => wall,
+    };
+    CeilingResult {
+        ty,
+        cols,
+        gb_per_cpu_s: bytes as f64 / cpu as f64,
+        cpu_share: cpu as f64 / wall.max(1) as f64,
+    }
+}
+
+/// On-CPU nanoseconds of the calling thread, where the OS says (Linux schedstat).
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Synthetic data.
 
@@ -563,87 +636,18 @@ mod tests {
         let cfg = BenchConfig::smoke();
         assert_eq!(
             lines.len(),
-            1 + cfg.types.len() * cfg.shapes.len() + cfg.matmuls.len()
+            1 + cfg.types.len() * (1 + cfg.shapes.len()) + cfg.matmuls.len()
         );
         for l in &lines {
             match l {
                 BenchLine::Bandwidth(b) => assert!(b.median_gbps > 0.0),
                 BenchLine::Matvec(m) => assert!(m.gbps > 0.0 && m.ns_p90 >= m.ns_median),
                 BenchLine::Matmul(m) => assert!(m.gflops > 0.0),
+                BenchLine::Ceiling(c) => assert!(c.gb_per_cpu_s > 0.0),
             }
         }
         let text = format_report(&lines);
         assert_eq!(text.lines().count(), lines.len());
-    }
-
-    /// Kernel ceilings: matvec over matrices that stay in L2 (not a memory measurement).
-    #[test]
-    #[ignore]
-    fn hot_kernels() {
-        let threads = std::env::var("BENCH_THREADS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1);
-        let cfg = BenchConfig {
-            weight_bytes_min: 0,
-            calls_min: 2000,
-            time_min: Duration::from_millis(300),
-            ..BenchConfig::full()
-        };
-        for ty in BENCH_TYPES {
-            let rows = std::env::var("HOT_ROWS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(128);
-            let m = matvec_with(*ty, rows * threads, 7168, threads, 1.0, &cfg);
-            println!("{}", BenchLine::Matvec(m));
-        }
-    }
-
-    /// On-CPU nanoseconds of the calling thread (Linux), unaffected by time it waits for a core.
-    fn thread_cpu_ns() -> u64 {
-        std::fs::read_to_string("/proc/thread-self/schedstat")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Single-core kernel ceilings in weight GB per CPU-second, rows in L2.
-    #[test]
-    #[ignore]
-    fn kernel_cpu_throughput() {
-        for &ty in &[
-            QuantType::Q4_K,
-            QuantType::Q6_K,
-            QuantType::Q8_0,
-            QuantType::Q5_K,
-            QuantType::Q3_K,
-            QuantType::Q2_K,
-            QuantType::Q4_0,
-            QuantType::F16,
-        ] {
-            let (rows, cols) = (64, 7168);
-            let w = random_weights(ty, rows * cols, 1);
-            let rb = ty.row_bytes(cols).unwrap();
-            let a = random_activation(ty.vec_dot_type(), cols, 2);
-            let mut sink = 0f32;
-            let mut bytes = 0usize;
-            let t0 = thread_cpu_ns();
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_millis(400) {
-                for r in w.chunks_exact(rb) {
-                    sink += crate::quant::vec_dot(ty, cols, r, &a);
-                }
-                bytes += w.len();
-            }
-            let ns = thread_cpu_ns() - t0;
-            std::hint::black_box(sink);
-            println!(
-                "{:<5} {:6.2} GB per CPU-second",
-                ty.name(),
-                bytes as f64 / ns as f64
-            );
-        }
     }
 
     /// The real measurement (minutes, ~1.5 GiB of memory): `cargo test --release -p engine

@@ -1,2 +1,200 @@
-//! `coordinator`: the coordinator daemon and its one-machine `generate` command.
-fn main() {}
+//! `coordinator`: the coordinator daemon. `generate` runs one model on this machine and streams
+//! text (the reference path the cluster is checked against); `bench` measures the engine.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use engine::chat::ChatMessage;
+use engine::generate::{generate, GenerateRequest};
+use engine::model::kv_cache::CacheType;
+use engine::model::weights::ExpertFilter;
+use engine::model::ModelFile;
+use engine::sampling::SamplingParams;
+
+mod bench;
+
+#[derive(Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "DeepSeek-V3/R1 cluster coordinator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text with a model on this machine.
+    Generate(GenerateArgs),
+    /// Measure memory bandwidth, kernel throughput and model speed.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A .gguf file (the first split of a split model) or a Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text.
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
+    prompt: Option<String>,
+    /// Render the prompt as a user message with the model's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Prompt as token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    token_ids: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Latent KV cache precision: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    kv_cache: CacheType,
+    /// Write DIR/logits.npy (f32 [P+N, V]) and DIR/gen_ids.npy (int64 [N]).
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+    /// Decode steps consume these ids instead of the sampled ones (teacher forcing).
+    #[arg(long, value_delimiter = ',')]
+    force_ids: Option<Vec<u32>>,
+    /// Keep generating after an end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(a) => run_generate(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// Sets the CPU backend's thread count (once, before any work).
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        engine::threads::set_threads(n).context("configuring threads")?;
+    }
+    Ok(())
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let mf = ModelFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
+    let tokenizer = mf.tokenizer().context("loading the tokenizer")?;
+    let prompt: Vec<u32> = match (&a.prompt, &a.token_ids) {
+        (Some(text), None) => {
+            if a.chat {
+                let template = mf
+                    .chat_template(&tokenizer)?
+                    .context("the model carries no chat template; drop --chat")?;
+                let mut msgs = Vec::new();
+                if let Some(s) = &a.system {
+                    msgs.push(ChatMessage::system(s.clone()));
+                }
+                msgs.push(ChatMessage::user(text.clone()));
+                let rendered = template.render(&msgs, true)?;
+                // The template already starts with BOS.
+                tokenizer.encode(&rendered, false)?
+            } else {
+                let mut ids = Vec::new();
+                if let Some(b) = mf.config.bos_id.or(tokenizer.bos_id()) {
+                    ids.push(b);
+                }
+                ids.extend(tokenizer.encode(text, false)?);
+                ids
+            }
+        }
+        (None, Some(ids)) => ids.clone(),
+        _ => bail!("give --prompt or --token-ids"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let model = mf.load_model().context("loading the model")?;
+    let experts = mf
+        .load_experts(&ExpertFilter::All)
+        .context("loading the experts")?;
+    let mut stop_ids = if a.ignore_eos {
+        vec![]
+    } else {
+        mf.config.eos_ids.clone()
+    };
+    if !a.ignore_eos {
+        stop_ids.extend(tokenizer.eos_id());
+    }
+    let req = GenerateRequest {
+        prompt: prompt.clone(),
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            seed: a.seed,
+        },
+        stop_ids,
+        force: a.force_ids.clone(),
+        keep_logits: a.logits_out.is_some(),
+        cache: a.kv_cache,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let g = generate(&model, &experts, &tokenizer, &req, |piece| {
+        // A closed stdout (e.g. `| head`) ends the stream quietly.
+        let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+    })?;
+    let _ = writeln!(out);
+    let n = g.tokens.len();
+    eprintln!(
+        "[{} prompt tokens in {:.3}s ({:.1} tok/s); {} generated in {:.3}s ({:.1} tok/s); finish: {:?}]",
+        prompt.len(),
+        g.prefill_secs,
+        prompt.len() as f64 / g.prefill_secs.max(1e-9),
+        n,
+        g.decode_secs,
+        n as f64 / g.decode_secs.max(1e-9),
+        g.finish
+    );
+    if let Some(dir) = &a.logits_out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let v = model.cfg.vocab_size;
+        let logits = g.logits.as_deref().unwrap_or_default();
+        engine::npy::write(&dir.join("logits.npy"), &[logits.len() / v, v], logits)?;
+        let ids: Vec<i64> = g.tokens.iter().map(|&t| t as i64).collect();
+        engine::npy::write(&dir.join("gen_ids.npy"), &[ids.len()], &ids)?;
+    }
+    Ok(())
+}

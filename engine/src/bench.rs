@@ -362,11 +362,13 @@ fn matvec_with(
     cfg: &BenchConfig,
 ) -> MatvecResult {
     let mats = matrix_copies(ty, rows, cols, cfg.weight_bytes_min);
-    let xq = random_activation(ty.vec_dot_type(), cols, 7);
+    let store = activations(&mats[0], 1, 7);
+    let xq: &[u8] = bytemuck::cast_slice(&store);
+    let xq = &xq[..mats[0].act_type().row_bytes(cols).expect("whole blocks")];
     let mut out = vec![0f32; rows];
     let times = with_threads(threads, || {
         time_calls(mats.len(), cfg, |k| {
-            crate::cpu::matvec(&mats[k], &xq, &mut out);
+            crate::cpu::matvec(&mats[k], xq, &mut out);
         })
     });
     let weight_bytes = mats[0].data.len();
@@ -405,9 +407,9 @@ fn matmul_with(
     cfg: &BenchConfig,
 ) -> MatmulResult {
     let mats = matrix_copies(ty, rows, cols, cfg.weight_bytes_min);
-    let xq: Vec<u8> = (0..tokens)
-        .flat_map(|t| random_activation(ty.vec_dot_type(), cols, 11 + t as u64))
-        .collect();
+    let store = activations(&mats[0], tokens, 11);
+    let xq: &[u8] = bytemuck::cast_slice(&store);
+    let xq = &xq[..tokens * mats[0].act_type().row_bytes(cols).expect("whole blocks")];
     let mut out = vec![0f32; rows * tokens];
     let cfg = BenchConfig {
         calls_min: cfg.calls_min.min(10),
@@ -415,7 +417,7 @@ fn matmul_with(
     };
     let times = with_threads(threads, || {
         time_calls(mats.len(), &cfg, |k| {
-            crate::cpu::matmul(&mats[k], &xq, tokens, &mut out);
+            crate::cpu::matmul(&mats[k], xq, tokens, &mut out);
         })
     });
     let ns_median = percentile(&times, 50);
@@ -429,6 +431,17 @@ fn matmul_with(
         gflops: (2 * rows * cols * tokens) as f64 / ns_median as f64,
         gbps: mats[0].data.len() as f64 / ns_median as f64,
     }
+}
+
+/// `tokens` activation rows for `m` in the format its products take (`m.act_type()`), packed
+/// back to back in 8-byte-aligned storage (f32 rows are read as `&[f32]`).
+fn activations(m: &Matrix, tokens: usize, seed: u64) -> Vec<u64> {
+    let bytes: Vec<u8> = (0..tokens)
+        .flat_map(|t| random_activation(m.act_type(), m.cols, seed + t as u64))
+        .collect();
+    let mut store = vec![0u64; bytes.len().div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut store)[..bytes.len()].copy_from_slice(&bytes);
+    store
 }
 
 /// Times `call(k)` for rotating `k` until both minimums are met; per-call nanoseconds, sorted.

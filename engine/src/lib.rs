@@ -10,6 +10,7 @@ pub mod bytes;
 pub mod chat;
 pub mod config;
 pub mod cpu;
+pub mod generate;
 pub mod gguf;
 pub mod hf;
 pub mod model;
@@ -18,6 +19,7 @@ pub mod quant;
 pub mod sampling;
 pub mod source;
 pub mod tensor;
+pub mod threads;
 pub mod tokenizer;
 
 pub use bytes::Bytes;

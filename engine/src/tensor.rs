@@ -83,9 +83,10 @@ impl Matrix {
         Some(&s[br * nb..(br + 1) * nb])
     }
 
-    /// Format the activations take for this matrix.
+    /// Format the activations take for this matrix: f32 (weights are dequantised block by block
+    /// inside the dot product, which is exact).
     pub fn act_type(&self) -> QuantType {
-        self.ty.vec_dot_type()
+        QuantType::F32
     }
 
     /// Dequantises row `r` into `dst` (`cols` elements).

@@ -118,7 +118,7 @@ struct RowDot<'a> {
 enum Kind {
     /// A SIMD kernel for this CPU.
     Fast(DotFn),
-    /// The dispatching `quant::vec_dot` (portable fallback).
+    /// `quant::vec_dot_f32`: blocks dequantised against f32 activations.
     Portable(QuantType),
     /// FP8 rows with block scales and f32 activations.
     Fp8,
@@ -129,9 +129,14 @@ impl<'a> RowDot<'a> {
         let kind = if w.block_scales.is_some() {
             Kind::Fp8
         } else {
-            match fast_kernel(w.ty) {
-                Some(f) => Kind::Fast(f),
-                None => Kind::Portable(w.ty),
+            match w.ty {
+                // Float weights: the SIMD kernels take f32 activations directly.
+                QuantType::F32 | QuantType::F16 | QuantType::BF16 => match fast_kernel(w.ty) {
+                    Some(f) => Kind::Fast(f),
+                    None => Kind::Portable(w.ty),
+                },
+                // Quantized weights: dequantised block by block against f32 activations.
+                ty => Kind::Portable(ty),
             }
         };
         RowDot {
@@ -153,8 +158,9 @@ impl<'a> RowDot<'a> {
                 }
             }
             Kind::Portable(ty) => {
+                let xf: &[f32] = bytemuck::cast_slice(x);
                 for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
-                    *o = quant::vec_dot(ty, n, row, x);
+                    *o = quant::vec_dot_f32(ty, row, xf);
                 }
             }
             Kind::Fp8 => {
@@ -190,7 +196,7 @@ fn fp8_dot(row: &[u8], scales: &[f32], x: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{random_activation, random_f32, random_weights};
+    use crate::bench::{random_f32, random_weights};
     use crate::Bytes;
 
     fn matrix(ty: QuantType, rows: usize, cols: usize, seed: u64) -> Matrix {
@@ -218,13 +224,19 @@ mod tests {
             (QuantType::F32, 50, 100),
         ] {
             let w = matrix(ty, rows, cols, 1);
-            let xq = random_activation(ty.vec_dot_type(), cols, 2);
+            let x = random_f32(cols, 2);
+            let xq: &[u8] = bytemuck::cast_slice(&x);
             let want: Vec<f32> = (0..rows)
-                .map(|r| quant::vec_dot(ty, cols, w.row(r), &xq))
+                .map(
+                    |r| match fast_kernel(ty).filter(|_| matches!(ty, QuantType::F32)) {
+                        Some(f) => f(cols, w.row(r), xq),
+                        None => quant::vec_dot_f32(ty, w.row(r), &x),
+                    },
+                )
                 .collect();
             for threads in [1, 3] {
                 let mut out = vec![f32::NAN; rows];
-                with_threads(threads, || matvec(&w, &xq, &mut out));
+                with_threads(threads, || matvec(&w, xq, &mut out));
                 assert_eq!(out, want, "{ty} {rows}x{cols}, {threads} threads");
             }
         }
@@ -240,9 +252,11 @@ mod tests {
             (QuantType::Q8_0, 200, 16384, 2),
         ] {
             let w = matrix(ty, rows, cols, 3);
-            let arb = ty.vec_dot_type().row_bytes(cols).unwrap();
+            let arb = 4 * cols;
             let xq: Vec<u8> = (0..n)
-                .flat_map(|t| random_activation(ty.vec_dot_type(), cols, 10 + t as u64))
+                .flat_map(|t| {
+                    bytemuck::cast_slice::<f32, u8>(&random_f32(cols, 10 + t as u64)).to_vec()
+                })
                 .collect();
             for threads in [1, 2, 3] {
                 with_threads(threads, || {

@@ -1,1 +1,411 @@
-//! The DeepSeek-V3 graph.
+//! The DeepSeek-V3 graph: embeddings, MLA attention over the latent cache, dense and MoE FFNs,
+//! final norm and head. [`Model`] holds the always-active part; the routed experts are reached
+//! through a [`moe::RoutedExperts`] so that they can live in this process or on other machines.
+
+pub mod attention;
+pub mod kv_cache;
+pub mod moe;
+pub mod ops;
+pub mod rope;
+pub mod weights;
+
+use std::path::Path;
+
+use crate::config::{ConfigError, ModelConfig};
+use crate::gguf::GgufFile;
+use crate::hf::HfModel;
+use crate::model::attention::AttnScratch;
+use crate::model::kv_cache::{CacheType, ContextFull, KvCache};
+use crate::model::moe::{
+    ExpertError, LocalExperts, MoeScratch, RoutedExperts, RouterScratch, Routing,
+};
+use crate::model::rope::RopeTable;
+use crate::model::weights::{DenseWeights, ExpertFilter, Ffn, Naming, WeightError};
+use crate::source::TensorSource;
+use crate::tensor::ActBuf;
+
+/// Anything that stops a model from loading.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}: not a GGUF file or a directory with config.json")]
+    UnknownFormat(String),
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+    #[error(transparent)]
+    Hf(#[from] crate::hf::HfError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+/// Anything that stops a forward pass.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    UnknownToken { id: u32, vocab: usize },
+    #[error(transparent)]
+    ContextFull(#[from] ContextFull),
+    #[error(transparent)]
+    Experts(#[from] ExpertError),
+    #[error("empty batch")]
+    Empty,
+}
+
+/// An opened model file: its configuration and tensors, before anything is loaded.
+pub struct ModelFile {
+    pub config: ModelConfig,
+    pub source: Box<dyn TensorSource>,
+    pub naming: Naming,
+    /// The GGUF itself when the model is one (tokenizer and template live in its metadata).
+    pub gguf: Option<std::sync::Arc<GgufFile>>,
+    /// The directory when the model is a Hugging Face checkpoint.
+    pub hf_dir: Option<std::path::PathBuf>,
+}
+
+impl ModelFile {
+    /// Opens a `.gguf` (first split of a split model) or a Hugging Face directory.
+    pub fn open(path: &Path) -> Result<Self, LoadError> {
+        if path.is_dir() {
+            let hf = HfModel::open(path)?;
+            let config = ModelConfig::from_hf(hf.config(), &path.display().to_string())?;
+            return Ok(ModelFile {
+                config,
+                source: Box::new(hf),
+                naming: Naming::Hf,
+                gguf: None,
+                hf_dir: Some(path.to_path_buf()),
+            });
+        }
+        if path.is_file() {
+            let g = std::sync::Arc::new(GgufFile::open(path)?);
+            let config = ModelConfig::from_gguf(&g)?;
+            return Ok(ModelFile {
+                config,
+                source: Box::new(SharedGguf(g.clone())),
+                naming: Naming::Gguf,
+                gguf: Some(g),
+                hf_dir: None,
+            });
+        }
+        Err(LoadError::UnknownFormat(path.display().to_string()))
+    }
+
+    /// Multi-token-prediction tensors (the checkpoint's extra layer, GGUF `nextn`) present in
+    /// the file; they are recognised and not loaded.
+    pub fn mtp_tensors(&self) -> usize {
+        let extra = format!("model.layers.{}.", self.config.n_layers);
+        self.source
+            .names()
+            .iter()
+            .filter(|n| n.starts_with(&extra) || n.contains(".nextn."))
+            .count()
+    }
+
+    /// The tokenizer the model carries (GGUF metadata or the directory's tokenizer.json).
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer, LoadError> {
+        use crate::tokenizer::{GgufVocab, Tokenizer};
+        if let Some(dir) = &self.hf_dir {
+            return Ok(Tokenizer::from_hf_dir(dir)?);
+        }
+        let g = self.gguf.as_ref().expect("a model is GGUF or a directory");
+        let strings = |key: &str| -> Vec<String> {
+            g.meta(key)
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let text = |key: &str| {
+            g.meta(key)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let id = |key: &str| g.meta(key).and_then(|v| v.as_u64()).map(|v| v as u32);
+        let vocab = GgufVocab {
+            model: text("tokenizer.ggml.model"),
+            pre: text("tokenizer.ggml.pre"),
+            tokens: strings("tokenizer.ggml.tokens"),
+            token_types: g
+                .meta("tokenizer.ggml.token_type")
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_i64())
+                        .map(|v| v as i32)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            merges: strings("tokenizer.ggml.merges"),
+            bos_id: id("tokenizer.ggml.bos_token_id"),
+            eos_id: id("tokenizer.ggml.eos_token_id"),
+        };
+        Ok(Tokenizer::from_gguf_vocab(vocab)?)
+    }
+
+    /// The chat template the model carries, if any, with its BOS/EOS token strings.
+    pub fn chat_template(
+        &self,
+        tok: &crate::tokenizer::Tokenizer,
+    ) -> Result<Option<crate::chat::ChatTemplate>, LoadError> {
+        use crate::chat::{ChatTemplate, HfTokenizerConfig};
+        let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i).ok()).unwrap_or_default();
+        let (source, bos, eos) = if let Some(dir) = &self.hf_dir {
+            let path = dir.join("tokenizer_config.json");
+            if !path.exists() {
+                return Ok(None);
+            }
+            let bytes = std::fs::read(&path)
+                .map_err(|e| LoadError::Template(format!("{}: {e}", path.display())))?;
+            let cfg = HfTokenizerConfig::from_json_bytes(&bytes)
+                .map_err(|e| LoadError::Template(e.to_string()))?;
+            match cfg.chat_template {
+                Some(t) => (
+                    t,
+                    cfg.bos_token.unwrap_or_else(|| name(tok.bos_id())),
+                    cfg.eos_token.unwrap_or_else(|| name(tok.eos_id())),
+                ),
+                None => return Ok(None),
+            }
+        } else {
+            let g = self.gguf.as_ref().expect("a model is GGUF or a directory");
+            match g.meta("tokenizer.chat_template").and_then(|v| v.as_str()) {
+                Some(t) => (t.to_string(), name(tok.bos_id()), name(tok.eos_id())),
+                None => return Ok(None),
+            }
+        };
+        ChatTemplate::new(source, bos, eos)
+            .map(Some)
+            .map_err(|e| LoadError::Template(e.to_string()))
+    }
+
+    /// Loads the always-active part.
+    pub fn load_model(&self) -> Result<Model, LoadError> {
+        let mtp = self.mtp_tensors();
+        if mtp > 0 {
+            tracing::info!(
+                "{}: {mtp} multi-token-prediction tensors skipped",
+                self.source.describe()
+            );
+        }
+        let weights = weights::load_dense(self.source.as_ref(), self.naming, &self.config)?;
+        Ok(Model::new(self.config.clone(), weights))
+    }
+
+    /// Loads the routed experts that `filter` selects.
+    pub fn load_experts(&self, filter: &ExpertFilter) -> Result<LocalExperts, LoadError> {
+        let layers =
+            weights::load_experts(self.source.as_ref(), self.naming, &self.config, filter)?;
+        Ok(LocalExperts {
+            hidden: self.config.hidden,
+            layers,
+        })
+    }
+}
+
+/// A GGUF shared between the model and its tokenizer metadata.
+struct SharedGguf(std::sync::Arc<GgufFile>);
+
+impl TensorSource for SharedGguf {
+    fn tensor(&self, name: &str) -> Result<crate::source::RawTensor, crate::source::SourceError> {
+        self.0.tensor(name)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+    fn names(&self) -> Vec<String> {
+        self.0.names()
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+/// The always-active part of the model, ready to run.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub w: DenseWeights,
+    rope: RopeTable,
+    scale: f32,
+}
+
+/// Which logits a forward pass produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// One row per input token (`n x vocab`).
+    All,
+    /// Only the last token's row.
+    Last,
+}
+
+/// Every buffer a forward pass needs, reused across calls (no allocation per decoded token
+/// once warmed up).
+#[derive(Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    branch: Vec<f32>,
+    shared: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    logits: Vec<f32>,
+    act: ActBuf,
+    attn: AttnScratch,
+    router: RouterScratch,
+    moe: MoeScratch,
+    routing: Routing,
+    /// When set, the hidden state after every layer is appended here (`n x hidden` per layer),
+    /// and the routing of every MoE layer to `routing_trace`.
+    pub trace: Option<Vec<Vec<f32>>>,
+    pub routing_trace: Vec<Routing>,
+}
+
+impl Model {
+    pub fn new(cfg: ModelConfig, w: DenseWeights) -> Self {
+        let rope = RopeTable::new(&cfg.rope, cfg.qk_rope);
+        let scale = cfg.softmax_scale();
+        Model {
+            cfg,
+            w,
+            rope,
+            scale,
+        }
+    }
+
+    /// A cache for one sequence of at most `capacity` positions (capped by the model's limit).
+    pub fn new_cache(&self, ty: CacheType, capacity: usize) -> KvCache {
+        KvCache::new(
+            ty,
+            self.cfg.n_layers,
+            self.cfg.cache_row(),
+            capacity.min(self.cfg.max_positions),
+        )
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appending them to the cache, and returns the
+    /// requested logits. On error the cache is left as it was before the call.
+    pub fn forward<'w>(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        experts: &dyn RoutedExperts,
+        ws: &'w mut Workspace,
+        which: Logits,
+    ) -> Result<&'w [f32], ForwardError> {
+        let n = tokens.len();
+        if n == 0 {
+            return Err(ForwardError::Empty);
+        }
+        let c = &self.cfg;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ForwardError::UnknownToken {
+                id,
+                vocab: c.vocab_size,
+            });
+        }
+        cache.reserve(n)?;
+        let pos0 = cache.len();
+        let h = c.hidden;
+
+        ws.x.resize(n * h, 0.0);
+        for (t, &tok) in tokens.iter().enumerate() {
+            self.w
+                .embed
+                .dequantize_row(tok as usize, &mut ws.x[t * h..(t + 1) * h])
+                .expect("embedding type checked at load");
+        }
+        ws.xn.resize(n * h, 0.0);
+        ws.branch.resize(n * h, 0.0);
+        ws.routing_trace.clear();
+
+        for (l, lw) in self.w.layers.iter().enumerate() {
+            norm_rows(&ws.x, &lw.attn.norm, c.rms_eps, &mut ws.xn);
+            attention::forward(
+                c,
+                l,
+                &lw.attn,
+                &self.rope,
+                self.scale,
+                &ws.xn,
+                n,
+                pos0,
+                cache,
+                &mut ws.branch,
+                &mut ws.attn,
+            );
+            ops::add_into(&mut ws.x, &ws.branch);
+
+            norm_rows(&ws.x, &lw.ffn_norm, c.rms_eps, &mut ws.xn);
+            match &lw.ffn {
+                Ffn::Dense(mlp) => {
+                    moe::mlp_forward(
+                        mlp,
+                        &ws.xn,
+                        n,
+                        &mut ws.gate,
+                        &mut ws.up,
+                        &mut ws.shared,
+                        &mut ws.act,
+                    );
+                    ops::add_into(&mut ws.x, &ws.shared);
+                }
+                Ffn::Moe(mw) => {
+                    moe::route(c, mw, &ws.xn, n, &mut ws.routing, &mut ws.router);
+                    ws.branch.fill(0.0);
+                    if let Err(e) =
+                        experts.eval(l, &ws.xn, &ws.routing, &mut ws.branch, &mut ws.moe)
+                    {
+                        cache.truncate(pos0);
+                        return Err(e.into());
+                    }
+                    if let Some(sh) = &mw.shared {
+                        moe::mlp_forward(
+                            sh,
+                            &ws.xn,
+                            n,
+                            &mut ws.gate,
+                            &mut ws.up,
+                            &mut ws.shared,
+                            &mut ws.act,
+                        );
+                        ops::add_into(&mut ws.branch, &ws.shared);
+                    }
+                    ops::add_into(&mut ws.x, &ws.branch);
+                    if ws.trace.is_some() {
+                        ws.routing_trace.push(ws.routing.clone());
+                    }
+                }
+            }
+            if let Some(tr) = ws.trace.as_mut() {
+                tr.push(ws.x.clone());
+            }
+        }
+        cache.set_len(pos0 + n);
+
+        let (first, rows) = match which {
+            Logits::All => (0, n),
+            Logits::Last => (n - 1, 1),
+        };
+        let xs = &ws.x[first * h..n * h];
+        norm_rows(xs, &self.w.out_norm, c.rms_eps, &mut ws.xn[..rows * h]);
+        ws.logits.resize(rows * c.vocab_size, 0.0);
+        self.w
+            .head
+            .matmul(&ws.xn[..rows * h], rows, &mut ws.logits, &mut ws.act);
+        Ok(&ws.logits)
+    }
+}
+
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    for (src, dst) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+        ops::rms_norm(src, w, eps, dst);
+    }
+}

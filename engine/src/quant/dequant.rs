@@ -391,3 +391,103 @@ pub(crate) mod test_util {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of the test vectors made by `tests/data/quant/gen_vectors.py`.
+    fn vector(name: &str) -> Vec<u8> {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/quant")
+            .join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    fn f32s(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    /// Random blocks, and real blocks from llama.cpp's quantizer, dequantised by the `gguf`
+    /// package (ggml's operation order) must come out bit for bit the same here.
+    #[test]
+    fn dequantize_matches_gguf_bit_for_bit() {
+        use QuantType::*;
+        let random = [
+            F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+        ];
+        let real = [Q4_K, Q5_0, Q6_K, Q8_0];
+        let cases = random.iter().map(|t| ("deq", *t));
+        for (prefix, ty) in cases.chain(real.iter().map(|t| ("real", *t))) {
+            let blocks = vector(&format!("{prefix}_{}.blocks", ty.name()));
+            let want = f32s(&vector(&format!("{prefix}_{}.f32", ty.name())));
+            assert_eq!(
+                ty.row_bytes(want.len()),
+                Ok(blocks.len()),
+                "{ty} vector sizes"
+            );
+            let mut got = vec![0f32; want.len()];
+            crate::quant::dequantize_row(ty, &blocks, &mut got).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "{prefix} {ty} element {i} (block {}): got {g:e} ({:#010x}), gguf {w:e} ({:#010x})",
+                    i / ty.block_elems(),
+                    g.to_bits(),
+                    w.to_bits()
+                );
+            }
+        }
+    }
+
+    /// The same rows cut into single blocks give the same values (no state across blocks).
+    #[test]
+    fn dequantize_is_blockwise() {
+        use QuantType::*;
+        for ty in [Q4_0, Q5_1, Q3_K, Q6_K] {
+            let blocks = vector(&format!("deq_{}.blocks", ty.name()));
+            let want = f32s(&vector(&format!("deq_{}.f32", ty.name())));
+            let be = ty.block_elems();
+            for (b, w) in blocks.chunks(ty.block_bytes()).zip(want.chunks(be)) {
+                let mut got = vec![0f32; be];
+                dequantize_row(ty, b, &mut got).unwrap();
+                assert!(got.iter().zip(w).all(|(g, w)| g.to_bits() == w.to_bits()));
+            }
+        }
+    }
+
+    #[test]
+    fn dequantize_unsupported_type_is_an_error() {
+        let mut out = [0f32; 256];
+        assert_eq!(
+            dequantize_row(QuantType::IQ2_XXS, &[0u8; 66], &mut out),
+            Err(QuantError::Unsupported("IQ2_XXS"))
+        );
+        assert_eq!(
+            dequantize_row(QuantType::F8E4M3, &[0u8; 256], &mut out),
+            Err(QuantError::Unsupported("F8_E4M3"))
+        );
+    }
+
+    #[test]
+    fn q3_k_scale_unpacking_matches_the_bit_layout() {
+        // Scale j has its low nibble in byte j (j < 8) or the high nibble of byte j - 8, and
+        // its top two bits in byte 8 + j % 4 at bit 2 * (j / 4). Set each 6-bit value to j.
+        let mut s = [0u8; 12];
+        for j in 0..16u8 {
+            let v = j + 16 * (j % 4); // exercise both high bits
+            if j < 8 {
+                s[j as usize] |= v & 0xF;
+            } else {
+                s[j as usize - 8] |= (v & 0xF) << 4;
+            }
+            s[8 + (j as usize % 4)] |= (v >> 4) << (2 * (j / 4));
+        }
+        let got = q3_k_scales(&s);
+        for (j, &g) in got.iter().enumerate() {
+            assert_eq!(g as i32, (j + 16 * (j % 4)) as i32 - 32, "scale {j}");
+        }
+    }
+}

@@ -382,6 +382,34 @@ mod tests {
         }
     }
 
+    /// The same on real rows from llama.cpp's quantizer (realistic scales and minimums).
+    #[test]
+    fn vec_dot_on_real_rows() {
+        let mut rng = Rng(0x5eed_0004);
+        for ty in [
+            QuantType::Q4_K,
+            QuantType::Q5_0,
+            QuantType::Q6_K,
+            QuantType::Q8_0,
+        ] {
+            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("tests/data/quant/real_{}.blocks", ty.name()));
+            let w = std::fs::read(&p).unwrap();
+            let n = w.len() / ty.block_bytes() * ty.block_elems();
+            let x: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            let at = ty.vec_dot_type();
+            let a = quant(at, &x);
+            let got = vec_dot(ty, n, &w, &a) as f64;
+            let (want, abs) = dot64(&deq(ty, &w, n), &deq(at, &a, n));
+            assert!((got - want).abs() <= 1e-5 * abs, "{ty}: {got} vs {want}");
+            let (exact, _) = dot64(&deq(ty, &w, n), &x);
+            assert!(
+                (got - exact).abs() <= 0.02 * abs,
+                "{ty}: {got} vs exact {exact}"
+            );
+        }
+    }
+
     /// Against the unquantised activations, the only error is activation quantisation: each
     /// activation moves by at most `0.57 * d` of its block (half a step of the f32 scale plus
     /// the f16 rounding of that scale, 127 * 2^-11 * d), plus Q8_1's f16-rounded block sum.
@@ -418,6 +446,24 @@ mod tests {
                 if at == QuantType::F32 {
                     assert!(err <= 1e-5 * abs, "{ty}: float weights must be exact");
                 }
+            }
+        }
+    }
+
+    /// Float rows of any length, including ones that do not fill the 8 lanes.
+    #[test]
+    fn float_vec_dot_handles_any_length() {
+        let mut rng = Rng(0x5eed_0005);
+        for ty in [QuantType::F32, QuantType::F16, QuantType::BF16] {
+            for n in [0usize, 1, 7, 8, 13, 100] {
+                let w = random_row(ty, n, &mut rng);
+                let x: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+                let got = vec_dot(ty, n, &w, &quant(QuantType::F32, &x)) as f64;
+                let (want, abs) = dot64(&deq(ty, &w, n), &x);
+                assert!(
+                    (got - want).abs() <= 1e-6 * abs,
+                    "{ty} n={n}: {got} vs {want}"
+                );
             }
         }
     }

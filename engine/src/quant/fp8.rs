@@ -77,5 +77,90 @@ mod tests {
         assert!(e4m3_to_f32(0x7f).is_nan());
         assert!(e4m3_to_f32(0xff).is_nan());
         assert_eq!(e4m3_to_f32(0x3c), 1.5);
+        assert_eq!(e4m3_to_f32(0x80).to_bits(), (-0.0f32).to_bits());
+    }
+
+    /// All 256 codes against `ml_dtypes.float8_e4m3fn` (the definition torch and the official
+    /// checkpoint use), bit for bit including the sign of zero; only NaN payloads may differ.
+    #[test]
+    fn e4m3_matches_ml_dtypes_for_every_code() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/quant/fp8_e4m3fn.f32");
+        let table = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(table.len(), 256 * 4);
+        for (code, c) in table.chunks_exact(4).enumerate() {
+            let want = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            for got in [e4m3_to_f32(code as u8), lut()[code]] {
+                assert!(
+                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                    "code {code:#04x}: {got:e} vs ml_dtypes {want:e}"
+                );
+            }
+            assert_eq!(want.is_nan(), code & 0x7f == 0x7f, "NaN codes");
+        }
+    }
+
+    /// Deterministic bytes over the finite codes (NaN codes would make every sum NaN).
+    fn fp8_row(n: usize, seed: u32) -> Vec<u8> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let b = (s >> 24) as u8;
+                if b & 0x7f == 0x7f {
+                    b ^ 0x01
+                } else {
+                    b
+                }
+            })
+            .collect()
+    }
+
+    /// Rows whose length is not a multiple of 128 (the 576-wide kv_a projection has this shape
+    /// in the transposed direction; partial blocks use the last scale for what is left).
+    #[test]
+    fn partial_blocks_use_their_own_scale() {
+        for &cols in &[1usize, 72, 128, 200, 300, 576] {
+            let nb = cols.div_ceil(FP8_BLOCK);
+            let w = fp8_row(cols, cols as u32);
+            let scales: Vec<f32> = (0..nb).map(|i| 0.25 + i as f32 * 1.5).collect();
+            let x: Vec<f32> = (0..cols)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.125)
+                .collect();
+
+            let mut got = vec![f32::NAN; cols];
+            dequantize_row(&w, &scales, &mut got);
+            let mut want_dot = 0f64;
+            for c in 0..cols {
+                let want = e4m3_to_f32(w[c]) * scales[c / FP8_BLOCK];
+                assert_eq!(got[c].to_bits(), want.to_bits(), "cols {cols}, column {c}");
+                want_dot += want as f64 * x[c] as f64;
+            }
+            let abs: f64 = got
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum();
+            let dot = dot_row(&w, &scales, &x) as f64;
+            assert!(
+                (dot - want_dot).abs() <= 1e-6 * abs + 1e-30,
+                "cols {cols}: dot_row {dot} vs {want_dot}"
+            );
+        }
+    }
+
+    /// A row is scaled block by block: changing one block's scale changes only its columns.
+    #[test]
+    fn scales_apply_per_128_columns() {
+        let cols = 300;
+        let w = fp8_row(cols, 9);
+        let mut a = vec![0f32; cols];
+        let mut b = vec![0f32; cols];
+        dequantize_row(&w, &[1.0, 1.0, 1.0], &mut a);
+        dequantize_row(&w, &[1.0, 2.0, 1.0], &mut b);
+        for c in 0..cols {
+            let k = if (128..256).contains(&c) { 2.0 } else { 1.0 };
+            assert_eq!(b[c], a[c] * k, "column {c}");
+        }
     }
 }

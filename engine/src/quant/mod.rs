@@ -262,3 +262,31 @@ pub fn vec_dot(ty: QuantType, n: usize, w: &[u8], a: &[u8]) -> f32 {
     }
     dot::vec_dot(ty, n, w, a)
 }
+
+/// Dot product of one packed weight row with f32 activations, dequantising block by block on
+/// the stack: exact (the same sum as dequantise-then-dot) and allocation-free. For the small
+/// per-head attention matrices, where quantising activations costs accuracy and saves nothing.
+pub fn vec_dot_f32(ty: QuantType, w: &[u8], x: &[f32]) -> f32 {
+    let be = ty.block_elems().max(1);
+    let bb = ty.block_bytes();
+    // Scalar types: dequantise in chunks of 64 elements.
+    let (be, bb) = if be == 1 { (64, 64 * bb) } else { (be, bb) };
+    let mut buf = [0f32; QK_K];
+    let mut total = 0f32;
+    for (wb, xb) in w.chunks(bb).zip(x.chunks(be)) {
+        let d = &mut buf[..xb.len()];
+        if dequant::dequantize_row(ty, wb, d).is_err() {
+            return f32::NAN;
+        }
+        let mut acc = [0f32; 8];
+        let (dc, xc) = (d.chunks_exact(8), xb.chunks_exact(8));
+        let (dr, xr) = (dc.remainder(), xc.remainder());
+        for (a, b) in dc.zip(xc) {
+            for k in 0..8 {
+                acc[k] += a[k] * b[k];
+            }
+        }
+        total += acc.iter().sum::<f32>() + dr.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>();
+    }
+    total
+}

@@ -1,0 +1,168 @@
+//! `coordinator bench`: memory bandwidth, kernel throughput at the 671B's shapes, and decode /
+//! prefill speed of a model file, optionally against llama.cpp's `llama-bench` on the same file
+//! in the same run.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use engine::model::kv_cache::CacheType;
+use engine::model::weights::ExpertFilter;
+use engine::model::{Logits, ModelFile, Workspace};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Threads for every measurement (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Skip the kernel measurements (bandwidth, matvec at the 671B's shapes).
+    #[arg(long)]
+    no_kernels: bool,
+    /// Smaller kernel measurements (quick check, less precise).
+    #[arg(long)]
+    quick: bool,
+    /// Also measure decode and prefill on this model (.gguf or Hugging Face directory).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 64)]
+    prompt: usize,
+    /// Decode steps measured.
+    #[arg(long, default_value_t = 32)]
+    decode: usize,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// llama.cpp's `llama-bench` binary: run it on the same model with the same threads.
+    #[arg(long)]
+    llama_bench: Option<PathBuf>,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    crate::set_threads(Some(threads))?;
+    println!("# threads: {threads}");
+    if !a.no_kernels {
+        let cfg = if a.quick {
+            engine::bench::BenchConfig::smoke()
+        } else {
+            engine::bench::BenchConfig::full()
+        };
+        let lines = engine::bench::run_kernel_bench_with(threads, &cfg);
+        print!("{}", engine::bench::format_report(&lines));
+    }
+    if let Some(model) = &a.model {
+        let (pp, tg) = model_speed(model, a.prompt, a.decode, a.reps)?;
+        println!(
+            "model {}: prefill {} tokens {pp:.1} tok/s, decode {tg:.2} tok/s (median of {})",
+            model.display(),
+            a.prompt,
+            a.reps
+        );
+        if let Some(bin) = &a.llama_bench {
+            let (lpp, ltg) = llama_bench(bin, model, threads, a.prompt, a.decode, a.reps)?;
+            println!("llama.cpp: prefill {lpp:.1} tok/s, decode {ltg:.2} tok/s");
+            println!(
+                "ratio engine/llama.cpp: prefill {:.2}x, decode {:.2}x",
+                pp / lpp,
+                tg / ltg
+            );
+        }
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Prefill tokens/s for `prompt` tokens and decode tokens/s over `decode` steps.
+fn model_speed(path: &PathBuf, prompt: usize, decode: usize, reps: usize) -> Result<(f64, f64)> {
+    let mf = ModelFile::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let model = mf.load_model()?;
+    let experts = mf.load_experts(&ExpertFilter::All)?;
+    let vocab = model.cfg.vocab_size as u64;
+    // Deterministic pseudo-random prompt (ids inside the vocabulary).
+    let ids: Vec<u32> = (0..prompt as u64)
+        .map(|i| (engine::bench::splitmix(i + 1) % vocab) as u32)
+        .collect();
+    let mut ws = Workspace::default();
+    let (mut pps, mut tgs) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        let mut cache = model.new_cache(CacheType::F32, prompt + decode + 1);
+        let t = Instant::now();
+        let logits = model.forward(&ids, &mut cache, &experts, &mut ws, Logits::Last)?;
+        let mut next = argmax(logits);
+        pps.push(prompt as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for _ in 0..decode {
+            let logits = model.forward(&[next], &mut cache, &experts, &mut ws, Logits::Last)?;
+            next = argmax(logits);
+        }
+        tgs.push(decode as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok((median(pps), median(tgs)))
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold(0, |b, (i, &x)| if x > v[b] { i } else { b }) as u32
+}
+
+/// Runs `llama-bench -o json` and returns (prefill, decode) tokens/s.
+fn llama_bench(
+    bin: &PathBuf,
+    model: &PathBuf,
+    threads: usize,
+    p: usize,
+    n: usize,
+    reps: usize,
+) -> Result<(f64, f64)> {
+    let out = Command::new(bin)
+        .args([
+            "-m",
+            &model.display().to_string(),
+            "-t",
+            &threads.to_string(),
+        ])
+        .args([
+            "-p",
+            &p.to_string(),
+            "-n",
+            &n.to_string(),
+            "-r",
+            &reps.to_string(),
+            "-o",
+            "json",
+        ])
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "llama-bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing llama-bench's JSON")?;
+    let mut pp = None;
+    let mut tg = None;
+    for run in v.as_array().context("llama-bench JSON is not a list")? {
+        let ts = run["avg_ts"].as_f64();
+        if run["n_prompt"].as_u64().unwrap_or(0) > 0 && run["n_gen"].as_u64() == Some(0) {
+            pp = ts;
+        } else if run["n_gen"].as_u64().unwrap_or(0) > 0 {
+            tg = ts;
+        }
+    }
+    Ok((
+        pp.context("no prefill result")?,
+        tg.context("no decode result")?,
+    ))
+}

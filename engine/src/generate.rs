@@ -1,0 +1,137 @@
+//! One sequence from prompt to stop: prefill, then decode steps with sampling, streaming each
+//! piece of text as it completes. Used by `coordinator generate` and the serving loop.
+
+use crate::model::kv_cache::{CacheType, KvCache};
+use crate::model::moe::RoutedExperts;
+use crate::model::{ForwardError, Logits, Model, Workspace};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Tokens that end the sequence (EOS). The stop token is returned but not streamed as text.
+    pub stop_ids: Vec<u32>,
+    /// Teacher forcing: decode step `i` consumes `force[i]` instead of the sampled token.
+    pub force: Option<Vec<u32>>,
+    /// Keep every logits row (prompt rows from the prefill, then one per decode step).
+    pub keep_logits: bool,
+    pub cache: CacheType,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was produced.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+/// The result of a generation.
+#[derive(Debug)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    /// `(prompt + tokens) x vocab` when requested: row `t` = logits after token `t`.
+    pub logits: Option<Vec<f32>>,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("empty prompt")]
+    EmptyPrompt,
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+/// Runs `req`, calling `on_text` with each newly completed piece of text.
+pub fn generate(
+    model: &Model,
+    experts: &dyn RoutedExperts,
+    tokenizer: &Tokenizer,
+    req: &GenerateRequest,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    if req.prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    let vocab = model.cfg.vocab_size;
+    let mut cache: KvCache = model.new_cache(req.cache, req.prompt.len() + req.max_new_tokens + 1);
+    let mut ws = Workspace::default();
+    // Rows past the tokenizer's vocabulary are padding: never sample them.
+    let mut sampler = Sampler::new(req.sampling.clone())
+        .with_banned_from(tokenizer.vocab_size().min(vocab) as u32);
+    let mut stream = StreamDecoder::new(true);
+    let mut logits_out = req.keep_logits.then(Vec::new);
+
+    let t0 = std::time::Instant::now();
+    let which = if req.keep_logits {
+        Logits::All
+    } else {
+        Logits::Last
+    };
+    let rows = model.forward(&req.prompt, &mut cache, experts, &mut ws, which)?;
+    if let Some(l) = logits_out.as_mut() {
+        l.extend_from_slice(rows);
+    }
+    let mut last = rows[rows.len() - vocab..].to_vec();
+    let prefill_secs = t0.elapsed().as_secs_f64();
+
+    let t1 = std::time::Instant::now();
+    let mut tokens = Vec::new();
+    let mut finish = FinishReason::Length;
+    for step in 0..req.max_new_tokens {
+        let next = sampler.sample(&last);
+        tokens.push(next);
+        let is_stop = req.stop_ids.contains(&next);
+        if !is_stop {
+            let piece = stream.step(tokenizer, next)?;
+            if !piece.is_empty() {
+                on_text(&piece);
+            }
+        }
+        let feed = req
+            .force
+            .as_ref()
+            .and_then(|f| f.get(step).copied())
+            .unwrap_or(next);
+        // The step after the last token is only needed for its logits row.
+        let done = is_stop || step + 1 == req.max_new_tokens;
+        if done && !req.keep_logits {
+            if is_stop {
+                finish = FinishReason::Stop;
+            }
+            break;
+        }
+        let row = model.forward(&[feed], &mut cache, experts, &mut ws, Logits::Last)?;
+        last.copy_from_slice(row);
+        if let Some(l) = logits_out.as_mut() {
+            l.extend_from_slice(row);
+        }
+        if done {
+            if is_stop {
+                finish = FinishReason::Stop;
+            }
+            break;
+        }
+    }
+    let rest = stream.finish();
+    if !rest.is_empty() {
+        on_text(&rest);
+    }
+    Ok(Generation {
+        tokens,
+        finish,
+        logits: logits_out,
+        prefill_secs,
+        decode_secs: t1.elapsed().as_secs_f64(),
+    })
+}

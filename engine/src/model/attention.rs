@@ -1,0 +1,180 @@
+//! Multi-head latent attention in the absorbed form, for a batch of consecutive positions.
+//!
+//! Per token: the latent `c = RMSNorm(kv_a x)[..lora]` and the rotated shared key `k_pe` are
+//! cached; per head, `q̃ = W_UKᵀ q_nope`, `score(t) = scale (q̃·c_t + q_pe·k_pe_t)`,
+//! `õ = Σ_t p(t) c_t`, `o = W_UV õ`. Prefill and decode run the same code (a decode step is a
+//! batch of one), so they give the same logits by construction.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::config::ModelConfig;
+use crate::model::kv_cache::KvCache;
+use crate::model::ops;
+use crate::model::rope::RopeTable;
+use crate::model::weights::{AttnWeights, QProj};
+use crate::quant;
+use crate::tensor::{ActBuf, Matrix};
+
+/// Reusable buffers of the attention block.
+#[derive(Default)]
+pub struct AttnScratch {
+    q_lora: Vec<f32>,
+    q: Vec<f32>,
+    kv: Vec<f32>,
+    /// Cached rows converted to f32 when the cache stores f16/bf16.
+    rows: Vec<f32>,
+    /// `n x heads x v_head`: concatenated head outputs.
+    heads_out: Vec<f32>,
+    act: ActBuf,
+}
+
+thread_local! {
+    static HEAD_SCRATCH: RefCell<HeadScratch> = RefCell::new(HeadScratch::default());
+}
+
+#[derive(Default)]
+struct HeadScratch {
+    q_nope: Vec<f32>,
+    q_pe: Vec<f32>,
+    q_abs: Vec<f32>,
+    scores: Vec<f32>,
+    latent: Vec<f32>,
+}
+
+/// Runs attention for `n` tokens at positions `pos0..pos0 + n` (their cache rows are written
+/// here), reading `xs` (`n x hidden`, normalised) and writing `out` (`n x hidden`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    cfg: &ModelConfig,
+    layer: usize,
+    w: &AttnWeights,
+    rope: &RopeTable,
+    scale: f32,
+    xs: &[f32],
+    n: usize,
+    pos0: usize,
+    cache: &mut KvCache,
+    out: &mut [f32],
+    s: &mut AttnScratch,
+) {
+    let heads = cfg.n_heads;
+    let (nope, rd, lora, vh) = (cfg.qk_nope, cfg.qk_rope, cfg.kv_lora_rank, cfg.v_head);
+    let qk = cfg.qk_head();
+    let row = cfg.cache_row();
+
+    // Queries.
+    s.q.resize(n * heads * qk, 0.0);
+    match &w.q {
+        QProj::LoRa { a, norm, b } => {
+            s.q_lora.resize(n * a.rows, 0.0);
+            a.matmul(xs, n, &mut s.q_lora, &mut s.act);
+            ops::rms_norm_rows(&mut s.q_lora, norm, cfg.rms_eps);
+            b.matmul(&s.q_lora, n, &mut s.q, &mut s.act);
+        }
+        QProj::Direct(m) => m.matmul(xs, n, &mut s.q, &mut s.act),
+    }
+
+    // Latent and shared rotary key of every new token, into the cache.
+    s.kv.resize(n * row, 0.0);
+    w.kv_a.matmul(xs, n, &mut s.kv, &mut s.act);
+    for (t, r) in s.kv.chunks_exact_mut(row).enumerate() {
+        let (c, kpe) = r.split_at_mut(lora);
+        ops::rms_norm_rows(c, &w.kv_norm, cfg.rms_eps);
+        rope.apply(kpe, pos0 + t);
+        cache.write(layer, pos0 + t, r);
+    }
+
+    // Attention per (token, head), in parallel.
+    let ctx = pos0 + n;
+    let rows: &[f32] = match cache.f32_rows(layer, ctx) {
+        Some(r) => r,
+        None => {
+            s.rows.resize(ctx * row, 0.0);
+            for (p, dst) in s.rows.chunks_exact_mut(row).enumerate() {
+                cache.read(layer, p, dst);
+            }
+            &s.rows
+        }
+    };
+    s.heads_out.resize(n * heads * vh, 0.0);
+    let q = &s.q;
+    s.heads_out
+        .par_chunks_mut(vh)
+        .enumerate()
+        .for_each(|(th, o)| {
+            let (t, h) = (th / heads, th % heads);
+            let qh = &q[(t * heads + h) * qk..(t * heads + h + 1) * qk];
+            HEAD_SCRATCH.with(|hs| {
+                let hs = &mut *hs.borrow_mut();
+                one_head(
+                    &w.k_b[h],
+                    &w.v_b[h],
+                    rope,
+                    scale,
+                    qh,
+                    nope,
+                    rd,
+                    lora,
+                    row,
+                    rows,
+                    pos0 + t,
+                    o,
+                    hs,
+                );
+            });
+        });
+
+    w.o.matmul(&s.heads_out, n, out, &mut s.act);
+}
+
+/// One head of one token at position `pos` (attends to positions `0..=pos`).
+#[allow(clippy::too_many_arguments)]
+fn one_head(
+    k_b: &Matrix,
+    v_b: &Matrix,
+    rope: &RopeTable,
+    scale: f32,
+    qh: &[f32],
+    nope: usize,
+    rd: usize,
+    lora: usize,
+    row: usize,
+    rows: &[f32],
+    pos: usize,
+    out: &mut [f32],
+    hs: &mut HeadScratch,
+) {
+    hs.q_nope.clear();
+    hs.q_nope.extend_from_slice(&qh[..nope]);
+    hs.q_pe.clear();
+    hs.q_pe.extend_from_slice(&qh[nope..nope + rd]);
+    rope.apply(&mut hs.q_pe, pos);
+
+    hs.q_abs.resize(lora, 0.0);
+    serial_matvec(k_b, &hs.q_nope, &mut hs.q_abs);
+
+    hs.scores.resize(pos + 1, 0.0);
+    for (p, sc) in hs.scores.iter_mut().enumerate() {
+        let r = &rows[p * row..(p + 1) * row];
+        *sc = scale * (ops::dot(&hs.q_abs, &r[..lora]) + ops::dot(&hs.q_pe, &r[lora..]));
+    }
+    ops::softmax(&mut hs.scores);
+
+    hs.latent.clear();
+    hs.latent.resize(lora, 0.0);
+    for (p, &pr) in hs.scores.iter().enumerate() {
+        ops::axpy(&mut hs.latent, pr, &rows[p * row..p * row + lora]);
+    }
+    serial_matvec(v_b, &hs.latent, out);
+}
+
+/// Single-threaded matvec with f32 activations for the small per-head matrices (already inside
+/// a parallel loop): quantising `q_nope` or the attended latent to 8 bits would cost accuracy
+/// where the scores are most sensitive, and these products are a negligible share of the work.
+fn serial_matvec(m: &Matrix, x: &[f32], out: &mut [f32]) {
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = quant::vec_dot_f32(m.ty, m.row(r), x);
+    }
+}

@@ -1,0 +1,309 @@
+//! The MoE layer, cut where the cluster cuts it: the router (always with the dense part)
+//! produces a [`Routing`] value; a [`RoutedExperts`] implementation turns hidden vectors plus
+//! routing into the weighted sum of the chosen experts' outputs. [`LocalExperts`] evaluates
+//! experts held in this process; a remote implementation sends the same inputs over a network.
+
+use crate::config::{ModelConfig, Scoring};
+use crate::model::ops;
+use crate::model::weights::{ExpertSet, Mlp, MoeWeights};
+use crate::tensor::ActBuf;
+
+/// Per token, the chosen experts (ascending by id) and their final weights (normalised and
+/// scaled by the routed scaling factor).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Routing {
+    pub top_k: usize,
+    /// `n_tokens * top_k` expert ids.
+    pub experts: Vec<u32>,
+    /// `n_tokens * top_k` weights, aligned with `experts`.
+    pub weights: Vec<f32>,
+}
+
+impl Routing {
+    pub fn n_tokens(&self) -> usize {
+        self.experts.len().checked_div(self.top_k).unwrap_or(0)
+    }
+
+    /// Token `t`'s `(experts, weights)`.
+    pub fn token(&self, t: usize) -> (&[u32], &[f32]) {
+        let r = t * self.top_k..(t + 1) * self.top_k;
+        (&self.experts[r.clone()], &self.weights[r])
+    }
+
+    fn reset(&mut self, top_k: usize) {
+        self.top_k = top_k;
+        self.experts.clear();
+        self.weights.clear();
+    }
+}
+
+/// Reusable buffers of the router.
+#[derive(Default)]
+pub struct RouterScratch {
+    logits: Vec<f32>,
+    scores: Vec<f32>,
+    biased: Vec<f32>,
+    group_score: Vec<f32>,
+    order: Vec<u32>,
+    act: ActBuf,
+}
+
+/// Routes `n` hidden vectors (`xs`, `n x hidden`, already normalised) exactly as DeepSeek-V3:
+/// affinities `s = sigmoid(logits)`, selection on `s + bias` restricted to the best `topk_group`
+/// groups (a group's score is the sum of its two best biased affinities; dropped groups are
+/// `-inf`), weights from the unbiased `s`, normalised (if configured) and scaled.
+pub fn route(
+    cfg: &ModelConfig,
+    w: &MoeWeights,
+    xs: &[f32],
+    n: usize,
+    out: &mut Routing,
+    s: &mut RouterScratch,
+) {
+    let ne = cfg.n_routed;
+    let k = cfg.top_k;
+    s.logits.resize(n * ne, 0.0);
+    w.router.matmul(xs, n, &mut s.logits, &mut s.act);
+    out.reset(k);
+    let per_group = ne / cfg.n_group;
+    for t in 0..n {
+        let logits = &s.logits[t * ne..(t + 1) * ne];
+        s.scores.clear();
+        match cfg.scoring {
+            Scoring::Sigmoid => s.scores.extend(logits.iter().map(|&v| ops::sigmoid(v))),
+            Scoring::Softmax => {
+                s.scores.extend_from_slice(logits);
+                ops::softmax(&mut s.scores);
+            }
+        }
+        s.biased.clear();
+        s.biased.extend_from_slice(&s.scores);
+        if let Some(b) = &w.bias {
+            for (v, bv) in s.biased.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+        if cfg.topk_group < cfg.n_group {
+            s.group_score.clear();
+            for g in s.biased.chunks_exact(per_group) {
+                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                for &v in g {
+                    if v > a {
+                        b = a;
+                        a = v;
+                    } else if v > b {
+                        b = v;
+                    }
+                }
+                s.group_score.push(if per_group >= 2 { a + b } else { a });
+            }
+            top_indices(&s.group_score, cfg.topk_group, &mut s.order);
+            let mut keep = [false; 256];
+            let mut keep_vec;
+            let keep: &mut [bool] = if cfg.n_group <= 256 {
+                &mut keep[..cfg.n_group]
+            } else {
+                keep_vec = vec![false; cfg.n_group];
+                &mut keep_vec
+            };
+            for &g in &s.order {
+                keep[g as usize] = true;
+            }
+            for (g, chunk) in s.biased.chunks_exact_mut(per_group).enumerate() {
+                if !keep[g] {
+                    chunk.fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+        top_indices(&s.biased, k, &mut s.order);
+        s.order.sort_unstable();
+        let sum: f32 = s.order.iter().map(|&e| s.scores[e as usize]).sum();
+        let norm = if cfg.norm_topk {
+            1.0 / (sum + 1e-20)
+        } else {
+            1.0
+        };
+        for &e in &s.order {
+            out.experts.push(e);
+            out.weights
+                .push(s.scores[e as usize] * norm * cfg.routed_scale);
+        }
+    }
+}
+
+/// Indices of the `k` largest values (ties: lower index first), unordered.
+fn top_indices(v: &[f32], k: usize, out: &mut Vec<u32>) {
+    out.clear();
+    for _ in 0..k {
+        let mut best: Option<usize> = None;
+        for (i, &x) in v.iter().enumerate() {
+            if out.contains(&(i as u32)) {
+                continue;
+            }
+            match best {
+                Some(b) if v[b] >= x => {}
+                _ if x.is_nan() => {}
+                _ => best = Some(i),
+            }
+        }
+        match best {
+            Some(b) => out.push(b as u32),
+            None => break,
+        }
+    }
+}
+
+/// A failure of the routed-expert part.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExpertError {
+    #[error("layer {layer}: expert {expert} is not held here")]
+    NotHeld { layer: usize, expert: u32 },
+    #[error("layer {layer}: experts unavailable: {detail}")]
+    Unavailable { layer: usize, detail: String },
+}
+
+/// Reusable buffers of an expert evaluation.
+#[derive(Default)]
+pub struct MoeScratch {
+    lists: Vec<Vec<(u32, f32)>>,
+    x: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    y: Vec<f32>,
+    act: ActBuf,
+}
+
+/// The routed-expert part of the MoE layers: `out[t] += Σ_j w_tj · Expert_{e_tj}(x_t)`.
+pub trait RoutedExperts: Send + Sync {
+    /// Evaluates the routed experts of MoE layer `layer` for `xs` (`n x hidden`), adding the
+    /// weighted outputs into `out` (`n x hidden`).
+    fn eval(
+        &self,
+        layer: usize,
+        xs: &[f32],
+        routing: &Routing,
+        out: &mut [f32],
+        scratch: &mut MoeScratch,
+    ) -> Result<(), ExpertError>;
+}
+
+/// Experts held in this process, evaluated on the CPU backend.
+pub struct LocalExperts {
+    pub hidden: usize,
+    /// Per layer (`None` for dense layers).
+    pub layers: Vec<Option<ExpertSet>>,
+}
+
+impl LocalExperts {
+    /// Evaluates, for every token, only the chosen experts that `hold` here and skips the rest:
+    /// the entry point a worker uses for its share of a layer.
+    pub fn eval_held(
+        &self,
+        layer: usize,
+        xs: &[f32],
+        routing: &Routing,
+        out: &mut [f32],
+        s: &mut MoeScratch,
+    ) -> Result<(), ExpertError> {
+        let set =
+            self.layers
+                .get(layer)
+                .and_then(|l| l.as_ref())
+                .ok_or(ExpertError::Unavailable {
+                    layer,
+                    detail: "not a MoE layer here".into(),
+                })?;
+        let h = self.hidden;
+        let n = routing.n_tokens();
+        if s.lists.len() < set.experts.len() {
+            s.lists.resize_with(set.experts.len(), Vec::new);
+        }
+        for l in s.lists.iter_mut() {
+            l.clear();
+        }
+        for t in 0..n {
+            let (es, ws) = routing.token(t);
+            for (&e, &w) in es.iter().zip(ws) {
+                if let Some(list) = s.lists.get_mut(e as usize) {
+                    list.push((t as u32, w));
+                }
+            }
+        }
+        for (e, expert) in set.experts.iter().enumerate() {
+            let Some(mlp) = expert else { continue };
+            let m = s.lists[e].len();
+            if m == 0 {
+                continue;
+            }
+            s.x.clear();
+            for &(t, _) in &s.lists[e] {
+                s.x.extend_from_slice(&xs[t as usize * h..(t as usize + 1) * h]);
+            }
+            mlp_forward(mlp, &s.x, m, &mut s.gate, &mut s.up, &mut s.y, &mut s.act);
+            for (i, &(t, w)) in s.lists[e].iter().enumerate() {
+                ops::axpy(
+                    &mut out[t as usize * h..(t as usize + 1) * h],
+                    w,
+                    &s.y[i * h..(i + 1) * h],
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RoutedExperts for LocalExperts {
+    fn eval(
+        &self,
+        layer: usize,
+        xs: &[f32],
+        routing: &Routing,
+        out: &mut [f32],
+        s: &mut MoeScratch,
+    ) -> Result<(), ExpertError> {
+        if let Some(Some(set)) = self.layers.get(layer) {
+            if let Some(&e) = routing
+                .experts
+                .iter()
+                .find(|&&e| set.experts.get(e as usize).is_none_or(|x| x.is_none()))
+            {
+                return Err(ExpertError::NotHeld { layer, expert: e });
+            }
+        }
+        self.eval_held(layer, xs, routing, out, s)
+    }
+}
+
+/// SwiGLU block for `m` rows: `y = down(silu(gate x) * up x)`, buffers resized as needed.
+pub fn mlp_forward(
+    mlp: &Mlp,
+    x: &[f32],
+    m: usize,
+    gate: &mut Vec<f32>,
+    up: &mut Vec<f32>,
+    y: &mut Vec<f32>,
+    act: &mut ActBuf,
+) {
+    let inter = mlp.gate.rows;
+    gate.resize(m * inter, 0.0);
+    up.resize(m * inter, 0.0);
+    y.resize(m * mlp.down.rows, 0.0);
+    mlp.gate.matmul(x, m, gate, act);
+    mlp.up.matmul(x, m, up, act);
+    ops::swiglu(gate, up);
+    mlp.down.matmul(gate, m, y, act);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_indices_prefers_lower_index_on_ties() {
+        let mut o = Vec::new();
+        top_indices(&[1.0, 3.0, 3.0, f32::NEG_INFINITY, 2.0], 3, &mut o);
+        assert_eq!(o, vec![1, 2, 4]);
+        top_indices(&[f32::NEG_INFINITY, 0.5], 2, &mut o);
+        assert_eq!(o, vec![1, 0]);
+    }
+}

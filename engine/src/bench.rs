@@ -10,10 +10,12 @@
 //! scales; consistent Q8_K/Q8_1 sums), shared with the kernel tests.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
+use crate::cpu::pool::{self, Pool};
 use crate::quant::{QuantType, QK_K};
 use crate::tensor::Matrix;
 use crate::Bytes;
@@ -41,6 +43,8 @@ pub struct BenchConfig {
     /// Least calls and least time per measurement.
     pub calls_min: usize,
     pub time_min: Duration,
+    /// Time per in-cache kernel ceiling figure.
+    pub ceiling_time: Duration,
     /// Matvec shapes `(rows, cols)` and types.
     pub shapes: Vec<(usize, usize)>,
     pub types: Vec<QuantType>,
@@ -57,6 +61,7 @@ impl BenchConfig {
             weight_bytes_min: 256 << 20,
             calls_min: 40,
             time_min: Duration::from_millis(600),
+            ceiling_time: Duration::from_millis(300),
             shapes: DECODE_SHAPES.iter().map(|&(r, c, _)| (r, c)).collect(),
             types: BENCH_TYPES.to_vec(),
             matmuls: vec![
@@ -76,6 +81,7 @@ impl BenchConfig {
             weight_bytes_min: 1 << 20,
             calls_min: 3,
             time_min: Duration::ZERO,
+            ceiling_time: Duration::ZERO,
             shapes: vec![(64, 512), (96, 1024)],
             types: BENCH_TYPES.to_vec(),
             matmuls: vec![(QuantType::Q4_K, 64, 512, 4)],
@@ -124,10 +130,22 @@ pub struct MatmulResult {
     pub gbps: f64,
 }
 
+/// One core's kernel speed with weights in cache (see [`kernel_ceiling`]).
+#[derive(Clone, Debug)]
+pub struct CeilingResult {
+    pub ty: QuantType,
+    pub cols: usize,
+    /// Weight GB per second of CPU time.
+    pub gb_per_cpu_s: f64,
+    /// CPU time over wall time during the measurement (below 1: the core was shared).
+    pub cpu_share: f64,
+}
+
 /// A line of the kernel benchmark report.
 #[derive(Clone, Debug)]
 pub enum BenchLine {
     Bandwidth(BandwidthResult),
+    Ceiling(CeilingResult),
     Matvec(MatvecResult),
     Matmul(MatmulResult),
 }
@@ -142,6 +160,15 @@ impl fmt::Display for BenchLine {
                 b.bytes as f64 / (1 << 20) as f64,
                 b.median_gbps,
                 b.best_gbps
+            ),
+            BenchLine::Ceiling(c) => write!(
+                f,
+                "kernel      1 thr  {:<5} cols {:<5} in cache: {:6.2} GB per CPU-second \
+                 (had {:3.0}% of a core)",
+                c.ty.name(),
+                c.cols,
+                c.gb_per_cpu_s,
+                c.cpu_share * 100.0
             ),
             BenchLine::Matvec(m) => write!(
                 f,
@@ -194,6 +221,13 @@ pub fn run_kernel_bench_with(threads: usize, cfg: &BenchConfig) -> Vec<BenchLine
     let bw = bandwidth_with(threads, cfg.bandwidth_bytes, cfg.bandwidth_passes);
     let mut lines = vec![BenchLine::Bandwidth(bw.clone())];
     for &ty in &cfg.types {
+        lines.push(BenchLine::Ceiling(kernel_ceiling(
+            ty,
+            7168,
+            cfg.ceiling_time,
+        )));
+    }
+    for &ty in &cfg.types {
         for &(rows, cols) in &cfg.shapes {
             let m = matvec_with(ty, rows, cols, threads, bw.median_gbps, cfg);
             lines.push(BenchLine::Matvec(m));
@@ -207,12 +241,13 @@ pub fn run_kernel_bench_with(threads: usize, cfg: &BenchConfig) -> Vec<BenchLine
     lines
 }
 
-/// A rayon pool of exactly `threads` threads, for running a measurement inside.
-fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
-        .build()
-        .expect("thread pool")
+/// Runs `f` with the matrix kernels' pool at `threads` threads, then restores its size.
+fn with_threads<T>(threads: usize, f: impl FnOnce() -> T) -> T {
+    let before = pool::threads();
+    pool::set_threads(threads);
+    let r = f();
+    pool::set_threads(before);
+    r
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -223,28 +258,23 @@ pub fn memory_bandwidth_gbps(threads: usize) -> f64 {
     bandwidth_with(threads, 1 << 30, 7).median_gbps
 }
 
-/// Reads a `bytes` buffer `passes` times with `threads` threads (each a contiguous part).
+/// Reads a `bytes` buffer `passes` times with `threads` threads.
 pub fn bandwidth_with(threads: usize, bytes: usize, passes: usize) -> BandwidthResult {
-    let pool = pool(threads);
+    let pool = Pool::new(threads);
     let words = bytes / 8;
-    let buf: Vec<u64> = pool.install(|| {
-        (0..words)
-            .into_par_iter()
-            .map(|i| splitmix(i as u64))
-            .collect()
-    });
-    let part = words.div_ceil(threads.max(1)).next_multiple_of(64);
-    let mut gbps: Vec<f64> = pool.install(|| {
-        // One untimed pass to fault in and settle the pages.
-        std::hint::black_box(read_all(&buf, part));
-        (0..passes.max(1))
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(read_all(&buf, part));
-                (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
-            })
-            .collect()
-    });
+    let buf: Vec<u64> = (0..words)
+        .into_par_iter()
+        .map(|i| splitmix(i as u64))
+        .collect();
+    // One untimed pass to fault in and settle the pages.
+    std::hint::black_box(read_all(&pool, &buf));
+    let mut gbps: Vec<f64> = (0..passes.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(read_all(&pool, &buf));
+            (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
     gbps.sort_by(f64::total_cmp);
     BandwidthResult {
         threads,
@@ -254,11 +284,16 @@ pub fn bandwidth_with(threads: usize, bytes: usize, passes: usize) -> BandwidthR
     }
 }
 
-/// Reads `buf` in parallel parts of `part` words.
-fn read_all(buf: &[u64], part: usize) -> u64 {
-    buf.par_chunks(part)
-        .map(sum_words)
-        .reduce(|| 0, u64::wrapping_add)
+/// Reads `buf` with every thread of `pool`, in 2 MiB pieces claimed in order (long sequential
+/// runs for the prefetchers; a thread that loses its core does not leave a big part unread).
+fn read_all(pool: &Pool, buf: &[u64]) -> u64 {
+    const PART: usize = (2 << 20) / 8;
+    let total = AtomicU64::new(0);
+    pool.for_each(buf.len().div_ceil(PART), |c| {
+        let s = sum_words(&buf[c * PART..((c + 1) * PART).min(buf.len())]);
+        total.fetch_add(s, Ordering::Relaxed);
+    });
+    total.load(Ordering::Relaxed)
 }
 
 /// Wrapping sum of `c` (the fastest way to make the CPU read every byte).
@@ -327,11 +362,13 @@ fn matvec_with(
     cfg: &BenchConfig,
 ) -> MatvecResult {
     let mats = matrix_copies(ty, rows, cols, cfg.weight_bytes_min);
-    let xq = random_activation(ty.vec_dot_type(), cols, 7);
+    let store = activations(&mats[0], 1, 7);
+    let xq: &[u8] = bytemuck::cast_slice(&store);
+    let xq = &xq[..mats[0].act_type().row_bytes(cols).expect("whole blocks")];
     let mut out = vec![0f32; rows];
-    let times = pool(threads).install(|| {
+    let times = with_threads(threads, || {
         time_calls(mats.len(), cfg, |k| {
-            crate::cpu::matvec(&mats[k], &xq, &mut out);
+            crate::cpu::matvec(&mats[k], xq, &mut out);
         })
     });
     let weight_bytes = mats[0].data.len();
@@ -370,17 +407,17 @@ fn matmul_with(
     cfg: &BenchConfig,
 ) -> MatmulResult {
     let mats = matrix_copies(ty, rows, cols, cfg.weight_bytes_min);
-    let xq: Vec<u8> = (0..tokens)
-        .flat_map(|t| random_activation(ty.vec_dot_type(), cols, 11 + t as u64))
-        .collect();
+    let store = activations(&mats[0], tokens, 11);
+    let xq: &[u8] = bytemuck::cast_slice(&store);
+    let xq = &xq[..tokens * mats[0].act_type().row_bytes(cols).expect("whole blocks")];
     let mut out = vec![0f32; rows * tokens];
     let cfg = BenchConfig {
         calls_min: cfg.calls_min.min(10),
         ..cfg.clone()
     };
-    let times = pool(threads).install(|| {
+    let times = with_threads(threads, || {
         time_calls(mats.len(), &cfg, |k| {
-            crate::cpu::matmul(&mats[k], &xq, tokens, &mut out);
+            crate::cpu::matmul(&mats[k], xq, tokens, &mut out);
         })
     });
     let ns_median = percentile(&times, 50);
@@ -394,6 +431,17 @@ fn matmul_with(
         gflops: (2 * rows * cols * tokens) as f64 / ns_median as f64,
         gbps: mats[0].data.len() as f64 / ns_median as f64,
     }
+}
+
+/// `tokens` activation rows for `m` in the format its products take (`m.act_type()`), packed
+/// back to back in 8-byte-aligned storage (f32 rows are read as `&[f32]`).
+fn activations(m: &Matrix, tokens: usize, seed: u64) -> Vec<u64> {
+    let bytes: Vec<u8> = (0..tokens)
+        .flat_map(|t| random_activation(m.act_type(), m.cols, seed + t as u64))
+        .collect();
+    let mut store = vec![0u64; bytes.len().div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut store)[..bytes.len()].copy_from_slice(&bytes);
+    store
 }
 
 /// Times `call(k)` for rotating `k` until both minimums are met; per-call nanoseconds, sorted.
@@ -432,6 +480,47 @@ fn matrix_copies(ty: QuantType, rows: usize, cols: usize, min_bytes: usize) -> V
             Matrix::new(ty, rows, cols, Bytes::from_vec(data)).expect("valid matrix")
         })
         .collect()
+}
+
+/// One core's dot-kernel speed in weight GB per CPU-second, rows and activations in L2: the
+/// ceiling a matvec could reach per thread if memory were free. Measured in on-CPU time where
+/// the OS reports it (Linux), so it holds on a machine shared with other work.
+pub fn kernel_ceiling(ty: QuantType, cols: usize, time: Duration) -> CeilingResult {
+    let rows = 64;
+    let w = random_weights(ty, rows * cols, 1);
+    let rb = ty.row_bytes(cols).expect("whole blocks");
+    let a = random_activation(ty.vec_dot_type(), cols, 2);
+    let mut sink = 0f32;
+    let mut bytes = 0usize;
+    let (cpu0, start) = (thread_cpu_ns(), Instant::now());
+    while bytes == 0 || start.elapsed() < time {
+        for r in w.chunks_exact(rb) {
+            sink += crate::quant::vec_dot(ty, cols, r, &a);
+        }
+        bytes += w.len();
+    }
+    std::hint::black_box(sink);
+    let wall = start.elapsed().as_nanos() as u64;
+    let cpu = match (cpu0, thread_cpu_ns()) {
+        (Some(a), Some(b)) if b > a => b - a,
+        _ => wall,
+    };
+    CeilingResult {
+        ty,
+        cols,
+        gb_per_cpu_s: bytes as f64 / cpu as f64,
+        cpu_share: cpu as f64 / wall.max(1) as f64,
+    }
+}
+
+/// On-CPU nanoseconds of the calling thread, where the OS says (Linux schedstat).
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -561,17 +650,30 @@ mod tests {
         let cfg = BenchConfig::smoke();
         assert_eq!(
             lines.len(),
-            1 + cfg.types.len() * cfg.shapes.len() + cfg.matmuls.len()
+            1 + cfg.types.len() * (1 + cfg.shapes.len()) + cfg.matmuls.len()
         );
         for l in &lines {
             match l {
                 BenchLine::Bandwidth(b) => assert!(b.median_gbps > 0.0),
                 BenchLine::Matvec(m) => assert!(m.gbps > 0.0 && m.ns_p90 >= m.ns_median),
                 BenchLine::Matmul(m) => assert!(m.gflops > 0.0),
+                BenchLine::Ceiling(c) => assert!(c.gb_per_cpu_s > 0.0),
             }
         }
         let text = format_report(&lines);
         assert_eq!(text.lines().count(), lines.len());
+    }
+
+    /// Bandwidth only: `cargo test --release -p engine bandwidth_only -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bandwidth_only() {
+        for threads in [1, 2] {
+            println!(
+                "{}",
+                BenchLine::Bandwidth(bandwidth_with(threads, 1 << 30, 7))
+            );
+        }
     }
 
     /// The real measurement (minutes, ~1.5 GiB of memory): `cargo test --release -p engine

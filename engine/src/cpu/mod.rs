@@ -12,7 +12,7 @@
 //!
 //! This module knows nothing about the model: it sees a [`Matrix`] and packed activations.
 
-use rayon::prelude::*;
+pub mod pool;
 
 use crate::quant::{self, QuantType};
 
@@ -33,14 +33,20 @@ const TILE_BYTES: usize = 64 * 1024;
 pub fn matvec(w: &Matrix, xq: &[u8], out: &mut [f32]) {
     debug_assert_eq!(out.len(), w.rows);
     let dot = RowDot::new(w);
-    let chunk = chunk_rows(w);
+    let pool = pool::global();
+    let chunk = chunk_rows(w, pool.threads());
     if chunk >= w.rows {
         dot.rows(0, xq, out);
         return;
     }
-    out.par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(c, o)| dot.rows(c * chunk, xq, o));
+    let rows = w.rows;
+    let out = SharedOut(out.as_mut_ptr(), out.len());
+    pool.for_each(rows.div_ceil(chunk), |c| {
+        let r0 = c * chunk;
+        let len = chunk.min(rows - r0);
+        // SAFETY: chunks are disjoint row ranges.
+        dot.rows(r0, xq, unsafe { out.slice(r0, len) });
+    });
 }
 
 /// `out[t * rows + r] = W[r] · x_t` for `n` activation rows packed back to back in `xq`.
@@ -54,7 +60,8 @@ pub fn matmul(w: &Matrix, xq: &[u8], n: usize, out: &mut [f32]) {
     }
     let arb = xq.len() / n;
     let dot = RowDot::new(w);
-    let chunk = chunk_rows(w);
+    let pool = pool::global();
+    let chunk = chunk_rows(w, pool.threads());
     let tile = (TILE_BYTES / w.row_bytes.max(1)).clamp(1, chunk);
     let nchunks = w.rows.div_ceil(chunk);
     let out = SharedOut(out.as_mut_ptr(), out.len());
@@ -72,17 +79,12 @@ pub fn matmul(w: &Matrix, xq: &[u8], n: usize, out: &mut [f32]) {
             r0 = r1;
         }
     };
-    if nchunks == 1 {
-        run(0);
-    } else {
-        (0..nchunks).into_par_iter().for_each(run);
-    }
+    pool.for_each(nchunks, run);
 }
 
 /// Rows per parallel chunk for `w` (all of them when the matrix is too small to split).
-fn chunk_rows(w: &Matrix) -> usize {
+fn chunk_rows(w: &Matrix, threads: usize) -> usize {
     let bytes = w.rows * w.row_bytes;
-    let threads = rayon::current_num_threads();
     if threads <= 1 || bytes < PARALLEL_MIN_BYTES {
         return w.rows.max(1);
     }
@@ -90,10 +92,10 @@ fn chunk_rows(w: &Matrix) -> usize {
     per.next_multiple_of(ROW_ALIGN).min(w.rows).max(1)
 }
 
-/// The output matrix, written from several threads at disjoint indices.
+/// An output buffer written from several threads at disjoint indices.
 struct SharedOut(*mut f32, usize);
 
-// SAFETY: only used to hand disjoint sub-slices to parallel tasks (see `matmul`).
+// SAFETY: only used to hand disjoint sub-slices to parallel tasks.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
@@ -202,11 +204,13 @@ mod tests {
         Matrix::new(ty, rows, cols, Bytes::from_vec(data)).unwrap()
     }
 
-    fn pool(threads: usize) -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
+    /// Runs `f` with the kernels' pool at `threads` threads (tests share the global pool, so
+    /// they take turns).
+    fn with_threads(threads: usize, f: impl FnOnce()) {
+        static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        pool::set_threads(threads);
+        f();
     }
 
     /// Every row against `quant::vec_dot`, one thread and several, small and split matrices.
@@ -232,7 +236,7 @@ mod tests {
                 .collect();
             for threads in [1, 3] {
                 let mut out = vec![f32::NAN; rows];
-                pool(threads).install(|| matvec(&w, xq, &mut out));
+                with_threads(threads, || matvec(&w, xq, &mut out));
                 assert_eq!(out, want, "{ty} {rows}x{cols}, {threads} threads");
             }
         }
@@ -255,7 +259,7 @@ mod tests {
                 })
                 .collect();
             for threads in [1, 2, 3] {
-                pool(threads).install(|| {
+                with_threads(threads, || {
                     let mut out = vec![f32::NAN; rows * n];
                     matmul(&w, &xq, n, &mut out);
                     for t in 0..n {
@@ -282,7 +286,7 @@ mod tests {
         let x = random_f32(cols, 5);
         let xq: &[u8] = bytemuck::cast_slice(&x);
         let mut out = vec![0f32; rows];
-        pool(2).install(|| matvec(&w, xq, &mut out));
+        with_threads(2, || matvec(&w, xq, &mut out));
         let mut deq = vec![0f32; cols];
         for (r, &o) in out.iter().enumerate() {
             w.dequantize_row(r, &mut deq).unwrap();

@@ -140,6 +140,21 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
+/// The half at `p` in all 8 lanes. A broadcast load, so (unlike a scalar convert, which
+/// merges into some register) it starts no dependency chain through the accumulators.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16x8(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(core::ptr::read_unaligned(p as *const i16)))
+}
+
+/// The f32 at `p` in all 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32x8(p: *const u8) -> __m256 {
+    _mm256_set1_ps(core::ptr::read_unaligned(p as *const f32))
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f32_at(p: *const u8) -> f32 {
@@ -230,8 +245,8 @@ unsafe fn q8_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let (x1, y1) = (x0.add(34), y0.add(34));
         let p0 = dot_i8(ld(x0.add(2)), ld(y0.add(2)));
         let p1 = dot_i8(ld(x1.add(2)), ld(y1.add(2)));
-        let d0 = _mm256_set1_ps(f16_at(x0) * f16_at(y0));
-        let d1 = _mm256_set1_ps(f16_at(x1) * f16_at(y1));
+        let d0 = _mm256_mul_ps(f16x8(x0), f16x8(y0));
+        let d1 = _mm256_mul_ps(f16x8(x1), f16x8(y1));
         acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
         acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
         i += 2;
@@ -239,7 +254,7 @@ unsafe fn q8_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     if i < nb {
         let (x, y) = (w.add(i * 34), a.add(i * 34));
         let p = dot_i8(ld(x.add(2)), ld(y.add(2)));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
         acc0 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc0);
     }
     hsum_ps(_mm256_add_ps(acc0, acc1))
@@ -252,7 +267,7 @@ unsafe fn q4_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let (x, y) = (w.add(i * 18), a.add(i * 34));
         let q = _mm256_sub_epi8(nibbles_32(x.add(2)), _mm256_set1_epi8(8));
         let p = dot_i8(q, ld(y.add(2)));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
     }
     hsum_ps(acc)
@@ -268,7 +283,7 @@ unsafe fn q5_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let hi = _mm256_andnot_si256(bits_32(x.add(2)), _mm256_set1_epi8(0xf0u8 as i8));
         let q = _mm256_or_si256(nibbles_32(x.add(6)), hi);
         let p = dot_i8(q, ld(y.add(2)));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
     }
     hsum_ps(acc)
@@ -278,31 +293,33 @@ unsafe fn q5_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut summ = 0f32;
+    // Every lane of `summ` holds the same running sum.
+    let mut summ = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 20), a.add(i * 36));
         let p = dot_u8(nibbles_32(x.add(4)), ld(y.add(4)));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-        summ += f16_at(x.add(2)) * f16_at(y.add(2));
+        summ = _mm256_fmadd_ps(f16x8(x.add(2)), f16x8(y.add(2)), summ);
     }
-    hsum_ps(acc) + summ
+    hsum_ps(acc) + _mm256_cvtss_f32(summ)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_1_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut summ = 0f32;
+    // Every lane of `summ` holds the same running sum.
+    let mut summ = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 24), a.add(i * 36));
         let hi = _mm256_and_si256(bits_32(x.add(4)), _mm256_set1_epi8(0x10));
         let q = _mm256_or_si256(nibbles_32(x.add(8)), hi);
         let p = dot_u8(q, ld(y.add(4)));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
+        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-        summ += f16_at(x.add(2)) * f16_at(y.add(2));
+        summ = _mm256_fmadd_ps(f16x8(x.add(2)), f16x8(y.add(2)), summ);
     }
-    hsum_ps(acc) + summ
+    hsum_ps(acc) + _mm256_cvtss_f32(summ)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,21 +328,19 @@ unsafe fn q5_1_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
 const Y_QS: usize = 4;
 const Y_BSUMS: usize = 260;
 
-/// The 8 six-bit scales (bytes 0..8) and 8 mins (bytes 8..16) packed in Q4_K/Q5_K's 12 bytes.
+/// Q4_K/Q5_K's 8 scales and 8 mins, each as 8 bytes in the low half of a vector.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
-    const M6: u32 = 0x3f3f3f3f;
-    const M4: u32 = 0x0f0f0f0f;
-    const M2: u32 = 0x03030303;
-    let s0 = core::ptr::read_unaligned(p as *const u32);
-    let s1 = core::ptr::read_unaligned(p.add(4) as *const u32);
-    let s2 = core::ptr::read_unaligned(p.add(8) as *const u32);
-    let sc_lo = s0 & M6;
-    let sc_hi = (s2 & M4) | (((s0 >> 6) & M2) << 4);
-    let mn_lo = s1 & M6;
-    let mn_hi = ((s2 >> 4) & M4) | (((s1 >> 6) & M2) << 4);
-    _mm_set_epi32(mn_hi as i32, mn_lo as i32, sc_hi as i32, sc_lo as i32)
+unsafe fn k4_scales_mins_split(p: *const u8) -> (__m128i, __m128i) {
+    const M6: u64 = 0x3f3f3f3f;
+    const M4: u64 = 0x0f0f0f0f;
+    const M2: u64 = 0x03030303;
+    let s01 = core::ptr::read_unaligned(p as *const u64);
+    let s2 = core::ptr::read_unaligned(p.add(8) as *const u32) as u64;
+    let (s0, s1) = (s01 & 0xffff_ffff, s01 >> 32);
+    let sc = (s0 & M6) | (((s2 & M4) | (((s0 >> 6) & M2) << 4)) << 32);
+    let mn = (s1 & M6) | ((((s2 >> 4) & M4) | (((s1 >> 6) & M2) << 4)) << 32);
+    (_mm_cvtsi64_si128(sc as i64), _mm_cvtsi64_si128(mn as i64))
 }
 
 /// Scale `k` of Q4_K/Q5_K in every i16 lane, from the 8 scales as i16 in both 128-bit lanes.
@@ -336,46 +351,46 @@ unsafe fn scale_k(scales: __m256i, k: usize) -> __m256i {
     _mm256_shuffle_epi8(scales, _mm256_set1_epi16(m))
 }
 
-/// The mins term of Q4_K/Q5_K: `Σ_j m_j · (bsum_{2j} + bsum_{2j+1})` as 4 i32 lanes.
+/// The mins term of Q4_K/Q5_K, `Σ_j m_j · (bsum_{2j} + bsum_{2j+1})`, as 8 i32 lanes: each
+/// min covers 32 values, i.e. two Q8_K block sums, so it is paired with both.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k4_mins_dot(mins_and_scales: __m256i, y: *const u8) -> __m128i {
-    let bs = ld(y.add(Y_BSUMS));
-    let sums = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-    _mm_madd_epi16(_mm256_extracti128_si256(mins_and_scales, 1), sums)
+unsafe fn k4_mins_dot(mn: __m128i, y: *const u8) -> __m256i {
+    let mn2 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mn, mn));
+    _mm256_madd_epi16(mn2, ld(y.add(Y_BSUMS)))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let m4 = _mm256_set1_epi8(0x0f);
     let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
+    let mut acc_m = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 144), a.add(i * 292));
-        let yd = f32_at(y);
-        let d = yd * f16_at(x);
-        let dmin = -yd * f16_at(x.add(2));
-        let ms = _mm256_cvtepu8_epi16(k4_scales_mins(x.add(4)));
-        let mins = k4_mins_dot(ms, y);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins), acc_m);
-        let sc = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
+        let yd = f32x8(y);
+        let d = _mm256_mul_ps(yd, f16x8(x));
+        let dmin = _mm256_mul_ps(yd, f16x8(x.add(2)));
+        let (sc, mn) = k4_scales_mins_split(x.add(4));
+        acc_m = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(k4_mins_dot(mn, y)), acc_m);
+        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
 
         let qs = x.add(16);
         let q8 = y.add(Y_QS);
-        let mut sumi = _mm256_setzero_si256();
+        let mut sum_l = _mm256_setzero_si256();
+        let mut sum_h = _mm256_setzero_si256();
         for j in 0..4 {
             let bits = ld(qs.add(32 * j));
             let lo = _mm256_and_si256(bits, m4);
             let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
             let pl = _mm256_maddubs_epi16(lo, ld(q8.add(64 * j)));
             let ph = _mm256_maddubs_epi16(hi, ld(q8.add(64 * j + 32)));
-            let pl = _mm256_madd_epi16(scale_k(sc, 2 * j), pl);
-            let ph = _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph);
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            sum_l = _mm256_add_epi32(sum_l, _mm256_madd_epi16(scale_k(sc, 2 * j), pl));
+            sum_h = _mm256_add_epi32(sum_h, _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        let sumi = _mm256_add_epi32(sum_l, sum_h);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps(acc) + hsum_ps128(acc_m)
+    hsum_ps(_mm256_add_ps(acc, acc_m))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -383,16 +398,15 @@ unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let m4 = _mm256_set1_epi8(0x0f);
     let one = _mm256_set1_epi8(1);
     let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm_setzero_ps();
+    let mut acc_m = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 176), a.add(i * 292));
-        let yd = f32_at(y);
-        let d = yd * f16_at(x);
-        let dmin = -yd * f16_at(x.add(2));
-        let ms = _mm256_cvtepu8_epi16(k4_scales_mins(x.add(4)));
-        let mins = k4_mins_dot(ms, y);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins), acc_m);
-        let sc = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
+        let yd = f32x8(y);
+        let d = _mm256_mul_ps(yd, f16x8(x));
+        let dmin = _mm256_mul_ps(yd, f16x8(x.add(2)));
+        let (sc, mn) = k4_scales_mins_split(x.add(4));
+        acc_m = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(k4_mins_dot(mn, y)), acc_m);
+        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
 
         let mut hbits = ld(x.add(16));
         let qs = x.add(48);
@@ -412,9 +426,9 @@ unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
             let ph = _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph);
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_ps(acc) + hsum_ps128(acc_m)
+    hsum_ps(_mm256_add_ps(acc, acc_m))
 }
 
 /// `Σ_k sc_k · bsum_k` over the 16 per-16 scales (i8) of a Q2_K/Q3_K/Q6_K block, as 8 i32.
@@ -427,11 +441,10 @@ unsafe fn scaled_bsums(sc: __m128i, y: *const u8) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let m4 = _mm256_set1_epi8(0x0f);
-    let m2 = _mm256_set1_epi8(0x03);
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 210), a.add(i * 292));
-        let d = f32_at(y) * f16_at(x.add(208));
+        let d = _mm256_mul_ps(f32x8(y), f16x8(x.add(208)));
         let sc = ld128(x.add(192));
         let q8 = y.add(Y_QS);
         // Values are stored as q + 32 (unsigned 0..63): subtract 32·Σ sc·bsum once.
@@ -442,22 +455,23 @@ unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
             let qh = ld(x.add(128 + 32 * h));
             let ql0 = ld(ql);
             let ql1 = ld(ql.add(32));
+            // The two high bits of value group t sit at bits 2t..2t+2 of qh: move them to 4..6.
             let q = [
                 _mm256_or_si256(
                     _mm256_and_si256(ql0, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
                 ),
                 _mm256_or_si256(
                     _mm256_and_si256(ql1, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0c)), 2),
                 ),
                 _mm256_or_si256(
                     _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
+                    _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
                 ),
                 _mm256_or_si256(
                     _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4),
+                    _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xc0u8 as i8)), 2),
                 ),
             ];
             for (t, &qt) in q.iter().enumerate() {
@@ -466,7 +480,7 @@ unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
                 sumi = _mm256_add_epi32(sumi, p);
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc)
 }
@@ -480,7 +494,7 @@ unsafe fn q3_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 110), a.add(i * 292));
-        let d = f32_at(y) * f16_at(x.add(108));
+        let d = _mm256_mul_ps(f32x8(y), f16x8(x.add(108)));
         let s = x.add(96);
         let s0 = core::ptr::read_unaligned(s as *const u32);
         let s1 = core::ptr::read_unaligned(s.add(4) as *const u32);
@@ -510,7 +524,7 @@ unsafe fn q3_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
                 sumi = _mm256_add_epi32(sumi, p);
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc)
 }
@@ -523,17 +537,13 @@ unsafe fn q2_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc_m = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(i * 84), a.add(i * 292));
-        let yd = f32_at(y);
-        let d = yd * f16_at(x.add(80));
-        let dmin = -yd * f16_at(x.add(82));
+        let yd = f32x8(y);
+        let d = _mm256_mul_ps(yd, f16x8(x.add(80)));
+        let dmin = _mm256_mul_ps(yd, f16x8(x.add(82)));
         let raw = ld128(x);
         let sc = _mm_and_si128(raw, m4);
         let mins = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-        acc_m = _mm256_fmadd_ps(
-            _mm256_set1_ps(dmin),
-            _mm256_cvtepi32_ps(scaled_bsums(mins, y)),
-            acc_m,
-        );
+        acc_m = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(scaled_bsums(mins, y)), acc_m);
         let q8 = y.add(Y_QS);
         let mut sumi = _mm256_setzero_si256();
         for h in 0..2 {
@@ -546,7 +556,7 @@ unsafe fn q2_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
                 sumi = _mm256_add_epi32(sumi, p);
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(_mm256_add_ps(acc, acc_m))
 }
@@ -677,4 +687,168 @@ unsafe fn fp8_avx2(w: &[u8], scales: &[f32], x: &[f32]) -> f32 {
         total += sum * s;
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{random_activation, random_f32, random_weights};
+    use crate::quant::{act, dequant, dot, fp8};
+
+    const KERNEL_TYPES: &[QuantType] = &[
+        QuantType::Q4_K,
+        QuantType::Q6_K,
+        QuantType::Q8_0,
+        QuantType::F32,
+        QuantType::BF16,
+        QuantType::F16,
+        QuantType::Q5_K,
+        QuantType::Q5_0,
+        QuantType::Q3_K,
+        QuantType::Q2_K,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_1,
+    ];
+
+    /// Row lengths: 1..=8 blocks, then the 671B's 2048, 7168 and 16384; for float types also
+    /// lengths that leave a scalar tail.
+    fn lengths(ty: QuantType) -> Vec<usize> {
+        let be = ty.block_elems().max(32);
+        let mut v: Vec<usize> = (1..=8).map(|k| k * be).collect();
+        v.extend([2048, 7168, 16384]);
+        if ty.block_elems() == 1 {
+            v.extend([1, 7, 9, 31, 33, 100]);
+        }
+        v
+    }
+
+    /// `Σ |w_i·a_i|`: the scale the rounding error of any summation order is bounded by.
+    fn magnitude(ty: QuantType, n: usize, w: &[u8], a: &[u8]) -> f32 {
+        let mut wf = vec![0f32; n];
+        let mut af = vec![0f32; n];
+        dequant::dequantize_row(ty, w, &mut wf).unwrap();
+        dequant::dequantize_row(ty.vec_dot_type(), a, &mut af).unwrap();
+        wf.iter().zip(&af).map(|(x, y)| (x * y).abs()).sum()
+    }
+
+    /// The integer parts are exact, so the kernels differ from the scalar reference only by
+    /// f32 summation order: relative 1e-5 of `Σ |w·a|` (observed: ~1e-8).
+    fn check_against_reference(ty: QuantType, n: usize, w: &[u8], a: &[u8]) {
+        let fast = kernel(ty).expect("kernel")(n, w, a);
+        let want = dot::vec_dot(ty, n, w, a);
+        let tol = 1e-5 * magnitude(ty, n, w, a) + 1e-30;
+        assert!(
+            (fast - want).abs() <= tol,
+            "{ty} n={n}: avx2 {fast} vs scalar {want} (tolerance {tol})"
+        );
+    }
+
+    #[test]
+    fn every_kernel_matches_the_scalar_reference() {
+        if !full() {
+            eprintln!("no AVX2/FMA/F16C: nothing to test");
+            return;
+        }
+        for &ty in KERNEL_TYPES {
+            for (k, n) in lengths(ty).into_iter().enumerate() {
+                let seed = 100 * k as u64 + ty.block_bytes() as u64;
+                let w = random_weights(ty, n, seed);
+                // Activations as the engine makes them (the quantiser) and synthetic ones
+                // covering the whole ±127 range.
+                let x = random_f32(n, seed + 1);
+                let mut aq = vec![0u8; ty.vec_dot_type().row_bytes(n).unwrap()];
+                act::quantize_row(ty.vec_dot_type(), &x, &mut aq).unwrap();
+                check_against_reference(ty, n, &w, &aq);
+                let ar = random_activation(ty.vec_dot_type(), n, seed + 2);
+                check_against_reference(ty, n, &w, &ar);
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_read_rows_at_any_alignment() {
+        if !full() {
+            return;
+        }
+        for &ty in KERNEL_TYPES {
+            let n = 2 * ty.block_elems().max(128);
+            let w = random_weights(ty, n, 9);
+            let a = random_activation(ty.vec_dot_type(), n, 10);
+            let want = kernel(ty).unwrap()(n, &w, &a);
+            for off in 1..8 {
+                let mut ws = vec![0u8; off];
+                ws.extend_from_slice(&w);
+                let mut as_ = vec![0u8; off + 3];
+                as_.extend_from_slice(&a);
+                let got = kernel(ty).unwrap()(n, &ws[off..], &as_[off + 3..]);
+                assert_eq!(got.to_bits(), want.to_bits(), "{ty} offset {off}");
+            }
+        }
+    }
+
+    #[test]
+    fn types_without_a_kernel_fall_back() {
+        for ty in [QuantType::IQ2_XXS, QuantType::F8E4M3, QuantType::Q8_K] {
+            assert!(vec_dot(ty, 256, &[], &[]).is_none());
+        }
+    }
+
+    #[test]
+    #[should_panic]
+    fn short_rows_panic_instead_of_reading_past_the_end() {
+        if !full() {
+            panic!("no AVX2: nothing to test");
+        }
+        let w = random_weights(QuantType::Q4_K, 512, 1);
+        let a = random_activation(QuantType::Q8_K, 256, 1);
+        kernel(QuantType::Q4_K).unwrap()(512, &w, &a);
+    }
+
+    #[test]
+    fn fp8_matches_the_scalar_reference() {
+        if !full() {
+            return;
+        }
+        for n in [16usize, 128, 200, 7168] {
+            let w: Vec<u8> = (0..n)
+                .map(|i| crate::bench::splitmix(i as u64) as u8)
+                // NaN encodings do not occur in checkpoints.
+                .map(|b| if b & 0x7f == 0x7f { b ^ 1 } else { b })
+                .collect();
+            let scales: Vec<f32> = (0..n.div_ceil(128)).map(|k| 0.5 + k as f32).collect();
+            let x = random_f32(n, 3);
+            let want = fp8::dot_row(&w, &scales, &x);
+            let got = fp8_dot_row(&w, &scales, &x).unwrap();
+            let mag: f32 = w
+                .iter()
+                .zip(&x)
+                .enumerate()
+                .map(|(i, (&b, xv))| (fp8::e4m3_to_f32(b) * scales[i / 128] * xv).abs())
+                .sum();
+            assert!((got - want).abs() <= 1e-5 * mag, "n={n}: {got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn fp8_subnormals_and_signs_decode_exactly() {
+        if !full() {
+            return;
+        }
+        let bytes: Vec<u8> = (0..=255u8).filter(|b| b & 0x7f != 0x7f).collect();
+        let n = bytes.len() / 16 * 16;
+        for c in bytes[..n].chunks(16) {
+            // SAFETY: features checked above; 16 bytes available.
+            let (lo, hi) = unsafe { e4m3x16(c.as_ptr()) };
+            let mut v = [0f32; 16];
+            // SAFETY: 16 f32 fit in `v`.
+            unsafe {
+                _mm256_storeu_ps(v.as_mut_ptr(), lo);
+                _mm256_storeu_ps(v.as_mut_ptr().add(8), hi);
+            }
+            for (k, &b) in c.iter().enumerate() {
+                assert_eq!(v[k] * 256.0, fp8::e4m3_to_f32(b), "byte {b:#x}");
+            }
+        }
+    }
 }

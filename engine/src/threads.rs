@@ -1,4 +1,4 @@
-//! The CPU backend's worker threads (one pool for the process).
+//! The CPU backend's worker threads.
 
 /// Sizes the global worker pool; call once, before any computation.
 pub fn set_threads(n: usize) -> Result<(), rayon::ThreadPoolBuildError> {

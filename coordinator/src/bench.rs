@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Int8 activations for quantized weights (llama.cpp's scheme) instead of exact f32.
+    #[arg(long)]
+    int8_activations: bool,
     /// llama.cpp's `llama-bench` binary: run it on the same model with the same threads.
     #[arg(long)]
     llama_bench: Option<PathBuf>,
@@ -45,7 +48,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     crate::set_threads(Some(threads))?;
-    println!("# threads: {threads}");
+    engine::tensor::set_int8_activations(a.int8_activations);
+    let acts = if a.int8_activations {
+        "int8 per block"
+    } else {
+        "f32 (exact)"
+    };
+    println!("# threads: {threads}; activations of quantized products: {acts}");
     if !a.no_kernels {
         let cfg = if a.quick {
             engine::bench::BenchConfig::smoke()

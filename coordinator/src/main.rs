@@ -84,6 +84,10 @@ struct GenerateArgs {
     /// Keep generating after an end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Quantize activations to int8 per block for quantized weights, as llama.cpp does:
+    /// faster integer kernels at the cost of exactness (default: f32 activations, exact).
+    #[arg(long)]
+    int8_activations: bool,
 }
 
 fn main() -> Result<()> {
@@ -112,6 +116,7 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     set_threads(a.threads)?;
+    engine::tensor::set_int8_activations(a.int8_activations);
     let mf = ModelFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let tokenizer = mf.tokenizer().context("loading the tokenizer")?;
     let prompt: Vec<u32> = match (&a.prompt, &a.token_ids) {

@@ -1,10 +1,20 @@
 //! Weight matrices as the model uses them: packed rows of any supported type, with the
 //! activation-quantisation scratch they need, and the CPU matvec/matmul entry points.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::quant::{self, QuantError, QuantType};
 use crate::Bytes;
+
+static INT8_ACTIVATIONS: AtomicBool = AtomicBool::new(false);
+
+/// Chooses the activation format of quantized matrix products for the whole process: f32
+/// (default, exact) or int8 per block as llama.cpp does (faster; costs accuracy). Set it once,
+/// before any computation.
+pub fn set_int8_activations(on: bool) {
+    INT8_ACTIVATIONS.store(on, Ordering::Relaxed);
+}
 
 /// Block edge of the official FP8 checkpoint's `weight_scale_inv` grid.
 pub const FP8_BLOCK: usize = 128;
@@ -84,9 +94,14 @@ impl Matrix {
     }
 
     /// Format the activations take for this matrix: f32 (weights are dequantised block by block
-    /// inside the dot product, which is exact).
+    /// inside the dot product, which is exact), or with [`set_int8_activations`] the type's int8
+    /// `vec_dot_type` (ggml's scheme: faster integer kernels, llama.cpp-like rounding).
     pub fn act_type(&self) -> QuantType {
-        QuantType::F32
+        if INT8_ACTIVATIONS.load(Ordering::Relaxed) && self.block_scales.is_none() {
+            self.ty.vec_dot_type()
+        } else {
+            QuantType::F32
+        }
     }
 
     /// Dequantises row `r` into `dst` (`cols` elements).

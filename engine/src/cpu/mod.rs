@@ -148,6 +148,8 @@ enum Kind {
     Fast(DotFn),
     /// `quant::vec_dot_f32`: blocks dequantised against f32 activations.
     Portable(QuantType),
+    /// `quant::vec_dot` against activations in the type's int8 `vec_dot_type`.
+    PortableInt8(QuantType),
     /// FP8 rows with block scales and f32 activations.
     Fp8,
 }
@@ -156,7 +158,7 @@ impl<'a> RowDot<'a> {
     fn new(w: &'a Matrix) -> Self {
         let kind = if w.block_scales.is_some() {
             Kind::Fp8
-        } else {
+        } else if w.act_type() == QuantType::F32 {
             match w.ty {
                 // Float weights: the SIMD kernels take f32 activations directly.
                 QuantType::F32 | QuantType::F16 | QuantType::BF16 => match fast_kernel(w.ty) {
@@ -165,6 +167,12 @@ impl<'a> RowDot<'a> {
                 },
                 // Quantized weights: dequantised block by block against f32 activations.
                 ty => Kind::Portable(ty),
+            }
+        } else {
+            // Int8 activations (ggml's scheme): integer kernels.
+            match fast_kernel(w.ty) {
+                Some(f) => Kind::Fast(f),
+                None => Kind::PortableInt8(w.ty),
             }
         };
         RowDot {
@@ -189,6 +197,11 @@ impl<'a> RowDot<'a> {
                 let xf: &[f32] = bytemuck::cast_slice(x);
                 for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
                     *o = quant::vec_dot_f32(ty, row, xf);
+                }
+            }
+            Kind::PortableInt8(ty) => {
+                for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
+                    *o = quant::vec_dot(ty, n, row, x);
                 }
             }
             Kind::Fp8 => {

@@ -18,6 +18,7 @@ pub mod npy;
 pub mod quant;
 pub mod sampling;
 pub mod source;
+pub mod synth;
 pub mod tensor;
 pub mod threads;
 pub mod tokenizer;

@@ -14,6 +14,7 @@ use engine::model::ModelFile;
 use engine::sampling::SamplingParams;
 
 mod bench;
+mod synth;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure memory bandwidth, kernel throughput and model speed.
     Bench(bench::BenchArgs),
+    /// Write a deterministic synthetic DeepSeek-V3-shaped model (GGUF).
+    Synth(synth::SynthArgs),
 }
 
 #[derive(Args)]
@@ -100,6 +103,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(a) => run_generate(a),
         Command::Bench(a) => bench::run(a),
+        Command::Synth(a) => synth::run(a),
     }
 }
 

@@ -13,7 +13,7 @@ pub struct SynthArgs {
     /// Output .gguf file.
     #[arg(long)]
     out: PathBuf,
-    /// Shape: `tiny` (the oracle's 4.5 M-parameter model) or `mid` (0.82 B, hidden 2048,
+    /// Shape: `tiny` (the oracle's 8.3 M-parameter model) or `mid` (0.82 B, hidden 2048,
     /// 64 experts).
     #[arg(long, default_value = "tiny")]
     preset: String,

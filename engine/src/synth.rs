@@ -31,7 +31,8 @@
 //! **Tokenizer.** The vocabulary, merges, token types and chat template of the oracle's tiny
 //! model (1024 tokens: 256 byte tokens, a small trained BPE, DeepSeek's special tokens) are
 //! embedded in the crate. A larger `vocab_size` pads the vocabulary with `[PAD{id}]` tokens of
-//! type unused, the way llama.cpp's converter pads DeepSeek's 128,815 tokens to 129,280 rows.
+//! type unused, the way llama.cpp's converter pads DeepSeek's 128,815 tokens to 129,280 rows;
+//! their rows of the head are zero, so greedy decoding still picks real tokens.
 
 use std::path::Path;
 
@@ -135,7 +136,7 @@ pub struct SynthSpec {
 impl SynthSpec {
     /// The oracle's tiny shape (vocab 1024, hidden 256, 5 layers with layer 0 dense, 16 experts
     /// top-4 in 4 groups keeping 2, q_lora 160, kv_lora 64, nope 32, rope 16, v 24, 4 heads):
-    /// about 4.5 M parameters, ~9 MB in BF16.
+    /// 8.3 M parameters, 17 MB in BF16.
     pub fn tiny() -> Self {
         SynthSpec {
             name: "synth-dsv3-tiny".into(),
@@ -213,7 +214,7 @@ impl SynthSpec {
 
     /// Number of weights in the file.
     pub fn params(&self) -> u64 {
-        tensor_plan(self).iter().map(|t| t.numel() as u64).sum()
+        tensor_plan(self, 0).iter().map(|t| t.numel() as u64).sum()
     }
 
     /// Checks that the shape is one both loaders accept.
@@ -324,12 +325,20 @@ pub fn build(spec: &SynthSpec) -> Result<GgufWriter, SynthError> {
     spec.validate()?;
     let mut w = GgufWriter::new();
     add_metadata(&mut w, spec)?;
-    for t in tensor_plan(spec) {
+    let live = embedded_vocab()?.tokens.len();
+    for t in tensor_plan(spec, live) {
         let ty = match t.storage {
             Storage::Weight => spec.dtype.quant(),
             Storage::F32 => QuantType::F32,
         };
-        let data = generate(spec.seed, &t.name, t.numel(), t.init, ty);
+        let data = generate(
+            spec.seed,
+            &t.name,
+            t.numel().min(t.zero_from),
+            t.numel(),
+            t.init,
+            ty,
+        );
         w.add_tensor(t.name, ty, &t.shape, Bytes::from_vec(data))?;
     }
     Ok(w)
@@ -497,6 +506,8 @@ struct PlannedTensor {
     shape: Vec<usize>,
     init: Init,
     storage: Storage,
+    /// Elements from this index on are zero (the head's padding rows).
+    zero_from: usize,
 }
 
 impl PlannedTensor {
@@ -506,14 +517,16 @@ impl PlannedTensor {
 }
 
 /// Every tensor of the model, in file order, with the shapes the loaders expect.
-fn tensor_plan(s: &SynthSpec) -> Vec<PlannedTensor> {
+fn tensor_plan(s: &SynthSpec, tokenizer_tokens: usize) -> Vec<PlannedTensor> {
     let mut plan = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, init: Init, storage: Storage| {
+        let zero_from = shape.iter().product();
         plan.push(PlannedTensor {
             name,
             shape,
             init,
             storage,
+            zero_from,
         })
     };
     // A matrix with `fan_in` inputs: N(0, gain² / fan_in).
@@ -663,6 +676,9 @@ fn tensor_plan(s: &SynthSpec) -> Vec<PlannedTensor> {
         lin(h, s.lm_head_gain),
         Storage::Weight,
     );
+    // Padding tokens get zero logits, so that greedy decoding picks real tokens (the head's
+    // size, and so its cost, is unchanged).
+    plan.last_mut().expect("just added").zero_from = tokenizer_tokens * h;
     plan
 }
 
@@ -700,13 +716,22 @@ fn value(key: u64, i: u64, init: Init) -> f64 {
     }
 }
 
-/// `n` values of the tensor `name`, rounded to bf16 and stored as `ty` (BF16 or F32).
-fn generate(seed: u64, name: &str, n: usize, init: Init, ty: QuantType) -> Vec<u8> {
+/// `total` values of the tensor `name`, the first `live` drawn and rounded to bf16, the rest
+/// zero, stored as `ty` (BF16 or F32).
+fn generate(
+    seed: u64,
+    name: &str,
+    live: usize,
+    total: usize,
+    init: Init,
+    ty: QuantType,
+) -> Vec<u8> {
     const CHUNK: usize = 1 << 16;
     let key = tensor_key(seed, name);
     let size = if ty == QuantType::BF16 { 2 } else { 4 };
-    let mut out = vec![0u8; n * size];
-    out.par_chunks_mut(CHUNK * size)
+    let mut out = vec![0u8; total * size];
+    out[..live * size]
+        .par_chunks_mut(CHUNK * size)
         .enumerate()
         .for_each(|(c, chunk)| {
             let base = (c * CHUNK) as u64;
@@ -955,6 +980,10 @@ mod tests {
         let path = tiny_file(dir.path(), &spec);
         let mf = ModelFile::open(&path).unwrap();
         assert_eq!(mf.config.vocab_size, 1100);
+        let head = mf.source.tensor("output.weight").unwrap();
+        let row = 256 * 2;
+        assert!(head.data[1024 * row..].iter().all(|&b| b == 0));
+        assert!(head.data[1023 * row..1024 * row].iter().any(|&b| b != 0));
         let tok = mf.tokenizer().unwrap();
         assert_eq!(tok.vocab_size(), 1100);
         assert_eq!(tok.encode("hello", false).unwrap(), {

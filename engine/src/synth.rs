@@ -241,7 +241,7 @@ impl SynthSpec {
                 return bad(format!("{k} must be > 0"));
             }
         }
-        if self.qk_rope % 2 != 0 {
+        if self.qk_rope & 1 == 1 {
             return bad(format!("qk_rope {} must be even", self.qk_rope));
         }
         if self.q_lora_rank == Some(0) {
@@ -905,6 +905,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = tiny_file(dir.path(), &SynthSpec::tiny());
         assert!(std::fs::read(&path).unwrap() == a);
+    }
+
+    /// The tiny model is a fixture (tests, the demo): any change to its bytes must be deliberate.
+    #[test]
+    fn tiny_bytes_are_pinned() {
+        let bytes = to_bytes(&SynthSpec::tiny()).unwrap();
+        let fnv = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        assert_eq!((bytes.len(), fnv), (16_634_112, 0x74cb_6bf1_4d6b_ad40));
     }
 
     #[test]

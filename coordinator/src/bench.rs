@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Latent KV cache precision of the model measurement (f16 matches llama-bench's default).
+    #[arg(long, default_value = "f16")]
+    kv_cache: CacheType,
     /// Int8 activations for quantized weights (llama.cpp's scheme) instead of exact f32.
     #[arg(long)]
     int8_activations: bool,
@@ -65,7 +68,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         print!("{}", engine::bench::format_report(&lines));
     }
     if let Some(model) = &a.model {
-        let (pp, tg) = model_speed(model, a.prompt, a.decode, a.reps)?;
+        let (pp, tg) = model_speed(model, a.prompt, a.decode, a.reps, a.kv_cache)?;
         println!(
             "model {}: prefill {} tokens {pp:.1} tok/s, decode {tg:.2} tok/s (median of {})",
             model.display(),
@@ -91,7 +94,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Prefill tokens/s for `prompt` tokens and decode tokens/s over `decode` steps.
-fn model_speed(path: &Path, prompt: usize, decode: usize, reps: usize) -> Result<(f64, f64)> {
+fn model_speed(
+    path: &Path,
+    prompt: usize,
+    decode: usize,
+    reps: usize,
+    kv: CacheType,
+) -> Result<(f64, f64)> {
     let mf = ModelFile::open(path).with_context(|| format!("opening {}", path.display()))?;
     let model = mf.load_model()?;
     let experts = mf.load_experts(&ExpertFilter::All)?;
@@ -103,7 +112,7 @@ fn model_speed(path: &Path, prompt: usize, decode: usize, reps: usize) -> Result
     let mut ws = Workspace::default();
     let (mut pps, mut tgs) = (Vec::new(), Vec::new());
     for _ in 0..reps.max(1) {
-        let mut cache = model.new_cache(CacheType::F32, prompt + decode + 1);
+        let mut cache = model.new_cache(kv, prompt + decode + 1);
         let t = Instant::now();
         let logits = model.forward(&ids, &mut cache, &experts, &mut ws, Logits::Last)?;
         let mut next = argmax(logits);

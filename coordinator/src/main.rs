@@ -175,6 +175,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             seed: a.seed,
         },
         stop_ids,
+        banned_ids: mf.unused_token_ids(),
         force: a.force_ids.clone(),
         keep_logits: a.logits_out.is_some(),
         cache: a.kv_cache,

@@ -15,6 +15,9 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Tokens that end the sequence (EOS). The stop token is returned but not streamed as text.
     pub stop_ids: Vec<u32>,
+    /// Ids never to sample (besides the rows past the tokenizer's vocabulary), e.g.
+    /// [`crate::model::ModelFile::unused_token_ids`].
+    pub banned_ids: Vec<u32>,
     /// Teacher forcing: decode step `i` consumes `force[i]` instead of the sampled token.
     pub force: Option<Vec<u32>>,
     /// Keep every logits row (prompt rows from the prefill, then one per decode step).
@@ -67,8 +70,9 @@ pub fn generate(
     let mut cache: KvCache = model.new_cache(req.cache, req.prompt.len() + req.max_new_tokens + 1);
     let mut ws = Workspace::default();
     // Rows past the tokenizer's vocabulary are padding: never sample them.
-    let mut sampler =
-        Sampler::new(req.sampling).with_banned_from(tokenizer.vocab_size().min(vocab) as u32);
+    let mut sampler = Sampler::new(req.sampling)
+        .with_banned_from(tokenizer.vocab_size().min(vocab) as u32)
+        .with_banned_ids(req.banned_ids.iter().copied());
     let mut stream = StreamDecoder::new(true);
     let mut logits_out = req.keep_logits.then(Vec::new);
 

@@ -45,3 +45,19 @@ pub trait TensorSource: Send + Sync {
     /// A short description of where the tensors come from, for error messages.
     fn describe(&self) -> String;
 }
+
+/// A shared source is a source (the model and its tokenizer metadata share one GGUF).
+impl<T: TensorSource + ?Sized> TensorSource for std::sync::Arc<T> {
+    fn tensor(&self, name: &str) -> Result<RawTensor, SourceError> {
+        (**self).tensor(name)
+    }
+    fn contains(&self, name: &str) -> bool {
+        (**self).contains(name)
+    }
+    fn names(&self) -> Vec<String> {
+        (**self).names()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}

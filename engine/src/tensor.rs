@@ -149,8 +149,18 @@ pub struct ActBuf {
 }
 
 impl ActBuf {
-    /// Quantises `n` rows of `cols` values to `ty` and returns the packed rows.
-    pub fn quantize(&mut self, ty: QuantType, xs: &[f32], cols: usize, n: usize) -> &[u8] {
+    /// Quantises `n` rows of `cols` values to `ty` and returns the packed rows; f32 activations
+    /// are handed through as they are, without a copy.
+    pub fn quantize<'a>(
+        &'a mut self,
+        ty: QuantType,
+        xs: &'a [f32],
+        cols: usize,
+        n: usize,
+    ) -> &'a [u8] {
+        if ty == QuantType::F32 {
+            return bytemuck::cast_slice(&xs[..cols * n]);
+        }
         let rb = ty
             .row_bytes(cols)
             .expect("matrix shapes are checked at load time");

@@ -209,3 +209,22 @@ fn shape_mismatch_is_a_typed_error() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A vocabulary padded to the embedding's size marks the padding ids unused; they are the ids
+/// generation bans, whatever the head says about them.
+#[test]
+fn padding_ids_are_reported_unused() {
+    let dir = tmp("padding");
+    let p = dir.join("padded.gguf");
+    let mut spec = engine::synth::SynthSpec::tiny();
+    spec.vocab_size = 1100;
+    engine::synth::write_model(&p, &spec).unwrap();
+    let mf = ModelFile::open(&p).unwrap();
+    assert_eq!(mf.unused_token_ids(), (1024..1100).collect::<Vec<u32>>());
+    // The shipped oracle file pads nothing.
+    assert!(ModelFile::open(&oracle("qlora/q8_0.gguf"))
+        .unwrap()
+        .unused_token_ids()
+        .is_empty());
+    std::fs::remove_dir_all(dir).ok();
+}

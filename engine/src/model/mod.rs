@@ -86,7 +86,7 @@ impl ModelFile {
             let config = ModelConfig::from_gguf(&g)?;
             return Ok(ModelFile {
                 config,
-                source: Box::new(SharedGguf(g.clone())),
+                source: Box::new(g.clone()),
                 naming: Naming::Gguf,
                 gguf: Some(g),
                 hf_dir: None,
@@ -104,6 +104,26 @@ impl ModelFile {
             .iter()
             .filter(|n| n.starts_with(&extra) || n.contains(".nextn."))
             .count()
+    }
+
+    /// Ids the vocabulary marks as unused (GGUF token type 5: the `[PAD…]` rows that pad the
+    /// vocabulary to the embedding's size). They are not tokens and must never be sampled.
+    pub fn unused_token_ids(&self) -> Vec<u32> {
+        let Some(g) = &self.gguf else {
+            return Vec::new();
+        };
+        g.meta("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .enumerate()
+                    .filter(|(_, t)| {
+                        t.as_i64() == Some(crate::tokenizer::token_type::UNUSED as i64)
+                    })
+                    .map(|(i, _)| i as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The tokenizer the model carries (GGUF metadata or the directory's tokenizer.json).
@@ -211,24 +231,6 @@ impl ModelFile {
     }
 }
 
-/// A GGUF shared between the model and its tokenizer metadata.
-struct SharedGguf(std::sync::Arc<GgufFile>);
-
-impl TensorSource for SharedGguf {
-    fn tensor(&self, name: &str) -> Result<crate::source::RawTensor, crate::source::SourceError> {
-        self.0.tensor(name)
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.0.contains(name)
-    }
-    fn names(&self) -> Vec<String> {
-        self.0.names()
-    }
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-}
-
 /// The always-active part of the model, ready to run.
 pub struct Model {
     pub cfg: ModelConfig,
@@ -291,7 +293,8 @@ impl Model {
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appending them to the cache, and returns the
-    /// requested logits. On error the cache is left as it was before the call.
+    /// requested logits. On error the cache keeps its length: rows written past it are ignored
+    /// and overwritten by the next call.
     pub fn forward<'w>(
         &self,
         tokens: &[u32],
@@ -360,12 +363,7 @@ impl Model {
                 Ffn::Moe(mw) => {
                     moe::route(c, mw, &ws.xn, n, &mut ws.routing, &mut ws.router);
                     ws.branch.fill(0.0);
-                    if let Err(e) =
-                        experts.eval(l, &ws.xn, &ws.routing, &mut ws.branch, &mut ws.moe)
-                    {
-                        cache.truncate(pos0);
-                        return Err(e.into());
-                    }
+                    experts.eval(l, &ws.xn, &ws.routing, &mut ws.branch, &mut ws.moe)?;
                     if let Some(sh) = &mw.shared {
                         moe::mlp_forward(
                             sh,

@@ -44,6 +44,8 @@ pub struct RouterScratch {
     scores: Vec<f32>,
     biased: Vec<f32>,
     group_score: Vec<f32>,
+    /// Per group: kept by the group-limited selection.
+    keep: Vec<bool>,
     order: Vec<u32>,
     act: ActBuf,
 }
@@ -98,19 +100,13 @@ pub fn route(
                 s.group_score.push(if per_group >= 2 { a + b } else { a });
             }
             top_indices(&s.group_score, cfg.topk_group, &mut s.order);
-            let mut keep = [false; 256];
-            let mut keep_vec;
-            let keep: &mut [bool] = if cfg.n_group <= 256 {
-                &mut keep[..cfg.n_group]
-            } else {
-                keep_vec = vec![false; cfg.n_group];
-                &mut keep_vec
-            };
+            s.keep.clear();
+            s.keep.resize(cfg.n_group, false);
             for &g in &s.order {
-                keep[g as usize] = true;
+                s.keep[g as usize] = true;
             }
             for (g, chunk) in s.biased.chunks_exact_mut(per_group).enumerate() {
-                if !keep[g] {
+                if !s.keep[g] {
                     chunk.fill(f32::NEG_INFINITY);
                 }
             }

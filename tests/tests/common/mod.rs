@@ -80,13 +80,6 @@ pub fn run_model(
         let next = argmax(logits.last().unwrap());
         gen.push(next);
         let feed = force.map_or(next, |f| f[step]);
-        if step + 1 == steps {
-            let row = model
-                .forward(&[feed], &mut cache, &experts, &mut ws, Logits::Last)
-                .unwrap();
-            logits.push(row.to_vec());
-            break;
-        }
         let row = model
             .forward(&[feed], &mut cache, &experts, &mut ws, Logits::Last)
             .unwrap();

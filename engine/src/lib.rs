@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpu;
 pub mod generate;
 pub mod gguf;
+pub mod gpu;
 pub mod hf;
 pub mod model;
 pub mod npy;

@@ -44,6 +44,18 @@ pub struct BenchArgs {
     /// llama.cpp's `llama-bench` binary: run it on the same model with the same threads.
     #[arg(long)]
     llama_bench: Option<PathBuf>,
+    /// Backend of the kernel measurements: `cpu`, or `wgpu` (GPU matvec GB/s at the 671B's
+    /// shapes for Q4_K, Q6_K, Q8_0).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "wgpu"])]
+    backend: String,
+    /// With `--backend wgpu`: the adapter, by index or name substring (`coordinator
+    /// --list-gpus`); default: the best hardware GPU (never a software one).
+    #[arg(long, default_value = "auto")]
+    gpu: engine::gpu::GpuSelector,
+    /// With `--backend wgpu`: device memory this process may use, GiB (wgpu cannot report a
+    /// device's memory size; default unlimited).
+    #[arg(long)]
+    gpu_memory: Option<f64>,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -57,6 +69,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         "f32 (exact)"
     };
+    if a.backend == "wgpu" {
+        return gpu_bench(&a);
+    }
     println!("# threads: {threads}; activations of quantized products: {acts}");
     if !a.no_kernels {
         let cfg = if a.quick {
@@ -183,4 +198,30 @@ fn llama_bench(
         pp.context("no prefill result")?,
         tg.context("no decode result")?,
     ))
+}
+
+/// `bench --backend wgpu`: GPU matvec GB/s at the 671B's shapes.
+fn gpu_bench(a: &BenchArgs) -> Result<()> {
+    let ctx = engine::gpu::GpuContext::new(engine::gpu::GpuOptions {
+        selector: a.gpu.clone(),
+        memory_budget: a.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64),
+        ..Default::default()
+    })?;
+    println!("# wgpu adapter:\n{}", ctx.adapter());
+    println!(
+        "# kernels use subgroups: {}; weights-bytes/second of one matvec, many per submit",
+        ctx.uses_subgroups()
+    );
+    let (target, submits) = if a.quick {
+        (std::time::Duration::from_millis(100), 2)
+    } else {
+        (std::time::Duration::from_millis(500), 5)
+    };
+    for ty in engine::bench::GPU_TYPES {
+        for (rows, cols) in engine::bench::GPU_SHAPES {
+            let r = engine::bench::gpu_matvec_gbps(&ctx, ty, rows, cols, target, submits)?;
+            println!("{r}");
+        }
+    }
+    Ok(())
 }

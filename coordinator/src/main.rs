@@ -23,8 +23,11 @@ mod synth;
     about = "DeepSeek-V3/R1 cluster coordinator"
 )]
 struct Cli {
+    /// List the GPU adapters wgpu finds (backend, type, driver, limits, features) and exit.
+    #[arg(long)]
+    list_gpus: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -100,11 +103,32 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Generate(a) => run_generate(a),
-        Command::Bench(a) => bench::run(a),
-        Command::Synth(a) => synth::run(a),
+    let cli = Cli::parse();
+    if cli.list_gpus {
+        return list_gpus();
     }
+    match cli.command {
+        Some(Command::Generate(a)) => run_generate(a),
+        Some(Command::Bench(a)) => bench::run(a),
+        Some(Command::Synth(a)) => synth::run(a),
+        None => bail!("no command given (see --help)"),
+    }
+}
+
+/// `--list-gpus`: every adapter, with what `--gpu` and the GPU backend care about.
+fn list_gpus() -> Result<()> {
+    let list = engine::gpu::list_adapters();
+    if list.is_empty() {
+        println!("no GPU adapters found (Vulkan, Metal or DX12)");
+    }
+    for a in &list {
+        println!("{a}");
+    }
+    match engine::gpu::select_adapter(&list, &engine::gpu::GpuSelector::Auto) {
+        Ok(i) => println!("auto selects [{i}]"),
+        Err(e) => println!("auto selects none: {e}"),
+    }
+    Ok(())
 }
 
 /// Sets the CPU backend's thread count (once, before any work).

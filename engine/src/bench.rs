@@ -702,3 +702,93 @@ mod tests {
         }
     }
 }
+
+// The wgpu backend.
+
+/// Shapes of the GPU matvec measurement: the 671B's attention, dense/shared FFN and expert
+/// matrices.
+pub const GPU_SHAPES: [(usize, usize); 4] =
+    [(7168, 2048), (2048, 7168), (7168, 16384), (1536, 7168)];
+/// Types of the GPU matvec measurement.
+pub const GPU_TYPES: [QuantType; 3] = [QuantType::Q4_K, QuantType::Q6_K, QuantType::Q8_0];
+
+/// One GPU matvec measurement.
+#[derive(Clone, Debug)]
+pub struct GpuMatvecResult {
+    pub ty: QuantType,
+    pub rows: usize,
+    pub cols: usize,
+    pub weight_bytes: usize,
+    /// Matvecs per submit (one wait per submit).
+    pub iters: usize,
+    /// Median over submits of the time per matvec.
+    pub ns_per_matvec: u64,
+    /// Weight bytes per second, GB/s.
+    pub gbps: f64,
+}
+
+impl fmt::Display for GpuMatvecResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "gpu matvec {:<5} {:>5}x{:<5} {:>7.1} MB: {:>8.1} us, {:>7.2} GB/s ({} per submit)",
+            self.ty.name(),
+            self.rows,
+            self.cols,
+            self.weight_bytes as f64 / 1e6,
+            self.ns_per_matvec as f64 / 1e3,
+            self.gbps,
+            self.iters
+        )
+    }
+}
+
+/// Weight GB/s of the GPU matvec on a random `rows x cols` matrix of `ty`: the matvec is
+/// encoded many times into one command buffer (sized to take about `target` per submit), each
+/// submit waited for once; the median of `submits` submits is reported.
+pub fn gpu_matvec_gbps(
+    ctx: &crate::gpu::GpuContext,
+    ty: QuantType,
+    rows: usize,
+    cols: usize,
+    target: Duration,
+    submits: usize,
+) -> Result<GpuMatvecResult, crate::gpu::GpuError> {
+    let m = Matrix::new(
+        ty,
+        rows,
+        cols,
+        Bytes::from_vec(random_weights(ty, rows * cols, 11)),
+    )
+    .map_err(|e| crate::gpu::GpuError::BadArgument(e.to_string()))?;
+    let g = crate::gpu::GpuMatrix::upload(ctx, &m)?;
+    let x = ctx.upload_f32("x", &random_f32(cols, 5))?;
+    let out = ctx.alloc_f32("out", rows)?;
+    let call = g.prepare(ctx, &x, 0, 1, &out, 0)?;
+    let run = |iters: usize| -> Result<Duration, crate::gpu::GpuError> {
+        let mut enc = ctx.encoder("bench");
+        for _ in 0..iters {
+            call.encode(&mut enc);
+        }
+        let t = Instant::now();
+        ctx.submit_and_wait(enc)?;
+        Ok(t.elapsed())
+    };
+    let once = run(1)?; // warm-up (pipeline, first touch)
+    let once = run(1)?.min(once);
+    let iters = (target.as_secs_f64() / once.as_secs_f64().max(1e-7)).clamp(1.0, 1000.0) as usize;
+    let mut times: Vec<u64> = (0..submits.max(1))
+        .map(|_| run(iters).map(|d| d.as_nanos() as u64 / iters as u64))
+        .collect::<Result<_, _>>()?;
+    times.sort_unstable();
+    let ns = percentile(&times, 50);
+    Ok(GpuMatvecResult {
+        ty,
+        rows,
+        cols,
+        weight_bytes: m.data.len(),
+        iters,
+        ns_per_matvec: ns,
+        gbps: m.data.len() as f64 / ns as f64,
+    })
+}

@@ -293,7 +293,10 @@ impl GpuMatrix {
         };
         let pipeline = ctx.pipeline(key, || module_source(src, nt, rows, subgroups))?;
         let max_dim = limits.max_compute_workgroups_per_dimension.max(1);
-        let scales = self.scales.as_ref().map_or(&ctx.dummy_scales, |s| &s.buffer);
+        let scales = self
+            .scales
+            .as_ref()
+            .map_or(&ctx.dummy_scales, |s| &s.buffer);
         let mut passes = Vec::with_capacity(self.pages.len());
         let mut params = Vec::with_capacity(self.pages.len());
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -302,7 +305,9 @@ impl GpuMatrix {
             let wg_x = groups.min(max_dim);
             let wg_y = groups.div_ceil(wg_x);
             if wg_y > max_dim {
-                return Err(GpuError::BadArgument("too many rows for one dispatch".into()));
+                return Err(GpuError::BadArgument(
+                    "too many rows for one dispatch".into(),
+                ));
             }
             let prm = Params {
                 rows: p.rows as u32,
@@ -393,7 +398,12 @@ impl GpuMatrix {
     }
 
     /// `out[t * rows + r] = W[r] · x_t` for `n` tokens (`xs` is `n x cols`), on the device.
-    pub fn matmul_host(&self, ctx: &GpuContext, xs: &[f32], n: usize) -> Result<Vec<f32>, GpuError> {
+    pub fn matmul_host(
+        &self,
+        ctx: &GpuContext,
+        xs: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>, GpuError> {
         if xs.len() != n * self.cols {
             return Err(GpuError::BadArgument(format!(
                 "{} activations for {n} tokens of {} columns",

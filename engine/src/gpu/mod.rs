@@ -239,9 +239,7 @@ pub fn select_adapter(list: &[AdapterSummary], sel: &GpuSelector) -> Result<usiz
             .iter()
             .find(|a| a.index == *i)
             .map(|a| a.index)
-            .ok_or_else(|| {
-                GpuError::NoAdapter(format!("no adapter {i} ({} found)", list.len()))
-            }),
+            .ok_or_else(|| GpuError::NoAdapter(format!("no adapter {i} ({} found)", list.len()))),
         GpuSelector::Name(n) => {
             let n = n.to_lowercase();
             list.iter()
@@ -400,16 +398,15 @@ impl GpuContext {
             }
         }
         let limits = adapter.limits();
-        let (device, queue) =
-            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-                label: Some("engine"),
-                required_features: features,
-                required_limits: limits.clone(),
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
-                memory_hints: wgpu::MemoryHints::Performance,
-                trace: wgpu::Trace::Off,
-            }))
-            .map_err(|e| GpuError::RequestDevice(e.to_string()))?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("engine"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| GpuError::RequestDevice(e.to_string()))?;
         device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
             tracing::error!("uncaptured wgpu error: {e}");
         }));
@@ -738,7 +735,9 @@ pub fn test_context(opts: GpuOptions) -> Option<GpuContext> {
     let require = std::env::var("REQUIRE_GPU_TESTS").is_ok_and(|v| v == "1");
     let Some(a) = pick else {
         if require {
-            panic!("REQUIRE_GPU_TESTS=1 but wgpu finds no adapter (is mesa-vulkan-drivers installed?)");
+            panic!(
+                "REQUIRE_GPU_TESTS=1 but wgpu finds no adapter (is mesa-vulkan-drivers installed?)"
+            );
         }
         eprintln!("skipping GPU test: no wgpu adapter (install mesa-vulkan-drivers for lavapipe)");
         return None;

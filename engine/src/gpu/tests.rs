@@ -187,7 +187,11 @@ fn matrix_past_the_binding_limit() {
         QuantType::Q8_0,
         rows,
         cols,
-        Bytes::from_vec(crate::bench::random_weights(QuantType::Q8_0, rows * cols, 3)),
+        Bytes::from_vec(crate::bench::random_weights(
+            QuantType::Q8_0,
+            rows * cols,
+            3,
+        )),
     )
     .unwrap();
     let g = GpuMatrix::upload(&ctx, &m).unwrap();
@@ -248,7 +252,11 @@ fn memory_budget_refuses_before_allocating() {
         }
         other => panic!("expected OutOfMemory, got {other:?}"),
     }
-    assert_eq!(ctx.memory_used(), 4000, "nothing allocated by the refused load");
+    assert_eq!(
+        ctx.memory_used(),
+        4000,
+        "nothing allocated by the refused load"
+    );
     drop(small);
     assert_eq!(ctx.memory_used(), 0);
     let fits = random_matrix(QuantType::Q8_0, 256, 1024, 1);

@@ -261,7 +261,7 @@ impl GpuMatrix {
         out_offset: usize,
     ) -> Result<MatmulCall, GpuError> {
         let limits = ctx.device.limits();
-        let bind_max = limits.max_storage_buffer_binding_size as u64;
+        let bind_max = limits.max_storage_buffer_binding_size;
         if n == 0 {
             return Err(GpuError::BadArgument("a product of 0 tokens".into()));
         }

@@ -188,7 +188,7 @@ fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
         driver: info.driver,
         driver_info: info.driver_info,
         max_buffer_size: l.max_buffer_size,
-        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size as u64,
+        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
         max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
         max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
         max_storage_buffers_per_shader_stage: l.max_storage_buffers_per_shader_stage,
@@ -412,7 +412,7 @@ impl GpuContext {
         }));
         let mut page_limit = limits
             .max_buffer_size
-            .min(limits.max_storage_buffer_binding_size as u64);
+            .min(limits.max_storage_buffer_binding_size);
         if let Some(o) = opts.max_binding_override {
             page_limit = page_limit.min(o);
         }

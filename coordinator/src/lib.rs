@@ -1,0 +1,5 @@
+//! The coordinator: membership, expert placement, scheduling, the generation loop over the
+//! always-active part of the model, the OpenAI-compatible API and the cluster status.
+
+pub mod dispatch;
+pub mod placement;

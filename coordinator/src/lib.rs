@@ -2,4 +2,5 @@
 //! always-active part of the model, the OpenAI-compatible API and the cluster status.
 
 pub mod dispatch;
+pub mod membership;
 pub mod placement;

@@ -339,7 +339,10 @@ impl ExpertResult {
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
-        if self.hidden == 0 || self.hidden > MAX_HIDDEN || !self.ys.len().is_multiple_of(self.hidden) {
+        if self.hidden == 0
+            || self.hidden > MAX_HIDDEN
+            || !self.ys.len().is_multiple_of(self.hidden)
+        {
             return Err(WireError::BadHidden(self.hidden));
         }
         let n = self.n_tokens();

@@ -100,6 +100,27 @@ fn text(field: &'static str, s: String, max: usize) -> Result<String, ConvertErr
     Ok(s)
 }
 
+/// PEM text: printable ASCII and line breaks.
+fn pem(field: &'static str, s: String) -> Result<String, ConvertError> {
+    if s.is_empty() {
+        return Err(ConvertError::Empty { field });
+    }
+    if s.len() > MAX_PEM_LEN {
+        return Err(ConvertError::TooLong {
+            field,
+            len: s.len(),
+            max: MAX_PEM_LEN,
+        });
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_graphic() || matches!(b, b' ' | b'\n' | b'\r'))
+    {
+        return Err(ConvertError::invalid(field, "is not PEM text"));
+    }
+    Ok(s)
+}
+
 fn nonempty(field: &'static str, s: String, max: usize) -> Result<String, ConvertError> {
     if s.is_empty() {
         return Err(ConvertError::Empty { field });
@@ -278,8 +299,8 @@ impl TryFrom<pb::JoinReply> for JoinReply {
     type Error = ConvertError;
     fn try_from(r: pb::JoinReply) -> Result<Self, ConvertError> {
         Ok(JoinReply {
-            worker_cert_pem: nonempty("worker_cert_pem", r.worker_cert_pem, MAX_PEM_LEN)?,
-            ca_cert_pem: nonempty("ca_cert_pem", r.ca_cert_pem, MAX_PEM_LEN)?,
+            worker_cert_pem: pem("worker_cert_pem", r.worker_cert_pem)?,
+            ca_cert_pem: pem("ca_cert_pem", r.ca_cert_pem)?,
         })
     }
 }

@@ -12,5 +12,5 @@
 
 pub mod control;
 pub mod grpc;
-
+pub mod trust;
 pub mod wire;

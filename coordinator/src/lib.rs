@@ -4,3 +4,5 @@
 pub mod dispatch;
 pub mod membership;
 pub mod placement;
+pub mod remote;
+pub mod server;

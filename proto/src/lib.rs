@@ -12,5 +12,6 @@
 
 pub mod control;
 pub mod grpc;
+pub mod stream;
 pub mod trust;
 pub mod wire;

@@ -975,6 +975,111 @@ impl From<u64> for pb::DrainRequest {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// A client in domain types
+
+/// A failed call: the server's status, or a reply that broke a bound.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+    #[error("invalid reply from the coordinator: {0}")]
+    Invalid(#[from] ConvertError),
+}
+
+impl From<tonic::Status> for RpcError {
+    fn from(s: tonic::Status) -> Self {
+        RpcError::Status(s)
+    }
+}
+
+impl RpcError {
+    /// The gRPC code (`Internal` for an invalid reply).
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            RpcError::Status(s) => s.code(),
+            RpcError::Invalid(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+/// The `Control` service for workers and the CLI, in domain types: requests are converted on
+/// the way out, replies validated on the way in. Cheap to clone (one HTTP/2 connection).
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: crate::grpc::ControlClient<tonic::transport::Channel>,
+}
+
+impl Client {
+    /// A client on a channel from [`crate::trust::connect`].
+    pub fn new(channel: tonic::transport::Channel) -> Self {
+        Client {
+            inner: crate::grpc::control_client(channel),
+        }
+    }
+
+    pub async fn join(&mut self, request: JoinRequest) -> Result<JoinReply, RpcError> {
+        let reply = self.inner.join(pb::JoinRequest::from(request)).await?;
+        Ok(JoinReply::try_from(reply.into_inner())?)
+    }
+
+    pub async fn hello(&mut self, hello: Hello) -> Result<HelloReply, RpcError> {
+        let reply = self.inner.hello(pb::HelloRequest::from(hello)).await?;
+        Ok(HelloReply::try_from(reply.into_inner())?)
+    }
+
+    /// The stream of this worker's assignments; it ends when the coordinator goes away.
+    pub async fn assignments(
+        &mut self,
+        worker_id: u64,
+    ) -> Result<
+        impl tokio_stream::Stream<Item = Result<Assignment, RpcError>> + Send + Unpin,
+        RpcError,
+    > {
+        use tokio_stream::StreamExt as _;
+        let stream = self
+            .inner
+            .assignments(pb::AssignmentsRequest::from(worker_id))
+            .await?
+            .into_inner();
+        Ok(stream.map(|item| Ok(Assignment::try_from(item?)?)))
+    }
+
+    pub async fn heartbeat(&mut self, heartbeat: Heartbeat) -> Result<HeartbeatReply, RpcError> {
+        let reply = self
+            .inner
+            .heartbeat(pb::HeartbeatRequest::from(heartbeat))
+            .await?;
+        Ok(HeartbeatReply::try_from(reply.into_inner())?)
+    }
+
+    /// The chunks of the requested range, each checked against its SHA-256.
+    pub async fn fetch_weights(
+        &mut self,
+        request: FetchRequest,
+    ) -> Result<impl tokio_stream::Stream<Item = Result<Chunk, RpcError>> + Send + Unpin, RpcError>
+    {
+        use tokio_stream::StreamExt as _;
+        let stream = self
+            .inner
+            .fetch_weights(pb::FetchRequest::from(request))
+            .await?
+            .into_inner();
+        Ok(stream.map(|item| Ok(Chunk::try_from(item?)?)))
+    }
+
+    pub async fn status(&mut self) -> Result<ClusterStatus, RpcError> {
+        let reply = self.inner.status(pb::StatusRequest {}).await?;
+        Ok(ClusterStatus::try_from(reply.into_inner())?)
+    }
+
+    /// Whether the coordinator accepted the drain.
+    pub async fn drain(&mut self, worker_id: u64) -> Result<bool, RpcError> {
+        let reply = self.inner.drain(pb::DrainRequest::from(worker_id)).await?;
+        Ok(reply.into_inner().accepted)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use proto::control::{self, Assignment, Chunk, Hello, LayerExperts, WorkerState};
-use proto::grpc::{control_client, control_server, pb, Control};
+use proto::grpc::{control_server, pb, Control};
 use proto::trust::{
     self, client_config, connect, peer_identity, peer_worker_name, quic_client_config,
     quic_peer_identity, quic_server_config, server_config, ClientAuth, ClusterCa, ConnectError,
@@ -196,7 +196,7 @@ async fn start_coordinator(tag: &str) -> Coordinator {
     }
 }
 
-fn hello(name: &str) -> pb::HelloRequest {
+fn hello(name: &str) -> Hello {
     Hello {
         name: name.into(),
         devices: vec![],
@@ -206,7 +206,6 @@ fn hello(name: &str) -> pb::HelloRequest {
         quic_ready: false,
         version: "test".into(),
     }
-    .into()
 }
 
 /// The worker's side of the join, as the daemon does it: only the printed token is known.
@@ -220,10 +219,13 @@ async fn join(addr: SocketAddr, token: &str, name: &str) -> Result<Identity, Sta
         name: name.into(),
         csr_der: key.csr_der().to_vec(),
     };
-    let reply = control_client(channel)
-        .join(pb::JoinRequest::from(request))
-        .await?;
-    let reply = control::JoinReply::try_from(reply.into_inner()).unwrap();
+    let reply = control::Client::new(channel)
+        .join(request)
+        .await
+        .map_err(|e| match e {
+            control::RpcError::Status(s) => s,
+            other => panic!("{other}"),
+        })?;
     Ok(key.into_identity(&reply, &token).unwrap())
 }
 
@@ -257,7 +259,7 @@ async fn hello_result(addr: SocketAddr, identity: &Identity) -> Result<(), Strin
     let channel = worker_channel(addr, identity)
         .await
         .map_err(|e| e.to_string())?;
-    control_client(channel)
+    control::Client::new(channel)
         .hello(hello("w"))
         .await
         .map(|_| ())
@@ -299,19 +301,30 @@ async fn join_then_mutual_tls() {
     let identity = Identity::load(&dir).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 
-    let mut client = control_client(worker_channel(coord.addr, &identity).await.unwrap());
-    let reply = client.hello(hello("box-1")).await.unwrap().into_inner();
-    let reply = control::HelloReply::try_from(reply).unwrap();
+    let mut client = control::Client::new(worker_channel(coord.addr, &identity).await.unwrap());
+    let reply = client.hello(hello("box-1")).await.unwrap();
     assert_eq!(reply.worker_id, 42);
     assert_eq!(*coord.hellos.lock().unwrap(), ["box-1"]);
+    // A worker may not claim another name than its certificate's.
+    let err = client.hello(hello("box-9")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let beat = client
+        .heartbeat(control::Heartbeat {
+            worker_id: 42,
+            state: WorkerState::Draining,
+            load_done_bytes: 0,
+            load_total_bytes: 0,
+            experts_loaded: 0,
+            served_requests: 0,
+            generation: 1,
+        })
+        .await
+        .unwrap();
+    assert!(beat.drain);
 
     // Server streaming works over the same channel, through the domain conversions.
-    let mut stream = client
-        .assignments(pb::AssignmentsRequest::from(42))
-        .await
-        .unwrap()
-        .into_inner();
-    let a = Assignment::try_from(stream.next().await.unwrap().unwrap()).unwrap();
+    let mut stream = client.assignments(42).await.unwrap();
+    let a: Assignment = stream.next().await.unwrap().unwrap();
     assert_eq!(a.experts[0].experts, [1, 2]);
     let request = control::FetchRequest {
         model_fingerprint: "m".into(),
@@ -319,14 +332,10 @@ async fn join_then_mutual_tls() {
         offset: 10,
         length: (control::MAX_CHUNK + 5) as u64,
     };
-    let mut chunks = client
-        .fetch_weights(pb::FetchRequest::from(request))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut chunks = client.fetch_weights(request).await.unwrap();
     let mut total = 0;
     while let Some(chunk) = chunks.next().await {
-        let chunk = Chunk::try_from(chunk.unwrap()).unwrap();
+        let chunk: Chunk = chunk.unwrap();
         assert_eq!(chunk.offset, 10 + total as u64);
         total += chunk.data.len();
     }
@@ -335,14 +344,10 @@ async fn join_then_mutual_tls() {
     // The coordinator's own identity works as a client too (the `cluster` CLI), as role
     // coordinator: not a worker.
     let cli = coord.ca.coordinator_identity(&[]).unwrap();
-    let mut cli_client = control_client(worker_channel(coord.addr, &cli).await.unwrap());
-    let status = cli_client
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut cli_client = control::Client::new(worker_channel(coord.addr, &cli).await.unwrap());
+    let status = cli_client.status().await.unwrap();
     assert_eq!(status.model, "seen by Coordinator");
-    let err = cli_client.hello(hello("coordinator")).await.unwrap_err();
+    let err = cli_client.drain(42).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(coord.rejected.load(Ordering::Relaxed), 0);
 }
@@ -394,12 +399,12 @@ async fn rpc_without_client_certificate_is_refused() {
     let channel = connect(&coord.addr.to_string(), Arc::new(config))
         .await
         .unwrap();
-    let err = control_client(channel)
+    let err = control::Client::new(channel)
         .hello(hello("box-3"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    assert!(err.message().contains("certificate"), "{}", err.message());
+    assert!(err.to_string().contains("certificate"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

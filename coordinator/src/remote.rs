@@ -90,14 +90,16 @@ impl Routes {
             .or_default();
     }
 
-    /// Forgets `id`'s connection (if it is still `conn`, when given).
-    pub fn disconnect(&self, id: WorkerId, conn: Option<&quinn::Connection>) {
+    /// Forgets `id`'s connection (only if it is still `conn`, when given); whether it did.
+    pub fn disconnect(&self, id: WorkerId, conn: Option<&quinn::Connection>) -> bool {
         let mut g = self.conns.write().expect("routes lock");
         if let Some((_, c)) = g.get(&id) {
             if conn.is_none_or(|x| x.stable_id() == c.stable_id()) {
                 g.remove(&id);
+                return true;
             }
         }
+        false
     }
 
     pub fn is_connected(&self, id: WorkerId) -> bool {

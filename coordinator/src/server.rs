@@ -235,7 +235,7 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
             }
             Action::Lost { worker, name } => {
                 tracing::warn!("worker {worker} ({name}) lost: its experts are unavailable");
-                shared.routes.disconnect(worker, None);
+                let _ = shared.routes.disconnect(worker, None);
             }
             Action::PlanFailed(e) => tracing::error!("cannot place the experts: {e}"),
             Action::Serving(s) => {
@@ -287,7 +287,10 @@ async fn accept_quic(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             shared.routes.connect(id, peer.name.clone(), conn.clone());
             let why = conn.closed().await;
             tracing::warn!("data plane of {} closed: {why}", peer.name);
-            shared.routes.disconnect(id, Some(&conn));
+            if !shared.routes.disconnect(id, Some(&conn)) {
+                // An older connection of a worker that has reconnected since.
+                return;
+            }
             let actions = {
                 let mut m = shared.membership.lock().expect("membership lock");
                 m.handle_disconnect(Instant::now(), id);
@@ -521,6 +524,13 @@ impl grpc::Control for Service {
         let hb = control::Heartbeat::try_from(req.into_inner()).map_err(bad)?;
         let actions = {
             let mut m = self.0.membership.lock().expect("membership lock");
+            if m.worker(id).is_some_and(|w| w.state == membership::WorkerState::Lost) {
+                // Declared lost (silent too long): its experts may have moved. A new session
+                // (hello, assignment) brings it back in.
+                return Err(Status::failed_precondition(
+                    "this worker was declared lost; reconnect and say hello again",
+                ));
+            }
             m.handle_report(
                 Instant::now(),
                 id,

@@ -14,6 +14,7 @@ use engine::model::ModelFile;
 use engine::sampling::SamplingParams;
 
 mod bench;
+mod serve;
 mod synth;
 
 #[derive(Parser)]
@@ -35,6 +36,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a deterministic synthetic DeepSeek-V3-shaped model (GGUF).
     Synth(synth::SynthArgs),
+    /// Run the cluster: hold the dense part, place the experts on workers, serve.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args)]
@@ -104,6 +107,7 @@ fn main() -> Result<()> {
         Command::Generate(a) => run_generate(a),
         Command::Bench(a) => bench::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

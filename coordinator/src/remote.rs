@@ -111,7 +111,11 @@ impl Routes {
     }
 
     fn owners(&self, layer: u32) -> Option<Arc<Vec<WorkerId>>> {
-        self.owners.read().expect("routes lock").get(&layer).cloned()
+        self.owners
+            .read()
+            .expect("routes lock")
+            .get(&layer)
+            .cloned()
     }
 
     fn conn(&self, id: WorkerId) -> Option<(String, quinn::Connection)> {
@@ -134,7 +138,7 @@ pub struct RemoteExperts {
     routes: Arc<Routes>,
     cfg: RemoteConfig,
     /// Experts this process holds itself, under its own worker id (no network hop).
-    local: Option<(WorkerId, Arc<LocalExperts>)>,
+    local: RwLock<Option<(WorkerId, Arc<LocalExperts>)>>,
     next_id: AtomicU64,
     pending: Mutex<Option<Pending>>,
 }
@@ -163,10 +167,19 @@ impl RemoteExperts {
             rt,
             routes,
             cfg,
-            local,
+            local: RwLock::new(local),
             next_id: AtomicU64::new(1),
             pending: Mutex::new(None),
         }
+    }
+
+    /// Sets (or clears) the experts this process holds itself.
+    pub fn set_local(&self, local: Option<(WorkerId, Arc<LocalExperts>)>) {
+        *self.local.write().expect("local lock") = local;
+    }
+
+    fn local(&self) -> Option<(WorkerId, Arc<LocalExperts>)> {
+        self.local.read().expect("local lock").clone()
     }
 
     fn send(&self, layer: usize, xs: &[f32], routing: &Routing) -> Result<Pending, ExpertError> {
@@ -177,17 +190,19 @@ impl RemoteExperts {
         })?;
         let owners_idx: Vec<usize> = owners.iter().map(|&o| o as usize).collect();
         let mut batches =
-            dispatch::split(l, xs, self.cfg.hidden, routing, &owners_idx, self.cfg.dtype)
-                .map_err(|e| ExpertError::Unavailable {
+            dispatch::split(l, xs, self.cfg.hidden, routing, &owners_idx, self.cfg.dtype).map_err(
+                |e| ExpertError::Unavailable {
                     layer,
                     detail: e.to_string(),
-                })?;
+                },
+            )?;
         let (tx, rx) = mpsc::channel();
         let mut sent = 0;
         let mut unsent = Vec::new();
+        let local = self.local().map(|(id, _)| id);
         for (i, b) in batches.iter_mut().enumerate() {
             let wid = b.worker as WorkerId;
-            if self.local.as_ref().is_some_and(|(id, _)| *id == wid) {
+            if local == Some(wid) {
                 continue;
             }
             let Some((name, conn)) = self.routes.conn(wid) else {
@@ -201,7 +216,9 @@ impl RemoteExperts {
                 continue;
             }
             let stats = self.routes.stats(wid).unwrap_or_default();
-            stats.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            stats
+                .bytes_out
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             let tx = tx.clone();
             let id = b.request.request_id;
             let t0 = Instant::now();
@@ -296,7 +313,8 @@ impl RoutedExperts for RemoteExperts {
             return Err(self.missing(layer, &p, &p.unsent));
         }
         // Our own experts first, while the workers compute theirs.
-        if let Some((wid, local)) = &self.local {
+        let local = self.local();
+        if let Some((wid, local)) = &local {
             let h = self.cfg.hidden;
             for b in p.batches.iter().filter(|b| b.worker as WorkerId == *wid) {
                 let mut pairs = Vec::with_capacity(b.request.experts.len());
@@ -322,7 +340,8 @@ impl RoutedExperts for RemoteExperts {
                 Ok((i, r, _)) => {
                     got += 1;
                     answered[i] = true;
-                    let r = r.and_then(|res| p.batches[i].combine(&res, out).map_err(|e| e.to_string()));
+                    let r = r
+                        .and_then(|res| p.batches[i].combine(&res, out).map_err(|e| e.to_string()));
                     if let Err(e) = r {
                         failed.push((i, e));
                     }
@@ -331,8 +350,8 @@ impl RoutedExperts for RemoteExperts {
                     // Deadline: every remote batch without an answer has failed.
                     for (i, b) in p.batches.iter().enumerate() {
                         let wid = b.worker as WorkerId;
-                        let local = self.local.as_ref().is_some_and(|(id, _)| *id == wid);
-                        if !local && !answered[i] {
+                        let here = local.as_ref().is_some_and(|(id, _)| *id == wid);
+                        if !here && !answered[i] {
                             failed.push((
                                 i,
                                 format!(

@@ -47,7 +47,21 @@ pub struct ClusterOptions {
     pub request_timeout: Duration,
     /// Extra names (DNS or IP) for the coordinator's certificate.
     pub names: Vec<String>,
+    /// Experts held by this process too (an in-process worker: no network hop).
+    pub local: Option<LocalWorker>,
 }
+
+/// The coordinator's own share of the experts.
+pub struct LocalWorker {
+    /// Bytes of memory for experts.
+    pub memory: u64,
+    /// Measured expert throughput, GB/s.
+    pub speed: f64,
+    pub model: Arc<engine::model::ModelFile>,
+}
+
+/// The in-process worker's name in membership and status.
+pub const LOCAL_NAME: &str = "coordinator";
 
 /// Extra facts about workers that membership does not need.
 #[derive(Clone, Default)]
@@ -67,6 +81,9 @@ struct Shared {
     routes: Arc<Routes>,
     serving: watch::Sender<bool>,
     data_port: u16,
+    experts: Arc<RemoteExperts>,
+    /// The in-process worker: its id and `(generation, loaded)` of its assignment.
+    local: Option<(WorkerId, Mutex<(u64, bool)>)>,
 }
 
 /// A running cluster front: control plane, data plane, membership.
@@ -120,11 +137,23 @@ impl Cluster {
                 },
             })
             .collect();
-        let membership = Membership::new(membership::Config {
+        let mut membership = Membership::new(membership::Config {
             min_workers: opts.min_workers,
             heartbeat_timeout: opts.heartbeat_timeout,
             layers,
         });
+        let local = opts.local.as_ref().map(|l| {
+            let id = membership.handle_hello(
+                Instant::now(),
+                membership::Hello {
+                    name: LOCAL_NAME.into(),
+                    memory: l.memory,
+                    speed: l.speed.max(1e-3),
+                },
+            );
+            (id, Mutex::new((0, false)))
+        });
+        let first: Vec<Action> = std::iter::from_fn(|| membership.poll_action()).collect();
         let routes = Arc::new(Routes::default());
         let experts = Arc::new(RemoteExperts::new(
             tokio::runtime::Handle::current(),
@@ -146,7 +175,10 @@ impl Cluster {
             routes,
             serving: watch::channel(false).0,
             data_port: addr.port(),
+            experts: experts.clone(),
+            local,
         });
+        apply(&shared, first);
 
         let mut tasks = Vec::new();
         let svc = grpc::control_server(Service(shared.clone()));
@@ -201,6 +233,19 @@ async fn drive(shared: Arc<Shared>) {
         tick.tick().await;
         let actions = {
             let mut m = shared.membership.lock().expect("membership lock");
+            if let Some((id, st)) = &shared.local {
+                let (generation, loaded) = *st.lock().expect("local lock");
+                m.handle_report(
+                    Instant::now(),
+                    *id,
+                    Report {
+                        generation,
+                        loaded,
+                        done_bytes: 0,
+                        total_bytes: 0,
+                    },
+                );
+            }
             m.handle_tick(Instant::now());
             let acts: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
             acts
@@ -219,6 +264,13 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
                 experts,
             } => {
                 replan = true;
+                if let Some((id, st)) = &shared.local {
+                    if *id == worker {
+                        *st.lock().expect("local lock") = (generation, false);
+                        load_local(shared, worker, generation, experts);
+                        continue;
+                    }
+                }
                 let assignment = control::Assignment {
                     generation,
                     model_fingerprint: shared.opts.model_fingerprint.clone(),
@@ -256,6 +308,38 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
             }
         }
     }
+}
+
+/// Loads the in-process worker's assignment on a blocking thread, then reports it loaded.
+fn load_local(shared: &Arc<Shared>, id: WorkerId, generation: u64, experts: Vec<(u32, Vec<u32>)>) {
+    let Some(model) = shared.opts.local.as_ref().map(|l| l.model.clone()) else {
+        return;
+    };
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let filter = engine::model::weights::ExpertFilter::Only(
+            experts
+                .iter()
+                .flat_map(|(l, es)| es.iter().map(move |&e| (*l as usize, e as usize)))
+                .collect(),
+        );
+        match model.load_experts(&filter) {
+            Ok(local) => {
+                shared.experts.set_local(Some((id, Arc::new(local))));
+                if let Some((_, st)) = &shared.local {
+                    let mut g = st.lock().expect("local lock");
+                    if g.0 == generation {
+                        g.1 = true;
+                    }
+                }
+                tracing::info!(
+                    "this process holds {} experts itself",
+                    experts.iter().map(|e| e.1.len()).sum::<usize>()
+                );
+            }
+            Err(e) => tracing::error!("loading this process's own experts failed: {e}"),
+        }
+    });
 }
 
 /// Accepts workers' data-plane connections; the certificate names the worker.
@@ -399,14 +483,8 @@ type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> +
 
 #[tonic::async_trait]
 impl grpc::Control for Service {
-    async fn join(
-        &self,
-        req: Request<pb::JoinRequest>,
-    ) -> Result<Response<pb::JoinReply>, Status> {
-        let from = req
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let r = control::JoinRequest::try_from(req.into_inner()).map_err(bad)?;
         match self.0.ca.handle_join(&r) {
             Ok(reply) => {
@@ -426,10 +504,7 @@ impl grpc::Control for Service {
     ) -> Result<Response<pb::HelloReply>, Status> {
         let name = trust::peer_worker_name(&req)
             .ok_or_else(|| Status::unauthenticated("a worker certificate is required"))?;
-        let address = req
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let address = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let h = control::Hello::try_from(req.into_inner()).map_err(bad)?;
         if h.name != name {
             return Err(Status::permission_denied(format!(
@@ -509,9 +584,8 @@ impl grpc::Control for Service {
                 .subscribe()
         };
         let stream = tokio_stream::wrappers::WatchStream::new(rx);
-        let stream = tokio_stream::StreamExt::filter_map(stream, |a| {
-            a.map(|a| Ok(pb::Assignment::from(a)))
-        });
+        let stream =
+            tokio_stream::StreamExt::filter_map(stream, |a| a.map(|a| Ok(pb::Assignment::from(a))));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -524,7 +598,9 @@ impl grpc::Control for Service {
         let hb = control::Heartbeat::try_from(req.into_inner()).map_err(bad)?;
         let actions = {
             let mut m = self.0.membership.lock().expect("membership lock");
-            if m.worker(id).is_some_and(|w| w.state == membership::WorkerState::Lost) {
+            if m.worker(id)
+                .is_some_and(|w| w.state == membership::WorkerState::Lost)
+            {
                 // Declared lost (silent too long): its experts may have moved. A new session
                 // (hello, assignment) brings it back in.
                 return Err(Status::failed_precondition(
@@ -587,7 +663,9 @@ impl grpc::Control for Service {
             return Err(Status::unauthenticated("a cluster certificate is required"));
         };
         if peer.role != trust::Role::Coordinator {
-            return Err(Status::permission_denied("only the operator may drain workers"));
+            return Err(Status::permission_denied(
+                "only the operator may drain workers",
+            ));
         }
         let id = req.into_inner().worker_id;
         let known = self

@@ -86,7 +86,10 @@ fn forward_on_thread(
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn argmax_rows(l: &[f32], vocab: usize) -> Vec<usize> {
@@ -132,6 +135,7 @@ fn two_workers_serve_the_experts_survive_a_loss_and_refuse_a_wrong_token() {
             heartbeat_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(3),
             names: vec![],
+            local: None,
         }))
         .unwrap();
     let addr = cluster.addr.to_string();
@@ -141,7 +145,14 @@ fn two_workers_serve_the_experts_survive_a_loss_and_refuse_a_wrong_token() {
     let mut bad_token: proto::trust::JoinToken = token.parse().unwrap();
     bad_token.secret[0] ^= 1;
     let out = Command::new(worker_bin())
-        .args(["--coordinator", &addr, "--name", "intruder", "--threads", "1"])
+        .args([
+            "--coordinator",
+            &addr,
+            "--name",
+            "intruder",
+            "--threads",
+            "1",
+        ])
         .args(["--memory", "1", "--join-token", &bad_token.to_string()])
         .arg("--model")
         .arg(&path)
@@ -153,8 +164,22 @@ fn two_workers_serve_the_experts_survive_a_loss_and_refuse_a_wrong_token() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused"), "{err}");
 
-    let w1 = spawn_worker(&addr, Some(&token), &path, &dir.path().join("w1"), "w1", HALF);
-    let w2 = spawn_worker(&addr, Some(&token), &path, &dir.path().join("w2"), "w2", HALF);
+    let w1 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w1"),
+        "w1",
+        HALF,
+    );
+    let w2 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w2"),
+        "w2",
+        HALF,
+    );
     assert!(
         rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
         "the cluster never became ready: {:?}",
@@ -195,7 +220,14 @@ fn two_workers_serve_the_experts_survive_a_loss_and_refuse_a_wrong_token() {
     // Now w1 is lost for good; a new worker with room takes over its experts.
     drop(w1);
     expect_gap(&cluster, &model, &experts, &tokens, "w1");
-    let _w3 = spawn_worker(&addr, Some(&token), &path, &dir.path().join("w3"), "w3", "1");
+    let _w3 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w3"),
+        "w3",
+        "1",
+    );
     assert!(
         rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
         "the new worker never took over: {:?}",

@@ -11,7 +11,10 @@ use tokio::sync::{mpsc, oneshot};
 /// Requests waiting for the compute thread (beyond these, senders wait).
 pub const QUEUE_DEPTH: usize = 32;
 
-type Job = (ExpertRequest, oneshot::Sender<Result<ExpertResult, ErrorFrame>>);
+type Job = (
+    ExpertRequest,
+    oneshot::Sender<Result<ExpertResult, ErrorFrame>>,
+);
 
 /// A handle to the compute thread. Cloning is cheap; the thread stops when every handle is
 /// dropped.
@@ -24,12 +27,7 @@ pub struct Executor {
 impl Executor {
     /// Starts the compute thread over `experts`.
     pub fn start(experts: Arc<LocalExperts>) -> Executor {
-        let held = Arc::new(
-            experts
-                .held()
-                .map(|(l, e)| (l as u32, e as u32))
-                .collect(),
-        );
+        let held = Arc::new(experts.held().map(|(l, e)| (l as u32, e as u32)).collect());
         let (tx, mut rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
         std::thread::Builder::new()
             .name("expert-compute".into())

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use engine::model::weights::ExpertFilter;
 use engine::model::moe::LocalExperts;
+use engine::model::weights::ExpertFilter;
 use engine::model::ModelFile;
 use proto::control::{self, Assignment, Heartbeat, Hello, JoinRequest, WorkerState};
 use proto::trust::{self, Identity, JoinToken, Trust, WorkerKey};
@@ -64,10 +64,33 @@ pub async fn ensure_identity(opts: &Options) -> Result<Identity> {
         )
     })?;
     let key = WorkerKey::generate(&opts.name)?;
-    let tls = trust::client_config(None, Trust::Fingerprint(token.ca_fingerprint))?;
-    let channel = trust::connect(&opts.coordinator, Arc::new(tls))
-        .await
-        .with_context(|| format!("joining {}", opts.coordinator))?;
+    let tls = Arc::new(trust::client_config(
+        None,
+        Trust::Fingerprint(token.ca_fingerprint),
+    )?);
+    // The coordinator may not be up yet: retry plain connection failures with backoff; a
+    // coordinator with the wrong CA is an error at once.
+    let mut backoff = Duration::from_millis(500);
+    let channel = loop {
+        match trust::connect(&opts.coordinator, tls.clone()).await {
+            Ok(c) => break c,
+            Err(
+                e @ (trust::ConnectError::UntrustedCa(_)
+                | trust::ConnectError::Tls(_)
+                | trust::ConnectError::Address(_)),
+            ) => {
+                return Err(anyhow!(e).context(format!("joining {}", opts.coordinator)));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot reach {} yet ({e}); retrying in {backoff:?}",
+                    opts.coordinator
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
     let mut client = control::Client::new(channel);
     let reply = client
         .join(JoinRequest {
@@ -225,10 +248,7 @@ async fn follow_assignments(
             .flat_map(|l| l.experts.iter().map(move |&e| (l.layer, e)))
             .collect();
         progress.generation.store(0, Ordering::Relaxed);
-        let same = loaded
-            .borrow()
-            .as_ref()
-            .is_some_and(|x| *x.held() == want);
+        let same = loaded.borrow().as_ref().is_some_and(|x| *x.held() == want);
         if !same {
             *progress.state.lock().expect("progress lock") = Some(WorkerState::Loading);
             tracing::info!(
@@ -260,7 +280,9 @@ async fn load(
     progress: &Arc<Progress>,
 ) -> Result<LocalExperts> {
     let model = opts.model.clone().ok_or_else(|| {
-        anyhow!("this worker has no copy of the model (--model) and weight streaming is not available")
+        anyhow!(
+            "this worker has no copy of the model (--model) and weight streaming is not available"
+        )
     })?;
     if model.fingerprint() != a.model_fingerprint {
         bail!(

@@ -11,7 +11,12 @@ fn worker() -> Command {
 fn a_malformed_join_token_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let out = worker()
-        .args(["--coordinator", "127.0.0.1:9", "--join-token", "not-a-token"])
+        .args([
+            "--coordinator",
+            "127.0.0.1:9",
+            "--join-token",
+            "not-a-token",
+        ])
         .arg("--state-dir")
         .arg(dir.path())
         .output()

@@ -14,6 +14,7 @@ use engine::model::ModelFile;
 use engine::sampling::SamplingParams;
 
 mod bench;
+mod serve;
 mod synth;
 
 #[derive(Parser)]
@@ -38,6 +39,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a deterministic synthetic DeepSeek-V3-shaped model (GGUF).
     Synth(synth::SynthArgs),
+    /// Run the cluster: hold the dense part, place the experts on workers, serve.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args)]
@@ -111,6 +114,7 @@ fn main() -> Result<()> {
         Some(Command::Generate(a)) => run_generate(a),
         Some(Command::Bench(a)) => bench::run(a),
         Some(Command::Synth(a)) => synth::run(a),
+        Some(Command::Serve(a)) => serve::run(a),
         None => bail!("no command given (see --help)"),
     }
 }

@@ -792,3 +792,16 @@ pub fn gpu_matvec_gbps(
         gbps: m.data.len() as f64 / ns as f64,
     })
 }
+
+/// A quick estimate (about a quarter of a second) of expert throughput on this machine: GB/s of
+/// Q4_K weights through the decode matvec at the 671B's expert shape. What a worker reports so
+/// that placement can give faster boxes more experts.
+pub fn quick_expert_gbps(threads: usize) -> f64 {
+    let cfg = BenchConfig {
+        weight_bytes_min: 64 << 20,
+        calls_min: 8,
+        time_min: Duration::from_millis(200),
+        ..BenchConfig::smoke()
+    };
+    matvec_with(QuantType::Q4_K, 2048, 7168, threads, 1.0, &cfg).gbps
+}

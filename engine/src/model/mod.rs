@@ -220,6 +220,54 @@ impl ModelFile {
         Ok(Model::new(self.config.clone(), weights))
     }
 
+    /// A short identity of the model's content: a 64-bit FNV-1a hash over every tensor's name,
+    /// type, shape, size and first bytes, as `fnv64:<hex>`. Two copies of the same file agree;
+    /// different quantisations or models do not. (Not a security measure: peers are
+    /// authenticated by TLS; this catches a worker pointed at the wrong file.)
+    pub fn fingerprint(&self) -> String {
+        let mut names = self.source.names();
+        names.sort();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |b: &[u8]| {
+            for &x in b {
+                h ^= x as u64;
+                h = h.wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        for name in &names {
+            eat(name.as_bytes());
+            if let Ok(t) = self.source.tensor(name) {
+                eat(t.ty.name().as_bytes());
+                for d in &t.shape {
+                    eat(&(*d as u64).to_le_bytes());
+                }
+                eat(&(t.data.len() as u64).to_le_bytes());
+                eat(&t.data[..t.data.len().min(64)]);
+            }
+        }
+        format!("fnv64:{h:016x}")
+    }
+
+    /// Per MoE layer: `(layer, routed experts, bytes of one expert as stored)`, the input of
+    /// expert placement. Reads tensor headers only (expert 0's slices of every layer).
+    pub fn expert_layout(&self) -> Result<Vec<(usize, usize, u64)>, LoadError> {
+        let c = &self.config;
+        let firsts: std::collections::HashSet<(usize, usize)> = (0..c.n_layers)
+            .filter(|&l| c.is_moe_layer(l))
+            .map(|l| (l, 0))
+            .collect();
+        let sets = self.load_experts(&ExpertFilter::Only(firsts))?;
+        Ok(sets
+            .layers
+            .iter()
+            .enumerate()
+            .filter_map(|(l, set)| {
+                let mlp = set.as_ref()?.experts.first()?.as_ref()?;
+                Some((l, c.n_routed, mlp.bytes() as u64))
+            })
+            .collect())
+    }
+
     /// Loads the routed experts that `filter` selects.
     pub fn load_experts(&self, filter: &ExpertFilter) -> Result<LocalExperts, LoadError> {
         let layers =
@@ -362,8 +410,10 @@ impl Model {
                 }
                 Ffn::Moe(mw) => {
                     moe::route(c, mw, &ws.xn, n, &mut ws.routing, &mut ws.router);
+                    // Routed experts may be computed elsewhere: send them off first, compute
+                    // the shared expert meanwhile, then collect.
+                    experts.begin(l, &ws.xn, &ws.routing)?;
                     ws.branch.fill(0.0);
-                    experts.eval(l, &ws.xn, &ws.routing, &mut ws.branch, &mut ws.moe)?;
                     if let Some(sh) = &mw.shared {
                         moe::mlp_forward(
                             sh,
@@ -371,11 +421,11 @@ impl Model {
                             n,
                             &mut ws.gate,
                             &mut ws.up,
-                            &mut ws.shared,
+                            &mut ws.branch,
                             &mut ws.act,
                         );
-                        ops::add_into(&mut ws.branch, &ws.shared);
                     }
+                    experts.eval(l, &ws.xn, &ws.routing, &mut ws.branch, &mut ws.moe)?;
                     ops::add_into(&mut ws.x, &ws.branch);
                     if ws.trace.is_some() {
                         ws.routing_trace.push(ws.routing.clone());

@@ -72,6 +72,18 @@ pub struct Mlp {
     pub down: Matrix,
 }
 
+impl Mlp {
+    /// Bytes of the three matrices as stored (FP8 block scales not counted).
+    pub fn bytes(&self) -> usize {
+        self.gate.data.len() + self.up.data.len() + self.down.data.len()
+    }
+
+    /// The stored bytes of its three matrices.
+    pub fn data(&self) -> [&crate::Bytes; 3] {
+        [&self.gate.data, &self.up.data, &self.down.data]
+    }
+}
+
 /// The routed-expert part of a MoE layer held in this process: `experts[e]` is `None` for
 /// experts that live elsewhere.
 pub struct ExpertSet {

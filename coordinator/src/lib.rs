@@ -1,0 +1,8 @@
+//! The coordinator: membership, expert placement, scheduling, the generation loop over the
+//! always-active part of the model, the OpenAI-compatible API and the cluster status.
+
+pub mod dispatch;
+pub mod membership;
+pub mod placement;
+pub mod remote;
+pub mod server;

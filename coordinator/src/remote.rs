@@ -1,0 +1,373 @@
+//! The coordinator's side of the data plane: [`RemoteExperts`] implements the engine's
+//! `RoutedExperts` by sending each MoE layer's work to the workers that hold the chosen experts
+//! over their QUIC connections, and adding up the partial sums they return.
+//!
+//! The forward pass runs on a plain thread (never on the async runtime); `begin` spawns one
+//! task per worker batch on the runtime and returns at once, so the shared expert is computed
+//! while the workers compute; `eval` waits for the answers with a deadline. A worker that is
+//! missing, closes its stream, answers with an error or misses the deadline makes the layer fail
+//! with an error that names the worker and the experts it was asked for.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use engine::model::moe::{ExpertError, LocalExperts, MoeScratch, Pair, RoutedExperts, Routing};
+use proto::stream::{read_frame, write_bytes, StreamError};
+use proto::wire::{Dtype, ExpertResult, Frame};
+
+use crate::dispatch::{self, Batch};
+use crate::membership::WorkerId;
+
+/// Round-trip samples kept per worker for percentiles.
+const RTT_SAMPLES: usize = 1024;
+
+/// Per-worker data-plane counters.
+#[derive(Default, Debug)]
+pub struct WorkerStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    /// Recent round trips in microseconds (ring buffer).
+    rtt: Mutex<(Vec<u32>, usize)>,
+}
+
+impl WorkerStats {
+    fn record_rtt(&self, d: Duration) {
+        let us = d.as_micros().min(u32::MAX as u128) as u32;
+        let mut g = self.rtt.lock().expect("rtt lock");
+        let (v, at) = &mut *g;
+        if v.len() < RTT_SAMPLES {
+            v.push(us);
+        } else {
+            v[*at] = us;
+        }
+        *at = (*at + 1) % RTT_SAMPLES;
+    }
+
+    /// `(p50, p99)` of recent round trips in microseconds.
+    pub fn rtt_percentiles(&self) -> Option<(u32, u32)> {
+        let mut v = self.rtt.lock().expect("rtt lock").0.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Some((p(0.5), p(0.99)))
+    }
+}
+
+/// Who holds what, and how to reach them: shared by the control plane (which updates it) and
+/// [`RemoteExperts`] (which reads it on every layer).
+#[derive(Default)]
+pub struct Routes {
+    /// Per model layer: the holder of each expert.
+    owners: RwLock<HashMap<u32, Arc<Vec<WorkerId>>>>,
+    /// Live data-plane connections of ready workers.
+    conns: RwLock<HashMap<WorkerId, (String, quinn::Connection)>>,
+    stats: RwLock<HashMap<WorkerId, Arc<WorkerStats>>>,
+}
+
+impl Routes {
+    pub fn set_owners(&self, layer: u32, owners: Vec<WorkerId>) {
+        self.owners
+            .write()
+            .expect("routes lock")
+            .insert(layer, Arc::new(owners));
+    }
+
+    pub fn connect(&self, id: WorkerId, name: String, conn: quinn::Connection) {
+        self.conns
+            .write()
+            .expect("routes lock")
+            .insert(id, (name, conn));
+        self.stats
+            .write()
+            .expect("routes lock")
+            .entry(id)
+            .or_default();
+    }
+
+    /// Forgets `id`'s connection (only if it is still `conn`, when given); whether it did.
+    pub fn disconnect(&self, id: WorkerId, conn: Option<&quinn::Connection>) -> bool {
+        let mut g = self.conns.write().expect("routes lock");
+        if let Some((_, c)) = g.get(&id) {
+            if conn.is_none_or(|x| x.stable_id() == c.stable_id()) {
+                g.remove(&id);
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn is_connected(&self, id: WorkerId) -> bool {
+        self.conns.read().expect("routes lock").contains_key(&id)
+    }
+
+    pub fn stats(&self, id: WorkerId) -> Option<Arc<WorkerStats>> {
+        self.stats.read().expect("routes lock").get(&id).cloned()
+    }
+
+    fn owners(&self, layer: u32) -> Option<Arc<Vec<WorkerId>>> {
+        self.owners
+            .read()
+            .expect("routes lock")
+            .get(&layer)
+            .cloned()
+    }
+
+    fn conn(&self, id: WorkerId) -> Option<(String, quinn::Connection)> {
+        self.conns.read().expect("routes lock").get(&id).cloned()
+    }
+}
+
+/// Settings of the data plane.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    pub hidden: usize,
+    pub dtype: Dtype,
+    /// Longest wait for one layer's answers.
+    pub timeout: Duration,
+}
+
+/// Routed experts held by workers (and optionally by this process).
+pub struct RemoteExperts {
+    rt: tokio::runtime::Handle,
+    routes: Arc<Routes>,
+    cfg: RemoteConfig,
+    /// Experts this process holds itself, under its own worker id (no network hop).
+    local: RwLock<Option<(WorkerId, Arc<LocalExperts>)>>,
+    next_id: AtomicU64,
+    pending: Mutex<Option<Pending>>,
+}
+
+type Answer = (usize, Result<ExpertResult, String>, Duration);
+
+struct Pending {
+    layer: usize,
+    batches: Vec<Batch>,
+    /// Batches that went out, by index into `batches`.
+    sent: usize,
+    rx: mpsc::Receiver<Answer>,
+    /// Batches that could not be sent (worker not connected): index and reason.
+    unsent: Vec<(usize, String)>,
+    started: Instant,
+}
+
+impl RemoteExperts {
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        routes: Arc<Routes>,
+        cfg: RemoteConfig,
+        local: Option<(WorkerId, Arc<LocalExperts>)>,
+    ) -> Self {
+        RemoteExperts {
+            rt,
+            routes,
+            cfg,
+            local: RwLock::new(local),
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(None),
+        }
+    }
+
+    /// Sets (or clears) the experts this process holds itself.
+    pub fn set_local(&self, local: Option<(WorkerId, Arc<LocalExperts>)>) {
+        *self.local.write().expect("local lock") = local;
+    }
+
+    fn local(&self) -> Option<(WorkerId, Arc<LocalExperts>)> {
+        self.local.read().expect("local lock").clone()
+    }
+
+    fn send(&self, layer: usize, xs: &[f32], routing: &Routing) -> Result<Pending, ExpertError> {
+        let l = layer as u32;
+        let owners = self.routes.owners(l).ok_or(ExpertError::Unavailable {
+            layer,
+            detail: "no placement for this layer".into(),
+        })?;
+        let owners_idx: Vec<usize> = owners.iter().map(|&o| o as usize).collect();
+        let mut batches =
+            dispatch::split(l, xs, self.cfg.hidden, routing, &owners_idx, self.cfg.dtype).map_err(
+                |e| ExpertError::Unavailable {
+                    layer,
+                    detail: e.to_string(),
+                },
+            )?;
+        let (tx, rx) = mpsc::channel();
+        let mut sent = 0;
+        let mut unsent = Vec::new();
+        let local = self.local().map(|(id, _)| id);
+        for (i, b) in batches.iter_mut().enumerate() {
+            let wid = b.worker as WorkerId;
+            if local == Some(wid) {
+                continue;
+            }
+            let Some((name, conn)) = self.routes.conn(wid) else {
+                unsent.push((i, format!("worker {wid} is not connected")));
+                continue;
+            };
+            b.request.request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let mut bytes = Vec::new();
+            if let Err(e) = b.request.encode(&mut bytes) {
+                unsent.push((i, e.to_string()));
+                continue;
+            }
+            let stats = self.routes.stats(wid).unwrap_or_default();
+            stats
+                .bytes_out
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let tx = tx.clone();
+            let id = b.request.request_id;
+            let t0 = Instant::now();
+            self.rt.spawn(async move {
+                let r = round_trip(&conn, &bytes, id).await;
+                let r = r.map_err(|e| format!("worker {name:?}: {e}"));
+                let dt = t0.elapsed();
+                match &r {
+                    Ok(res) => {
+                        stats.requests.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .bytes_in
+                            .fetch_add((res.ys.len() * res.dtype.size()) as u64, Ordering::Relaxed);
+                        stats.record_rtt(dt);
+                    }
+                    Err(_) => {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let _ = tx.send((i, r, dt));
+            });
+            sent += 1;
+        }
+        Ok(Pending {
+            layer,
+            batches,
+            sent,
+            rx,
+            unsent,
+            started: Instant::now(),
+        })
+    }
+
+    fn missing(&self, layer: usize, p: &Pending, failed: &[(usize, String)]) -> ExpertError {
+        let mut parts = Vec::new();
+        for (i, why) in failed {
+            let b = &p.batches[*i];
+            let mut es: Vec<u16> = b.request.experts.clone();
+            es.sort_unstable();
+            es.dedup();
+            parts.push(format!("{why} (experts {es:?})"));
+        }
+        ExpertError::Unavailable {
+            layer,
+            detail: parts.join("; "),
+        }
+    }
+}
+
+async fn round_trip(
+    conn: &quinn::Connection,
+    bytes: &[u8],
+    id: u64,
+) -> Result<ExpertResult, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_bytes(&mut send, bytes)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    match read_frame(&mut recv).await {
+        Ok(Frame::Result(r)) if r.request_id == id => Ok(r),
+        Ok(Frame::Error(e)) => Err(format!("refused (code {}): {}", e.code, e.message)),
+        Ok(f) => Err(format!(
+            "unexpected answer (request {} for {id})",
+            f.request_id()
+        )),
+        Err(StreamError::Closed) => Err("closed the stream".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl RoutedExperts for RemoteExperts {
+    fn begin(&self, layer: usize, xs: &[f32], routing: &Routing) -> Result<(), ExpertError> {
+        let p = self.send(layer, xs, routing)?;
+        *self.pending.lock().expect("pending lock") = Some(p);
+        Ok(())
+    }
+
+    fn eval(
+        &self,
+        layer: usize,
+        xs: &[f32],
+        routing: &Routing,
+        out: &mut [f32],
+        scratch: &mut MoeScratch,
+    ) -> Result<(), ExpertError> {
+        let p = match self.pending.lock().expect("pending lock").take() {
+            Some(p) if p.layer == layer => p,
+            _ => self.send(layer, xs, routing)?,
+        };
+        if !p.unsent.is_empty() {
+            return Err(self.missing(layer, &p, &p.unsent));
+        }
+        // Our own experts first, while the workers compute theirs.
+        let local = self.local();
+        if let Some((wid, local)) = &local {
+            let h = self.cfg.hidden;
+            for b in p.batches.iter().filter(|b| b.worker as WorkerId == *wid) {
+                let mut pairs = Vec::with_capacity(b.request.experts.len());
+                for (t, es, ws) in b.request.pairs() {
+                    for (&e, &w) in es.iter().zip(ws) {
+                        pairs.push(Pair {
+                            token: b.tokens[t],
+                            expert: e as u32,
+                            weight: w,
+                        });
+                    }
+                }
+                local.eval_pairs(layer, &xs[..routing.n_tokens() * h], &pairs, out, scratch)?;
+            }
+        }
+        let deadline = p.started + self.cfg.timeout;
+        let mut failed = Vec::new();
+        let mut answered = vec![false; p.batches.len()];
+        let mut got = 0;
+        while got < p.sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match p.rx.recv_timeout(left) {
+                Ok((i, r, _)) => {
+                    got += 1;
+                    answered[i] = true;
+                    let r = r
+                        .and_then(|res| p.batches[i].combine(&res, out).map_err(|e| e.to_string()));
+                    if let Err(e) = r {
+                        failed.push((i, e));
+                    }
+                }
+                Err(_) => {
+                    // Deadline: every remote batch without an answer has failed.
+                    for (i, b) in p.batches.iter().enumerate() {
+                        let wid = b.worker as WorkerId;
+                        let here = local.as_ref().is_some_and(|(id, _)| *id == wid);
+                        if !here && !answered[i] {
+                            failed.push((
+                                i,
+                                format!(
+                                    "worker {wid} did not answer within {:?}",
+                                    self.cfg.timeout
+                                ),
+                            ));
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        if !failed.is_empty() {
+            return Err(self.missing(layer, &p, &failed));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,181 @@
+//! `coordinator serve`: hold the always-active part of the model, start the cluster's control
+//! and data planes, print the join token, wait for workers to load every expert, then serve.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use coordinator::server::{Cluster, ClusterOptions, LocalWorker};
+use engine::chat::ChatMessage;
+use engine::generate::{generate, GenerateRequest};
+use engine::model::kv_cache::CacheType;
+use engine::model::ModelFile;
+use engine::sampling::SamplingParams;
+use proto::wire::Dtype;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A .gguf file (the first split of a split model) or a Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address of the control plane (TCP) and the data plane (UDP, same port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Workers to wait for before placing the experts.
+    #[arg(long, default_value_t = 1)]
+    min_workers: usize,
+    /// Where the cluster CA, the join secret and the coordinator's state are kept.
+    #[arg(long, default_value = "coordinator-state")]
+    state_dir: PathBuf,
+    /// Memory (GiB) for experts held by this process itself; 0: none.
+    #[arg(long, default_value_t = 0.0)]
+    local_experts: f64,
+    /// Hidden vectors on the wire: bf16 (half the bytes) or f32 (exact).
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
+    wire: String,
+    /// Extra DNS names or IP addresses workers may dial this coordinator by.
+    #[arg(long = "name")]
+    names: Vec<String>,
+    /// Seconds without a heartbeat before a worker counts as lost.
+    #[arg(long, default_value_t = 3.0)]
+    heartbeat_timeout: f64,
+    /// Seconds a layer waits for its workers' answers.
+    #[arg(long, default_value_t = 10.0)]
+    request_timeout: f64,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Once serving, answer this prompt (as a chat message) through the cluster and exit.
+    #[arg(long)]
+    prompt: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    crate::set_threads(a.threads)?;
+    let mf = Arc::new(
+        ModelFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?,
+    );
+    let tokenizer = mf.tokenizer().context("loading the tokenizer")?;
+    let model = Arc::new(mf.load_model().context("loading the model")?);
+    let layout = mf.expert_layout().context("reading the expert layout")?;
+    let total: u64 = layout.iter().map(|&(_, n, b)| n as u64 * b).sum();
+    eprintln!(
+        "model {}: {} MoE layers, {:.2} GiB of routed experts to place",
+        a.model.display(),
+        layout.len(),
+        total as f64 / (1u64 << 30) as f64
+    );
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let local = (a.local_experts > 0.0).then(|| LocalWorker {
+        memory: (a.local_experts * (1u64 << 30) as f64) as u64,
+        speed: engine::bench::quick_expert_gbps(threads),
+        model: mf.clone(),
+    });
+    let opts = ClusterOptions {
+        listen: a.listen,
+        state_dir: a.state_dir.clone(),
+        min_workers: a.min_workers,
+        model_name: model_name(&mf, &a.model),
+        model_fingerprint: mf.fingerprint(),
+        layout,
+        n_groups: model.cfg.n_group,
+        hidden: model.cfg.hidden,
+        dtype: if a.wire == "f32" {
+            Dtype::F32
+        } else {
+            Dtype::Bf16
+        },
+        heartbeat_timeout: Duration::from_secs_f64(a.heartbeat_timeout),
+        request_timeout: Duration::from_secs_f64(a.request_timeout),
+        names: a.names.clone(),
+        local,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let cluster = Cluster::start(opts).await?;
+        println!("join token: {}", cluster.token);
+        eprintln!(
+            "start workers with: worker --coordinator {} --join-token {} --model <the same model file>",
+            cluster.addr, cluster.token
+        );
+        loop {
+            if cluster.wait_serving(Duration::from_secs(10)).await {
+                break;
+            }
+            let st = cluster.status();
+            eprintln!(
+                "waiting: {} worker(s), placed: {}, loaded: {}",
+                st.workers.len(),
+                st.all_placed,
+                st.all_loaded
+            );
+        }
+        eprintln!("serving: every expert is loaded");
+        let Some(prompt) = a.prompt.clone() else {
+            tokio::signal::ctrl_c().await?;
+            return Ok(());
+        };
+        let experts = cluster.experts();
+        let mf2 = mf.clone();
+        let model2 = model.clone();
+        let max_new = a.max_new_tokens;
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let template = mf2
+                .chat_template(&tokenizer)?
+                .context("the model carries no chat template")?;
+            let rendered = template.render(&[ChatMessage::user(prompt)], true)?;
+            let ids = tokenizer.encode(&rendered, false)?;
+            if ids.is_empty() {
+                bail!("the prompt is empty");
+            }
+            let mut stop_ids = mf2.config.eos_ids.clone();
+            stop_ids.extend(tokenizer.eos_id());
+            let req = GenerateRequest {
+                prompt: ids,
+                max_new_tokens: max_new,
+                sampling: SamplingParams::default(),
+                stop_ids,
+                banned_ids: mf2.unused_token_ids(),
+                force: None,
+                keep_logits: false,
+                cache: CacheType::F16,
+            };
+            let g = generate(&model2, experts.as_ref(), &tokenizer, &req, |piece| {
+                print!("{piece}");
+            })?;
+            println!();
+            eprintln!(
+                "[{} tokens in {:.2}s: {:.1} tok/s through the cluster]",
+                g.tokens.len(),
+                g.decode_secs,
+                g.tokens.len() as f64 / g.decode_secs.max(1e-9)
+            );
+            Ok(())
+        })
+        .await?
+    })
+}
+
+fn model_name(mf: &ModelFile, path: &std::path::Path) -> String {
+    mf.gguf
+        .as_ref()
+        .and_then(|g| g.meta("general.name"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+}

@@ -1,0 +1,683 @@
+//! The coordinator's cluster side: the gRPC control service, the QUIC endpoint workers dial,
+//! and the driver that runs the membership state machine and carries out its actions.
+//!
+//! [`Cluster::start`] binds one port number twice (TCP for gRPC, UDP for QUIC), creates or
+//! loads the cluster CA and join token from the state directory, and returns a handle whose
+//! [`Cluster::experts`] is the `RoutedExperts` the generation loop uses.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use proto::control::{self, ConvertError};
+use proto::grpc::{self, pb};
+use proto::trust::{self, ClientAuth, ClusterCa, JoinToken, TlsIncoming};
+use proto::wire::Dtype;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::membership::{self, Action, Membership, Report, WorkerId};
+use crate::placement::LayerExperts;
+use crate::remote::{RemoteConfig, RemoteExperts, Routes};
+
+/// Heartbeat period asked of workers.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// What the cluster side needs to start.
+pub struct ClusterOptions {
+    /// Address for both the gRPC (TCP) and QUIC (UDP) listeners; port 0 picks one.
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub min_workers: usize,
+    /// The model's identity (workers' copies must match).
+    pub model_name: String,
+    pub model_fingerprint: String,
+    /// `(layer, experts, bytes per expert)` of every MoE layer.
+    pub layout: Vec<(usize, usize, u64)>,
+    pub n_groups: usize,
+    pub hidden: usize,
+    pub dtype: Dtype,
+    /// Silence after which a worker is declared lost.
+    pub heartbeat_timeout: Duration,
+    /// Longest wait for one layer's answers.
+    pub request_timeout: Duration,
+    /// Extra names (DNS or IP) for the coordinator's certificate.
+    pub names: Vec<String>,
+    /// Experts held by this process too (an in-process worker: no network hop).
+    pub local: Option<LocalWorker>,
+}
+
+/// The coordinator's own share of the experts.
+pub struct LocalWorker {
+    /// Bytes of memory for experts.
+    pub memory: u64,
+    /// Measured expert throughput, GB/s.
+    pub speed: f64,
+    pub model: Arc<engine::model::ModelFile>,
+}
+
+/// The in-process worker's name in membership and status.
+pub const LOCAL_NAME: &str = "coordinator";
+
+/// Extra facts about workers that membership does not need.
+#[derive(Clone, Default)]
+struct WorkerInfo {
+    address: String,
+    devices: Vec<control::DeviceInfo>,
+    served: u64,
+}
+
+struct Shared {
+    ca: ClusterCa,
+    opts: ClusterOptions,
+    membership: Mutex<Membership>,
+    info: Mutex<HashMap<WorkerId, WorkerInfo>>,
+    assignments: Mutex<HashMap<WorkerId, watch::Sender<Option<control::Assignment>>>>,
+    drain: Mutex<std::collections::HashSet<WorkerId>>,
+    routes: Arc<Routes>,
+    serving: watch::Sender<bool>,
+    data_port: u16,
+    experts: Arc<RemoteExperts>,
+    /// The in-process worker: its id and `(generation, loaded)` of its assignment.
+    local: Option<(WorkerId, Mutex<(u64, bool)>)>,
+}
+
+/// A running cluster front: control plane, data plane, membership.
+pub struct Cluster {
+    shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    pub token: JoinToken,
+    experts: Arc<RemoteExperts>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts listening. Call from within a tokio runtime.
+    pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
+        std::fs::create_dir_all(&opts.state_dir)
+            .with_context(|| format!("creating {}", opts.state_dir.display()))?;
+        let ca = ClusterCa::load_or_create(&opts.state_dir)?;
+        let token = ca.join_token();
+        let mut names = opts.names.clone();
+        names.push(opts.listen.ip().to_string());
+        let identity = ca.coordinator_identity(&names)?;
+
+        let tcp = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("listening on {}", opts.listen))?;
+        let addr = tcp.local_addr()?;
+        let quic = quinn::Endpoint::server(trust::quic_server_config(&identity)?, addr)
+            .with_context(|| format!("listening for QUIC on udp {addr}"))?;
+        let tls = trust::server_config(&identity, ClientAuth::Optional)?;
+        let incoming = TlsIncoming::new(tcp, Arc::new(tls))?;
+
+        let layers = opts
+            .layout
+            .iter()
+            .map(|&(layer, n, bytes)| LayerExperts {
+                layer: layer as u32,
+                n_experts: n as u32,
+                expert_bytes: bytes,
+                n_groups: if opts.n_groups > 0 && n % opts.n_groups == 0 {
+                    opts.n_groups as u32
+                } else {
+                    1
+                },
+            })
+            .collect();
+        let mut membership = Membership::new(membership::Config {
+            min_workers: opts.min_workers,
+            heartbeat_timeout: opts.heartbeat_timeout,
+            layers,
+        });
+        let local = opts.local.as_ref().map(|l| {
+            let id = membership.handle_hello(
+                Instant::now(),
+                membership::Hello {
+                    name: LOCAL_NAME.into(),
+                    memory: l.memory,
+                    speed: l.speed.max(1e-3),
+                },
+            );
+            (id, Mutex::new((0, false)))
+        });
+        let first: Vec<Action> = std::iter::from_fn(|| membership.poll_action()).collect();
+        let routes = Arc::new(Routes::default());
+        let experts = Arc::new(RemoteExperts::new(
+            tokio::runtime::Handle::current(),
+            routes.clone(),
+            RemoteConfig {
+                hidden: opts.hidden,
+                dtype: opts.dtype,
+                timeout: opts.request_timeout,
+            },
+            None,
+        ));
+        let shared = Arc::new(Shared {
+            ca,
+            opts,
+            membership: Mutex::new(membership),
+            info: Mutex::new(HashMap::new()),
+            assignments: Mutex::new(HashMap::new()),
+            drain: Mutex::new(Default::default()),
+            routes,
+            serving: watch::channel(false).0,
+            data_port: addr.port(),
+            experts: experts.clone(),
+            local,
+        });
+        apply(&shared, first);
+
+        let mut tasks = Vec::new();
+        let svc = grpc::control_server(Service(shared.clone()));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::error!("control plane stopped: {e}");
+            }
+        }));
+        tasks.push(tokio::spawn(accept_quic(quic, shared.clone())));
+        tasks.push(tokio::spawn(drive(shared.clone())));
+        tracing::info!("cluster listening on {addr} (gRPC over TLS on tcp, QUIC on udp)");
+        Ok(Cluster {
+            shared,
+            addr,
+            token,
+            experts,
+            tasks,
+        })
+    }
+
+    /// The routed experts as the generation loop sees them.
+    pub fn experts(&self) -> Arc<RemoteExperts> {
+        self.experts.clone()
+    }
+
+    /// Waits until every expert is loaded somewhere (or `timeout` passes).
+    pub async fn wait_serving(&self, timeout: Duration) -> bool {
+        let mut rx = self.shared.serving.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|&s| s))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    pub fn is_serving(&self) -> bool {
+        *self.shared.serving.borrow()
+    }
+
+    /// The cluster as `cluster status` shows it.
+    pub fn status(&self) -> control::ClusterStatus {
+        status(&self.shared)
+    }
+}
+
+/// Turns membership actions into messages, and keeps the data plane's routes current.
+async fn drive(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let actions = {
+            let mut m = shared.membership.lock().expect("membership lock");
+            if let Some((id, st)) = &shared.local {
+                let (generation, loaded) = *st.lock().expect("local lock");
+                m.handle_report(
+                    Instant::now(),
+                    *id,
+                    Report {
+                        generation,
+                        loaded,
+                        done_bytes: 0,
+                        total_bytes: 0,
+                    },
+                );
+            }
+            m.handle_tick(Instant::now());
+            let acts: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
+            acts
+        };
+        apply(&shared, actions);
+    }
+}
+
+fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
+    let mut replan = false;
+    for a in actions {
+        match a {
+            Action::Assign {
+                worker,
+                generation,
+                experts,
+            } => {
+                replan = true;
+                if let Some((id, st)) = &shared.local {
+                    if *id == worker {
+                        *st.lock().expect("local lock") = (generation, false);
+                        load_local(shared, worker, generation, experts);
+                        continue;
+                    }
+                }
+                let assignment = control::Assignment {
+                    generation,
+                    model_fingerprint: shared.opts.model_fingerprint.clone(),
+                    experts: experts
+                        .into_iter()
+                        .map(|(layer, experts)| control::LayerExperts { layer, experts })
+                        .collect(),
+                    tensors: Vec::new(),
+                };
+                let mut g = shared.assignments.lock().expect("assignments lock");
+                g.entry(worker)
+                    .or_insert_with(|| watch::channel(None).0)
+                    .send_replace(Some(assignment));
+            }
+            Action::Lost { worker, name } => {
+                tracing::warn!("worker {worker} ({name}) lost: its experts are unavailable");
+                let _ = shared.routes.disconnect(worker, None);
+            }
+            Action::PlanFailed(e) => tracing::error!("cannot place the experts: {e}"),
+            Action::Serving(s) => {
+                if s {
+                    tracing::info!("every expert is loaded: serving");
+                } else {
+                    tracing::warn!("some experts are unavailable: requests will fail");
+                }
+                shared.serving.send_replace(s);
+            }
+        }
+    }
+    if replan {
+        let m = shared.membership.lock().expect("membership lock");
+        for &(layer, _, _) in &shared.opts.layout {
+            if let Some(o) = m.layer_owners(layer as u32) {
+                shared.routes.set_owners(layer as u32, o.to_vec());
+            }
+        }
+    }
+}
+
+/// Loads the in-process worker's assignment on a blocking thread, then reports it loaded.
+fn load_local(shared: &Arc<Shared>, id: WorkerId, generation: u64, experts: Vec<(u32, Vec<u32>)>) {
+    let Some(model) = shared.opts.local.as_ref().map(|l| l.model.clone()) else {
+        return;
+    };
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let filter = engine::model::weights::ExpertFilter::Only(
+            experts
+                .iter()
+                .flat_map(|(l, es)| es.iter().map(move |&e| (*l as usize, e as usize)))
+                .collect(),
+        );
+        match model.load_experts(&filter) {
+            Ok(local) => {
+                shared.experts.set_local(Some((id, Arc::new(local))));
+                if let Some((_, st)) = &shared.local {
+                    let mut g = st.lock().expect("local lock");
+                    if g.0 == generation {
+                        g.1 = true;
+                    }
+                }
+                tracing::info!(
+                    "this process holds {} experts itself",
+                    experts.iter().map(|e| e.1.len()).sum::<usize>()
+                );
+            }
+            Err(e) => tracing::error!("loading this process's own experts failed: {e}"),
+        }
+    });
+}
+
+/// Accepts workers' data-plane connections; the certificate names the worker.
+async fn accept_quic(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("refused a data-plane connection: {e}");
+                    return;
+                }
+            };
+            let Some(peer) = trust::quic_peer_identity(&conn) else {
+                conn.close(1u32.into(), b"no worker certificate");
+                return;
+            };
+            let id = {
+                let m = shared.membership.lock().expect("membership lock");
+                let id = m.workers().find(|w| w.name == peer.name).map(|w| w.id);
+                id
+            };
+            let Some(id) = id else {
+                tracing::warn!("data-plane connection from {} before its hello", peer.name);
+                conn.close(2u32.into(), b"say hello first");
+                return;
+            };
+            shared.routes.connect(id, peer.name.clone(), conn.clone());
+            let why = conn.closed().await;
+            tracing::warn!("data plane of {} closed: {why}", peer.name);
+            if !shared.routes.disconnect(id, Some(&conn)) {
+                // An older connection of a worker that has reconnected since.
+                return;
+            }
+            let actions = {
+                let mut m = shared.membership.lock().expect("membership lock");
+                m.handle_disconnect(Instant::now(), id);
+                std::iter::from_fn(|| m.poll_action()).collect()
+            };
+            apply(&shared, actions);
+        });
+    }
+}
+
+fn status(shared: &Shared) -> control::ClusterStatus {
+    let m = shared.membership.lock().expect("membership lock");
+    let info = shared.info.lock().expect("info lock");
+    let layout: HashMap<u32, u64> = shared
+        .opts
+        .layout
+        .iter()
+        .map(|&(l, _, b)| (l as u32, b))
+        .collect();
+    let workers = m
+        .workers()
+        .map(|w| {
+            let i = info.get(&w.id).cloned().unwrap_or_default();
+            let stats = shared.routes.stats(w.id);
+            let (p50, p99) = stats
+                .as_ref()
+                .and_then(|s| s.rtt_percentiles())
+                .unwrap_or((0, 0));
+            let held: u64 = w.experts.iter().map(|(_, e)| e.len() as u64).sum();
+            let used: u64 = w
+                .experts
+                .iter()
+                .map(|(l, e)| e.len() as u64 * layout.get(l).copied().unwrap_or(0))
+                .sum();
+            let (state, load_percent) = match w.state {
+                membership::WorkerState::Joining => (control::WorkerState::Joining, 0.0),
+                membership::WorkerState::Loading { done, total } => (
+                    control::WorkerState::Loading,
+                    if total > 0 {
+                        (done as f32 * 100.0 / total as f32).min(100.0)
+                    } else {
+                        0.0
+                    },
+                ),
+                membership::WorkerState::Ready => (control::WorkerState::Ready, 100.0),
+                membership::WorkerState::Draining => (control::WorkerState::Draining, 100.0),
+                membership::WorkerState::Lost => (control::WorkerState::Offline, 0.0),
+            };
+            let dev = i.devices.first();
+            control::WorkerStatus {
+                id: w.id,
+                name: w.name.clone(),
+                address: i.address.clone(),
+                backend: dev.map(|d| d.backend.clone()).unwrap_or_default(),
+                gpu: dev.map(|d| d.name.clone()).unwrap_or_default(),
+                memory_used_bytes: used,
+                memory_total_bytes: w.memory,
+                experts_held: held,
+                layers: w.experts.iter().map(|(l, _)| *l).collect(),
+                state,
+                load_percent,
+                rtt_p50_us: p50 as u64,
+                rtt_p99_us: p99 as u64,
+                requests_served: stats
+                    .map(|s| s.requests.load(std::sync::atomic::Ordering::Relaxed))
+                    .unwrap_or(i.served),
+            }
+        })
+        .collect();
+    control::ClusterStatus {
+        model: shared.opts.model_name.clone(),
+        all_placed: m.is_planned(),
+        all_loaded: m.is_serving(),
+        workers,
+        tokens_per_second: 0.0,
+    }
+}
+
+struct Service(Arc<Shared>);
+
+fn bad(e: ConvertError) -> Status {
+    e.into_status()
+}
+
+impl Service {
+    /// The calling worker's id: its certificate's name must be a known worker.
+    fn caller<T>(&self, req: &Request<T>, claimed: Option<u64>) -> Result<WorkerId, Status> {
+        let name = trust::peer_worker_name(req)
+            .ok_or_else(|| Status::unauthenticated("a worker certificate is required"))?;
+        let m = self.0.membership.lock().expect("membership lock");
+        let w = m
+            .workers()
+            .find(|w| w.name == name)
+            .ok_or_else(|| Status::failed_precondition("say hello first"))?;
+        if claimed.is_some_and(|c| c != w.id) {
+            return Err(Status::permission_denied(format!(
+                "worker {name:?} is not worker {}",
+                claimed.unwrap_or(0)
+            )));
+        }
+        Ok(w.id)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl grpc::Control for Service {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let r = control::JoinRequest::try_from(req.into_inner()).map_err(bad)?;
+        match self.0.ca.handle_join(&r) {
+            Ok(reply) => {
+                tracing::info!("worker {:?} joined from {from}", r.name);
+                Ok(Response::new(reply.into()))
+            }
+            Err(e) => {
+                tracing::warn!("refused a join of {:?} from {from}: {e}", r.name);
+                Err(Status::permission_denied(e.to_string()))
+            }
+        }
+    }
+
+    async fn hello(
+        &self,
+        req: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloReply>, Status> {
+        let name = trust::peer_worker_name(&req)
+            .ok_or_else(|| Status::unauthenticated("a worker certificate is required"))?;
+        let address = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let h = control::Hello::try_from(req.into_inner()).map_err(bad)?;
+        if h.name != name {
+            return Err(Status::permission_denied(format!(
+                "certificate is for {name:?}, hello says {:?}",
+                h.name
+            )));
+        }
+        match &h.model_fingerprint {
+            Some(fp) if *fp != self.0.opts.model_fingerprint => {
+                tracing::warn!(
+                    "worker {name:?} has model {fp}, the cluster serves {}",
+                    self.0.opts.model_fingerprint
+                );
+                return Err(Status::failed_precondition(format!(
+                    "this worker's model ({fp}) is not the cluster's ({})",
+                    self.0.opts.model_fingerprint
+                )));
+            }
+            None => {
+                return Err(Status::failed_precondition(
+                    "this worker has no copy of the model; start it with --model \
+                     (streaming weights from the coordinator is not available)",
+                ));
+            }
+            _ => {}
+        }
+        let (id, actions) = {
+            let mut m = self.0.membership.lock().expect("membership lock");
+            let id = m.handle_hello(
+                Instant::now(),
+                membership::Hello {
+                    name: h.name.clone(),
+                    memory: h.memory_bytes,
+                    speed: h.speed.max(1e-3),
+                },
+            );
+            let acts: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
+            (id, acts)
+        };
+        self.0.info.lock().expect("info lock").insert(
+            id,
+            WorkerInfo {
+                address,
+                devices: h.devices.clone(),
+                served: 0,
+            },
+        );
+        self.0.drain.lock().expect("drain lock").remove(&id);
+        apply(&self.0, actions);
+        tracing::info!(
+            "worker {id} ({name}) says hello: {:.1} GiB, {:.1} GB/s",
+            h.memory_bytes as f64 / (1u64 << 30) as f64,
+            h.speed
+        );
+        Ok(Response::new(
+            control::HelloReply {
+                worker_id: id,
+                coordinator_version: env!("CARGO_PKG_VERSION").into(),
+                data_port: self.0.data_port,
+            }
+            .into(),
+        ))
+    }
+
+    type AssignmentsStream = BoxStream<pb::Assignment>;
+
+    async fn assignments(
+        &self,
+        req: Request<pb::AssignmentsRequest>,
+    ) -> Result<Response<Self::AssignmentsStream>, Status> {
+        let claimed = req.get_ref().worker_id;
+        let id = self.caller(&req, Some(claimed))?;
+        let rx = {
+            let mut g = self.0.assignments.lock().expect("assignments lock");
+            g.entry(id)
+                .or_insert_with(|| watch::channel(None).0)
+                .subscribe()
+        };
+        let stream = tokio_stream::wrappers::WatchStream::new(rx);
+        let stream =
+            tokio_stream::StreamExt::filter_map(stream, |a| a.map(|a| Ok(pb::Assignment::from(a))));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let claimed = req.get_ref().worker_id;
+        let id = self.caller(&req, Some(claimed))?;
+        let hb = control::Heartbeat::try_from(req.into_inner()).map_err(bad)?;
+        let actions = {
+            let mut m = self.0.membership.lock().expect("membership lock");
+            if m.worker(id)
+                .is_some_and(|w| w.state == membership::WorkerState::Lost)
+            {
+                // Declared lost (silent too long): its experts may have moved. A new session
+                // (hello, assignment) brings it back in.
+                return Err(Status::failed_precondition(
+                    "this worker was declared lost; reconnect and say hello again",
+                ));
+            }
+            m.handle_report(
+                Instant::now(),
+                id,
+                Report {
+                    generation: hb.generation,
+                    loaded: hb.state == control::WorkerState::Ready,
+                    done_bytes: hb.load_done_bytes,
+                    total_bytes: hb.load_total_bytes,
+                },
+            );
+            std::iter::from_fn(|| m.poll_action()).collect()
+        };
+        if let Some(i) = self.0.info.lock().expect("info lock").get_mut(&id) {
+            i.served = hb.served_requests;
+        }
+        apply(&self.0, actions);
+        let drain = self.0.drain.lock().expect("drain lock").contains(&id);
+        Ok(Response::new(
+            control::HeartbeatReply {
+                interval: HEARTBEAT,
+                drain,
+            }
+            .into(),
+        ))
+    }
+
+    type FetchWeightsStream = BoxStream<pb::Chunk>;
+
+    async fn fetch_weights(
+        &self,
+        req: Request<pb::FetchRequest>,
+    ) -> Result<Response<Self::FetchWeightsStream>, Status> {
+        self.caller(&req, None)?;
+        Err(Status::unimplemented(
+            "streaming weights from the coordinator is not available; give the worker --model",
+        ))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        if trust::peer_identity(&req).is_none() {
+            return Err(Status::unauthenticated("a cluster certificate is required"));
+        }
+        Ok(Response::new(status(&self.0).into()))
+    }
+
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainReply>, Status> {
+        let Some(peer) = trust::peer_identity(&req) else {
+            return Err(Status::unauthenticated("a cluster certificate is required"));
+        };
+        if peer.role != trust::Role::Coordinator {
+            return Err(Status::permission_denied(
+                "only the operator may drain workers",
+            ));
+        }
+        let id = req.into_inner().worker_id;
+        let known = self
+            .0
+            .membership
+            .lock()
+            .expect("membership lock")
+            .worker(id)
+            .is_some();
+        if known {
+            self.0.drain.lock().expect("drain lock").insert(id);
+        }
+        Ok(Response::new(pb::DrainReply { accepted: known }))
+    }
+}

@@ -1,0 +1,82 @@
+//! Reading and writing data-plane frames on a byte stream (a QUIC stream in the cluster):
+//! the header first, checked, then exactly the body it announces.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::wire::{Frame, Header, WireError, HEADER_LEN};
+
+/// A failure to read or write a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("stream closed before a whole frame arrived")]
+    Closed,
+    #[error("stream i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed frame: {0}")]
+    Wire(#[from] WireError),
+}
+
+/// Reads one frame. The body is allocated only after the header has passed its checks, so a
+/// peer cannot make this allocate more than the kind's limit.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, StreamError> {
+    let mut hb = [0u8; HEADER_LEN];
+    read_exact(r, &mut hb).await?;
+    let h = Header::decode(&hb)?;
+    let mut body = vec![0u8; h.body_len];
+    read_exact(r, &mut body).await?;
+    Ok(Frame::decode(&h, &body)?)
+}
+
+/// Writes an encoded frame.
+pub async fn write_bytes<W: AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> Result<(), StreamError> {
+    w.write_all(b).await?;
+    Ok(())
+}
+
+async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), StreamError> {
+    match r.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(StreamError::Closed),
+        Err(e) => Err(StreamError::Io(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Dtype, ExpertRequest};
+
+    #[tokio::test]
+    async fn frames_cross_a_byte_stream_and_bad_ones_are_refused() {
+        let req = ExpertRequest {
+            request_id: 5,
+            layer: 1,
+            hidden: 3,
+            dtype: Dtype::F32,
+            counts: vec![1],
+            experts: vec![2],
+            weights: vec![0.5],
+            xs: vec![1.0, 2.0, 3.0],
+        };
+        let mut b = Vec::new();
+        req.encode(&mut b).unwrap();
+        let (mut a, mut z) = tokio::io::duplex(64);
+        let b2 = b.clone();
+        let writer = tokio::spawn(async move {
+            write_bytes(&mut a, &b2).await.unwrap();
+            write_bytes(&mut a, &b2[..30]).await.unwrap();
+        });
+        assert_eq!(read_frame(&mut z).await.unwrap(), Frame::Request(req));
+        writer.await.unwrap();
+        // The second frame is cut short: a clean `Closed`, not a hang or a panic.
+        assert!(matches!(read_frame(&mut z).await, Err(StreamError::Closed)));
+        // A header announcing a huge body is refused before anything is allocated.
+        let mut huge = b.clone();
+        huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut r = &huge[..];
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(StreamError::Wire(WireError::TooLarge { .. }))
+        ));
+    }
+}

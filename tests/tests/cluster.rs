@@ -1,0 +1,277 @@
+//! A real cluster on loopback: the coordinator's cluster side in this process, two `worker`
+//! daemons as separate processes, real TLS, real gRPC, real QUIC. The routed experts of a
+//! synthetic DeepSeek-V3-shaped model are placed on the workers; the logits of a forward pass
+//! through the cluster must match the same model run in one process. Then a worker is killed
+//! (requests fail quickly, naming the missing experts), restarted (serving resumes), and a
+//! worker with a wrong join token is refused.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coordinator::server::{Cluster, ClusterOptions};
+use engine::model::kv_cache::CacheType;
+use engine::model::moe::{ExpertError, RoutedExperts};
+use engine::model::weights::ExpertFilter;
+use engine::model::{ForwardError, Logits, Model, ModelFile, Workspace};
+use engine::synth::{write_model, SynthSpec};
+use proto::wire::Dtype;
+
+/// The `worker` binary of this build (next to the test executable's directory).
+fn worker_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join(format!("worker{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace (`cargo test --workspace` builds it)",
+        bin.display()
+    );
+    bin
+}
+
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Memory for exactly 32 of the tiny model's experts (196,608 bytes each in BF16), so that two
+/// workers split the 64 experts evenly and neither can take over the other's share.
+const HALF: &str = "0.00586";
+
+fn spawn_worker(
+    addr: &str,
+    token: Option<&str>,
+    model: &Path,
+    state: &Path,
+    name: &str,
+    memory_gib: &str,
+) -> Worker {
+    let mut cmd = Command::new(worker_bin());
+    cmd.args(["--coordinator", addr, "--name", name, "--threads", "1"])
+        .args(["--memory", memory_gib])
+        .arg("--model")
+        .arg(model)
+        .arg("--state-dir")
+        .arg(state)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(t) = token {
+        cmd.args(["--join-token", t]);
+    }
+    Worker(cmd.spawn().expect("starting a worker"))
+}
+
+fn forward_on_thread(
+    model: Arc<Model>,
+    experts: Arc<dyn RoutedExperts>,
+    tokens: Vec<u32>,
+) -> Result<Vec<f32>, ForwardError> {
+    std::thread::spawn(move || {
+        let mut cache = model.new_cache(CacheType::F32, 64);
+        let mut ws = Workspace::default();
+        model
+            .forward(&tokens, &mut cache, experts.as_ref(), &mut ws, Logits::All)
+            .map(|l| l.to_vec())
+    })
+    .join()
+    .expect("forward thread")
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn argmax_rows(l: &[f32], vocab: usize) -> Vec<usize> {
+    l.chunks(vocab)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i)
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn two_workers_serve_the_experts_survive_a_loss_and_refuse_a_wrong_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(&path, &SynthSpec::tiny()).unwrap();
+    let file = ModelFile::open(&path).unwrap();
+    let model = Arc::new(file.load_model().unwrap());
+    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
+    let vocab = model.cfg.vocab_size;
+    let tokens: Vec<u32> = vec![1, 17, 300, 42, 7, 999, 5, 64];
+    let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cluster = rt
+        .block_on(Cluster::start(ClusterOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.path().join("coordinator"),
+            min_workers: 2,
+            model_name: "synth-dsv3-tiny".into(),
+            model_fingerprint: file.fingerprint(),
+            layout: file.expert_layout().unwrap(),
+            n_groups: model.cfg.n_group,
+            hidden: model.cfg.hidden,
+            dtype: Dtype::F32,
+            heartbeat_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(3),
+            names: vec![],
+            local: None,
+        }))
+        .unwrap();
+    let addr = cluster.addr.to_string();
+    let token = cluster.token.to_string();
+
+    // A worker with a wrong secret is refused and exits with an error.
+    let mut bad_token: proto::trust::JoinToken = token.parse().unwrap();
+    bad_token.secret[0] ^= 1;
+    let out = Command::new(worker_bin())
+        .args([
+            "--coordinator",
+            &addr,
+            "--name",
+            "intruder",
+            "--threads",
+            "1",
+        ])
+        .args(["--memory", "1", "--join-token", &bad_token.to_string()])
+        .arg("--model")
+        .arg(&path)
+        .arg("--state-dir")
+        .arg(dir.path().join("intruder"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused"), "{err}");
+
+    let w1 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w1"),
+        "w1",
+        HALF,
+    );
+    let w2 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w2"),
+        "w2",
+        HALF,
+    );
+    assert!(
+        rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
+        "the cluster never became ready: {:?}",
+        cluster.status()
+    );
+    let st = cluster.status();
+    assert!(st.all_placed && st.all_loaded);
+    assert_eq!(st.workers.len(), 2);
+    let held: u64 = st.workers.iter().map(|w| w.experts_held).sum();
+    assert_eq!(held, 4 * 16, "every expert of the 4 MoE layers once");
+    assert!(st.workers.iter().all(|w| w.experts_held == 32), "{st:?}");
+
+    // Through the cluster: the same logits as in one process (f32 on the wire; the only
+    // difference is the order of the additions).
+    let experts: Arc<dyn RoutedExperts> = cluster.experts();
+    let got = forward_on_thread(model.clone(), experts.clone(), tokens.clone()).unwrap();
+    let d = max_diff(&got, &want);
+    assert!(d < 1e-4, "cluster logits differ from local by {d}");
+    assert_eq!(argmax_rows(&got, vocab), argmax_rows(&want, vocab));
+    let st = cluster.status();
+    assert!(st.workers.iter().all(|w| w.requests_served > 0), "{st:?}");
+
+    // Lose a worker: the next forward fails within a few seconds and names the experts, and
+    // the status shows the gap.
+    drop(w2);
+    expect_gap(&cluster, &model, &experts, &tokens, "w2");
+
+    // It comes back (its identity is on disk: no token needed) and serving resumes.
+    let _w2 = spawn_worker(&addr, None, &path, &dir.path().join("w2"), "w2", HALF);
+    assert!(
+        rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
+        "serving never resumed: {:?}",
+        cluster.status()
+    );
+    let again = forward_on_thread(model.clone(), experts.clone(), tokens.clone()).unwrap();
+    assert!(max_diff(&again, &want) < 1e-4);
+
+    // Now w1 is lost for good; a new worker with room takes over its experts.
+    drop(w1);
+    expect_gap(&cluster, &model, &experts, &tokens, "w1");
+    let _w3 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w3"),
+        "w3",
+        "1",
+    );
+    assert!(
+        rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
+        "the new worker never took over: {:?}",
+        cluster.status()
+    );
+    let st = cluster.status();
+    let w3 = st.workers.iter().find(|w| w.name == "w3").unwrap();
+    assert_eq!(w3.experts_held, 32, "{st:?}");
+    let again = forward_on_thread(model.clone(), experts, tokens).unwrap();
+    assert!(max_diff(&again, &want) < 1e-4);
+}
+
+/// After `name` died: a forward fails within a few seconds naming experts, and the status
+/// shows the worker offline and the cluster not serving.
+fn expect_gap(
+    cluster: &Cluster,
+    model: &Arc<Model>,
+    experts: &Arc<dyn RoutedExperts>,
+    tokens: &[u32],
+    name: &str,
+) {
+    let t0 = Instant::now();
+    let err = loop {
+        match forward_on_thread(model.clone(), experts.clone(), tokens.to_vec()) {
+            Err(e) => break e,
+            Ok(_) => {
+                // The very first request after the loss may still have gone through.
+                assert!(t0.elapsed() < Duration::from_secs(10), "loss never noticed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let ForwardError::Experts(ExpertError::Unavailable { detail, .. }) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(detail.contains("experts"), "{detail}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.is_serving() {
+        assert!(Instant::now() < deadline, "status never showed the gap");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = cluster.status();
+    assert!(!st.all_loaded);
+    let lost = st.workers.iter().find(|w| w.name == name).unwrap();
+    assert_eq!(lost.state, proto::control::WorkerState::Offline, "{st:?}");
+}

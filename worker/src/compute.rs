@@ -1,0 +1,115 @@
+//! The worker's expert computation on a thread of its own, fed by a bounded queue: async code
+//! hands a request over and awaits the answer; it never computes or blocks itself.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use engine::model::moe::{LocalExperts, MoeScratch, Pair};
+use proto::wire::{code, ErrorFrame, ExpertRequest, ExpertResult};
+use tokio::sync::{mpsc, oneshot};
+
+/// Requests waiting for the compute thread (beyond these, senders wait).
+pub const QUEUE_DEPTH: usize = 32;
+
+type Job = (
+    ExpertRequest,
+    oneshot::Sender<Result<ExpertResult, ErrorFrame>>,
+);
+
+/// A handle to the compute thread. Cloning is cheap; the thread stops when every handle is
+/// dropped.
+#[derive(Clone)]
+pub struct Executor {
+    tx: mpsc::Sender<Job>,
+    held: Arc<BTreeSet<(u32, u32)>>,
+}
+
+impl Executor {
+    /// Starts the compute thread over `experts`.
+    pub fn start(experts: Arc<LocalExperts>) -> Executor {
+        let held = Arc::new(experts.held().map(|(l, e)| (l as u32, e as u32)).collect());
+        let (tx, mut rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
+        std::thread::Builder::new()
+            .name("expert-compute".into())
+            .spawn(move || {
+                let mut scratch = MoeScratch::default();
+                let mut pairs = Vec::new();
+                let mut out = Vec::new();
+                while let Some((req, reply)) = rx.blocking_recv() {
+                    let r = compute(&experts, &req, &mut pairs, &mut out, &mut scratch);
+                    let _ = reply.send(r);
+                }
+            })
+            .expect("spawning the compute thread");
+        Executor { tx, held }
+    }
+
+    /// The `(layer, expert)` pairs this executor computes.
+    pub fn held(&self) -> &BTreeSet<(u32, u32)> {
+        &self.held
+    }
+
+    /// Evaluates a request's experts for its tokens: one partial sum per token.
+    pub async fn eval(&self, req: ExpertRequest) -> Result<ExpertResult, ErrorFrame> {
+        let id = req.request_id;
+        let (tx, rx) = oneshot::channel();
+        let gone = || ErrorFrame {
+            request_id: id,
+            code: code::INTERNAL,
+            message: "the compute thread has stopped".into(),
+        };
+        self.tx.send((req, tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+fn compute(
+    experts: &LocalExperts,
+    req: &ExpertRequest,
+    pairs: &mut Vec<Pair>,
+    out: &mut Vec<f32>,
+    scratch: &mut MoeScratch,
+) -> Result<ExpertResult, ErrorFrame> {
+    let err = |code, message: String| ErrorFrame {
+        request_id: req.request_id,
+        code,
+        message,
+    };
+    if req.hidden != experts.hidden {
+        return Err(err(
+            code::BAD_REQUEST,
+            format!(
+                "hidden width {} but the model's is {}",
+                req.hidden, experts.hidden
+            ),
+        ));
+    }
+    pairs.clear();
+    for (t, es, ws) in req.pairs() {
+        for (&e, &w) in es.iter().zip(ws) {
+            pairs.push(Pair {
+                token: t as u32,
+                expert: e as u32,
+                weight: w,
+            });
+        }
+    }
+    out.clear();
+    out.resize(req.xs.len(), 0.0);
+    experts
+        .eval_pairs(req.layer as usize, &req.xs, pairs, out, scratch)
+        .map_err(|e| {
+            let c = match e {
+                engine::model::moe::ExpertError::NotHeld { .. } => code::NOT_HELD,
+                _ => code::BAD_REQUEST,
+            };
+            err(c, e.to_string())
+        })?;
+    Ok(ExpertResult {
+        request_id: req.request_id,
+        layer: req.layer,
+        hidden: req.hidden,
+        dtype: req.dtype,
+        ys: out.clone(),
+    })
+}

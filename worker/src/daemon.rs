@@ -1,0 +1,334 @@
+//! The worker daemon: join once, then keep a session with the coordinator alive for ever.
+//!
+//! A session: connect the control plane (mutual TLS), say hello, dial the coordinator's QUIC
+//! port, then at the same time (1) follow the assignment stream, loading each new assignment's
+//! experts, (2) send heartbeats with the load progress, (3) serve data-plane requests with the
+//! experts loaded so far. When any of the three ends (the coordinator restarted, the network
+//! went away), the session ends and a new one starts after a backoff (0.5 s doubling to 10 s).
+//! Loaded experts survive sessions: an assignment equal to what is loaded is ready at once.
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use engine::model::moe::LocalExperts;
+use engine::model::weights::ExpertFilter;
+use engine::model::ModelFile;
+use proto::control::{self, Assignment, Heartbeat, Hello, JoinRequest, WorkerState};
+use proto::trust::{self, Identity, JoinToken, Trust, WorkerKey};
+use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
+
+use crate::compute::Executor;
+use crate::dataplane::{self, Stats};
+
+/// Everything the daemon is started with.
+pub struct Options {
+    /// `host:port` of the coordinator's control plane (its QUIC port is learnt at hello).
+    pub coordinator: String,
+    pub token: Option<JoinToken>,
+    pub name: String,
+    pub model: Option<Arc<ModelFile>>,
+    /// Bytes usable for experts.
+    pub memory: u64,
+    /// Measured expert throughput (GB/s of weights).
+    pub speed: f64,
+    pub state_dir: PathBuf,
+    pub devices: Vec<control::DeviceInfo>,
+}
+
+/// Progress and counters, read by heartbeats.
+#[derive(Default)]
+struct Progress {
+    state: Mutex<Option<WorkerState>>,
+    generation: AtomicU64,
+    done: AtomicU64,
+    total: AtomicU64,
+    experts: AtomicU64,
+}
+
+/// Loads the identity from `state_dir`, joining with the token first if there is none.
+pub async fn ensure_identity(opts: &Options) -> Result<Identity> {
+    if Identity::exists(&opts.state_dir) {
+        return Identity::load(&opts.state_dir)
+            .with_context(|| format!("reading the identity in {}", opts.state_dir.display()));
+    }
+    let token = opts.token.as_ref().ok_or_else(|| {
+        anyhow!(
+            "no identity in {} and no --join-token: this worker has not joined a cluster yet",
+            opts.state_dir.display()
+        )
+    })?;
+    let key = WorkerKey::generate(&opts.name)?;
+    let tls = Arc::new(trust::client_config(
+        None,
+        Trust::Fingerprint(token.ca_fingerprint),
+    )?);
+    // The coordinator may not be up yet: retry plain connection failures with backoff; a
+    // coordinator with the wrong CA is an error at once.
+    let mut backoff = Duration::from_millis(500);
+    let channel = loop {
+        match trust::connect(&opts.coordinator, tls.clone()).await {
+            Ok(c) => break c,
+            Err(
+                e @ (trust::ConnectError::UntrustedCa(_)
+                | trust::ConnectError::Tls(_)
+                | trust::ConnectError::Address(_)),
+            ) => {
+                return Err(anyhow!(e).context(format!("joining {}", opts.coordinator)));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot reach {} yet ({e}); retrying in {backoff:?}",
+                    opts.coordinator
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    let mut client = control::Client::new(channel);
+    let reply = client
+        .join(JoinRequest {
+            token_secret: token.secret,
+            name: opts.name.clone(),
+            csr_der: key.csr_der().to_vec(),
+        })
+        .await
+        .map_err(|e| anyhow!("the coordinator refused to let this worker join: {e}"))?;
+    let identity = key.into_identity(&reply, token)?;
+    identity.save(&opts.state_dir)?;
+    tracing::info!(
+        "joined the cluster at {}; identity saved in {}",
+        opts.coordinator,
+        opts.state_dir.display()
+    );
+    Ok(identity)
+}
+
+/// Runs sessions for ever (until the process is stopped).
+pub async fn run(opts: Options, identity: Identity) -> Result<()> {
+    let opts = Arc::new(opts);
+    let loaded: Arc<watch::Sender<Option<Executor>>> = Arc::new(watch::channel(None).0);
+    let stats = Arc::new(Stats::default());
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let started = std::time::Instant::now();
+        match session(&opts, &identity, &loaded, &stats).await {
+            Ok(()) => tracing::warn!("the coordinator closed the session"),
+            Err(e) => tracing::warn!("session with {} ended: {e:#}", opts.coordinator),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(500);
+        }
+        tracing::info!("reconnecting in {backoff:?}");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn session(
+    opts: &Arc<Options>,
+    identity: &Identity,
+    loaded: &Arc<watch::Sender<Option<Executor>>>,
+    stats: &Arc<Stats>,
+) -> Result<()> {
+    let tls = trust::client_config(Some(identity), Trust::Ca(identity.ca_pem.clone()))?;
+    let channel = trust::connect(&opts.coordinator, Arc::new(tls)).await?;
+    let mut client = control::Client::new(channel);
+    let hello = client
+        .hello(Hello {
+            name: opts.name.clone(),
+            devices: opts.devices.clone(),
+            memory_bytes: opts.memory,
+            speed: opts.speed,
+            model_fingerprint: opts.model.as_ref().map(|m| m.fingerprint()),
+            quic_ready: true,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .await
+        .map_err(|e| anyhow!("hello refused: {e}"))?;
+    let worker_id = hello.worker_id;
+    tracing::info!("connected to {} as worker {worker_id}", opts.coordinator);
+
+    // The data plane: dial the coordinator's QUIC port on the same host.
+    let host = opts
+        .coordinator
+        .to_socket_addrs()
+        .context("resolving the coordinator")?
+        .next()
+        .ok_or_else(|| anyhow!("{} resolves to no address", opts.coordinator))?;
+    let data_addr = SocketAddr::new(host.ip(), hello.data_port);
+    let bind: SocketAddr = if host.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(trust::quic_client_config(identity, &identity.ca_pem)?);
+    let conn = endpoint
+        .connect(data_addr, trust::COORDINATOR_NAME)?
+        .await
+        .with_context(|| format!("dialling the data plane at {data_addr}"))?;
+
+    let progress = Arc::new(Progress::default());
+    *progress.state.lock().expect("progress lock") = Some(match &*loaded.borrow() {
+        Some(_) => WorkerState::Loading,
+        None => WorkerState::Joining,
+    });
+
+    let serve = {
+        let rx = loaded.subscribe();
+        let stats = stats.clone();
+        async move {
+            let e = dataplane::serve(conn, rx, stats).await;
+            Err::<(), _>(anyhow!("data plane closed: {e}"))
+        }
+    };
+    let beats = heartbeats(client.clone(), worker_id, progress.clone(), stats.clone());
+    let follow = follow_assignments(client, worker_id, opts.clone(), loaded.clone(), progress);
+    tokio::select! {
+        r = serve => r,
+        r = beats => r,
+        r = follow => r,
+    }
+}
+
+async fn heartbeats(
+    mut client: control::Client,
+    worker_id: u64,
+    progress: Arc<Progress>,
+    stats: Arc<Stats>,
+) -> Result<()> {
+    loop {
+        let state = progress
+            .state
+            .lock()
+            .expect("progress lock")
+            .unwrap_or(WorkerState::Joining);
+        let reply = client
+            .heartbeat(Heartbeat {
+                worker_id,
+                state,
+                load_done_bytes: progress.done.load(Ordering::Relaxed),
+                load_total_bytes: progress.total.load(Ordering::Relaxed),
+                experts_loaded: progress.experts.load(Ordering::Relaxed),
+                served_requests: stats.served.load(Ordering::Relaxed),
+                generation: progress.generation.load(Ordering::Relaxed),
+            })
+            .await
+            .map_err(|e| anyhow!("heartbeat refused: {e}"))?;
+        if reply.drain {
+            *progress.state.lock().expect("progress lock") = Some(WorkerState::Draining);
+        }
+        tokio::time::sleep(reply.interval).await;
+    }
+}
+
+async fn follow_assignments(
+    mut client: control::Client,
+    worker_id: u64,
+    opts: Arc<Options>,
+    loaded: Arc<watch::Sender<Option<Executor>>>,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let mut stream = client
+        .assignments(worker_id)
+        .await
+        .map_err(|e| anyhow!("assignments refused: {e}"))?;
+    while let Some(a) = stream.next().await {
+        let a = a.map_err(|e| anyhow!("assignment stream: {e}"))?;
+        let want: BTreeSet<(u32, u32)> = a
+            .experts
+            .iter()
+            .flat_map(|l| l.experts.iter().map(move |&e| (l.layer, e)))
+            .collect();
+        progress.generation.store(0, Ordering::Relaxed);
+        let same = loaded.borrow().as_ref().is_some_and(|x| *x.held() == want);
+        if !same {
+            *progress.state.lock().expect("progress lock") = Some(WorkerState::Loading);
+            tracing::info!(
+                "assignment {}: {} experts over {} layers",
+                a.generation,
+                want.len(),
+                a.experts.len()
+            );
+            let local = load(&opts, &a, &want, &progress).await?;
+            loaded.send_replace(Some(Executor::start(Arc::new(local))));
+        }
+        progress.experts.store(
+            loaded.borrow().as_ref().map_or(0, |x| x.held().len()) as u64,
+            Ordering::Relaxed,
+        );
+        progress.generation.store(a.generation, Ordering::Relaxed);
+        *progress.state.lock().expect("progress lock") = Some(WorkerState::Ready);
+        tracing::info!("assignment {} loaded; serving", a.generation);
+    }
+    bail!("the assignment stream ended")
+}
+
+/// Loads the assigned experts from this worker's own copy of the model and reads every byte of
+/// them once (so "ready" means in memory, and progress is real).
+async fn load(
+    opts: &Arc<Options>,
+    a: &Assignment,
+    want: &BTreeSet<(u32, u32)>,
+    progress: &Arc<Progress>,
+) -> Result<LocalExperts> {
+    let model = opts.model.clone().ok_or_else(|| {
+        anyhow!(
+            "this worker has no copy of the model (--model) and weight streaming is not available"
+        )
+    })?;
+    if model.fingerprint() != a.model_fingerprint {
+        bail!(
+            "the coordinator serves model {} but this worker's copy is {}",
+            a.model_fingerprint,
+            model.fingerprint()
+        );
+    }
+    let filter = ExpertFilter::Only(
+        want.iter()
+            .map(|&(l, e)| (l as usize, e as usize))
+            .collect(),
+    );
+    let progress = progress.clone();
+    tokio::task::spawn_blocking(move || {
+        let local = model.load_experts(&filter)?;
+        let total: u64 = local
+            .layers
+            .iter()
+            .flatten()
+            .flat_map(|s| s.experts.iter().flatten())
+            .map(|m| m.bytes() as u64)
+            .sum();
+        progress.total.store(total, Ordering::Relaxed);
+        progress.done.store(0, Ordering::Relaxed);
+        let mut sink = 0u8;
+        for mlp in local
+            .layers
+            .iter()
+            .flatten()
+            .flat_map(|s| s.experts.iter().flatten())
+        {
+            for data in mlp.data() {
+                // One read per page brings the bytes in from disk.
+                for chunk in data.chunks(1 << 20) {
+                    for page in chunk.iter().step_by(4096) {
+                        sink ^= *page;
+                    }
+                    progress
+                        .done
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        std::hint::black_box(sink);
+        Ok::<_, anyhow::Error>(local)
+    })
+    .await?
+}

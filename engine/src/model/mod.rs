@@ -362,8 +362,10 @@ impl Model {
                 }
                 Ffn::Moe(mw) => {
                     moe::route(c, mw, &ws.xn, n, &mut ws.routing, &mut ws.router);
+                    // Routed experts may be computed elsewhere: send them off first, compute
+                    // the shared expert meanwhile, then collect.
+                    experts.begin(l, &ws.xn, &ws.routing)?;
                     ws.branch.fill(0.0);
-                    experts.eval(l, &ws.xn, &ws.routing, &mut ws.branch, &mut ws.moe)?;
                     if let Some(sh) = &mw.shared {
                         moe::mlp_forward(
                             sh,
@@ -371,11 +373,11 @@ impl Model {
                             n,
                             &mut ws.gate,
                             &mut ws.up,
-                            &mut ws.shared,
+                            &mut ws.branch,
                             &mut ws.act,
                         );
-                        ops::add_into(&mut ws.branch, &ws.shared);
                     }
+                    experts.eval(l, &ws.xn, &ws.routing, &mut ws.branch, &mut ws.moe)?;
                     ops::add_into(&mut ws.x, &ws.branch);
                     if ws.trace.is_some() {
                         ws.routing_trace.push(ws.routing.clone());

@@ -161,6 +161,7 @@ pub enum ExpertError {
 /// Reusable buffers of an expert evaluation.
 #[derive(Default)]
 pub struct MoeScratch {
+    pairs: Vec<Pair>,
     lists: Vec<Vec<(u32, f32)>>,
     x: Vec<f32>,
     gate: Vec<f32>,
@@ -170,7 +171,18 @@ pub struct MoeScratch {
 }
 
 /// The routed-expert part of the MoE layers: `out[t] += Σ_j w_tj · Expert_{e_tj}(x_t)`.
+///
+/// The forward pass calls [`RoutedExperts::begin`], then computes the shared expert, then calls
+/// [`RoutedExperts::eval`]: an implementation whose experts live elsewhere sends the work in
+/// `begin` and collects the answers in `eval`, so the shared expert is computed while the
+/// workers compute theirs. `eval` must also work without a `begin` before it.
 pub trait RoutedExperts: Send + Sync {
+    /// Starts evaluating layer `layer` for `xs` (`n x hidden`) without waiting for the result.
+    /// The default does nothing (the work happens in `eval`).
+    fn begin(&self, _layer: usize, _xs: &[f32], _routing: &Routing) -> Result<(), ExpertError> {
+        Ok(())
+    }
+
     /// Evaluates the routed experts of MoE layer `layer` for `xs` (`n x hidden`), adding the
     /// weighted outputs into `out` (`n x hidden`).
     fn eval(
@@ -183,6 +195,15 @@ pub trait RoutedExperts: Send + Sync {
     ) -> Result<(), ExpertError>;
 }
 
+/// One (token, expert, weight) triple of a layer's work: token `t` of the batch needs expert
+/// `expert` with routing weight `weight`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pair {
+    pub token: u32,
+    pub expert: u32,
+    pub weight: f32,
+}
+
 /// Experts held in this process, evaluated on the CPU backend.
 pub struct LocalExperts {
     pub hidden: usize,
@@ -191,8 +212,8 @@ pub struct LocalExperts {
 }
 
 impl LocalExperts {
-    /// Evaluates, for every token, only the chosen experts that `hold` here and skips the rest:
-    /// the entry point a worker uses for its share of a layer.
+    /// Evaluates, for every token, only the chosen experts that are held here and skips the
+    /// rest.
     pub fn eval_held(
         &self,
         layer: usize,
@@ -201,29 +222,64 @@ impl LocalExperts {
         out: &mut [f32],
         s: &mut MoeScratch,
     ) -> Result<(), ExpertError> {
-        let set =
-            self.layers
-                .get(layer)
-                .and_then(|l| l.as_ref())
-                .ok_or(ExpertError::Unavailable {
-                    layer,
-                    detail: "not a MoE layer here".into(),
-                })?;
+        let set = self.set(layer)?;
+        let mut pairs = std::mem::take(&mut s.pairs);
+        pairs.clear();
+        for t in 0..routing.n_tokens() {
+            let (es, ws) = routing.token(t);
+            for (&e, &w) in es.iter().zip(ws) {
+                if set.experts.get(e as usize).is_some_and(|x| x.is_some()) {
+                    pairs.push(Pair {
+                        token: t as u32,
+                        expert: e,
+                        weight: w,
+                    });
+                }
+            }
+        }
+        let r = self.eval_pairs(layer, xs, &pairs, out, s);
+        s.pairs = pairs;
+        r
+    }
+
+    /// Evaluates exactly the given (token, expert, weight) pairs: `out[t] += w · E_e(x_t)`.
+    /// The entry point a worker uses for its share of a layer; an expert that is not held
+    /// here, or a token outside `xs`, is an error and nothing is added.
+    pub fn eval_pairs(
+        &self,
+        layer: usize,
+        xs: &[f32],
+        pairs: &[Pair],
+        out: &mut [f32],
+        s: &mut MoeScratch,
+    ) -> Result<(), ExpertError> {
+        let set = self.set(layer)?;
         let h = self.hidden;
-        let n = routing.n_tokens();
+        let n = xs.len() / h.max(1);
         if s.lists.len() < set.experts.len() {
             s.lists.resize_with(set.experts.len(), Vec::new);
         }
         for l in s.lists.iter_mut() {
             l.clear();
         }
-        for t in 0..n {
-            let (es, ws) = routing.token(t);
-            for (&e, &w) in es.iter().zip(ws) {
-                if let Some(list) = s.lists.get_mut(e as usize) {
-                    list.push((t as u32, w));
-                }
+        for p in pairs {
+            let held = set
+                .experts
+                .get(p.expert as usize)
+                .is_some_and(|x| x.is_some());
+            if !held {
+                return Err(ExpertError::NotHeld {
+                    layer,
+                    expert: p.expert,
+                });
             }
+            if p.token as usize >= n {
+                return Err(ExpertError::Unavailable {
+                    layer,
+                    detail: format!("token {} of a batch of {n}", p.token),
+                });
+            }
+            s.lists[p.expert as usize].push((p.token, p.weight));
         }
         for (e, expert) in set.experts.iter().enumerate() {
             let Some(mlp) = expert else { continue };
@@ -245,6 +301,29 @@ impl LocalExperts {
             }
         }
         Ok(())
+    }
+
+    fn set(&self, layer: usize) -> Result<&ExpertSet, ExpertError> {
+        self.layers
+            .get(layer)
+            .and_then(|l| l.as_ref())
+            .ok_or(ExpertError::Unavailable {
+                layer,
+                detail: "not a MoE layer here".into(),
+            })
+    }
+
+    /// The `(layer, expert)` pairs held here.
+    pub fn held(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.layers.iter().enumerate().flat_map(|(l, set)| {
+            set.iter().flat_map(move |s| {
+                s.experts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.is_some())
+                    .map(move |(e, _)| (l, e))
+            })
+        })
     }
 }
 

@@ -60,14 +60,16 @@ struct GpuMlp {
 
 enum GpuQ {
     LoRa {
-        a: GpuMatrix,
+        a: Box<GpuMatrix>,
         _norm_w: GpuBuffer,
         norm: Op,
-        b: GpuMatrix,
+        b: Box<GpuMatrix>,
     },
-    Direct(GpuMatrix),
+    Direct(Box<GpuMatrix>),
 }
 
+// One per layer, built once and never moved afterwards: variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum GpuFfn {
     Dense(GpuMlp),
     Moe {
@@ -262,13 +264,13 @@ impl GpuModel {
                 QProj::LoRa { a: qa, norm, b: qb } => {
                     let nw = ctx.upload_f32("q norm", norm)?;
                     GpuQ::LoRa {
-                        a: up(qa)?,
+                        a: Box::new(up(qa)?),
                         norm: Op::new(&ctx, &k.rms_inplace, &[(1, &nw), (3, &b.q_lora)])?,
                         _norm_w: nw,
-                        b: up(qb)?,
+                        b: Box::new(up(qb)?),
                     }
                 }
-                QProj::Direct(m) => GpuQ::Direct(up(m)?),
+                QProj::Direct(m) => GpuQ::Direct(Box::new(up(m)?)),
             };
             let ffn = match &lw.ffn {
                 Ffn::Dense(m) => GpuFfn::Dense(mlp(m, &b)?),

@@ -44,8 +44,8 @@ pub struct BenchArgs {
     /// llama.cpp's `llama-bench` binary: run it on the same model with the same threads.
     #[arg(long)]
     llama_bench: Option<PathBuf>,
-    /// Backend of the kernel measurements: `cpu`, or `wgpu` (GPU matvec GB/s at the 671B's
-    /// shapes for Q4_K, Q6_K, Q8_0).
+    /// Backend of the measurements: `cpu`, or `wgpu` (GPU matvec GB/s at the 671B's shapes for
+    /// Q4_K, Q6_K, Q8_0; with `--model`, the whole model's prefill and decode step on the GPU).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "wgpu"])]
     backend: String,
     /// With `--backend wgpu`: the adapter, by index or name substring (`coordinator
@@ -217,11 +217,77 @@ fn gpu_bench(a: &BenchArgs) -> Result<()> {
     } else {
         (std::time::Duration::from_millis(500), 5)
     };
-    for ty in engine::bench::GPU_TYPES {
-        for (rows, cols) in engine::bench::GPU_SHAPES {
-            let r = engine::bench::gpu_matvec_gbps(&ctx, ty, rows, cols, target, submits)?;
-            println!("{r}");
+    if !a.no_kernels {
+        for ty in engine::bench::GPU_TYPES {
+            for (rows, cols) in engine::bench::GPU_SHAPES {
+                let r = engine::bench::gpu_matvec_gbps(&ctx, ty, rows, cols, target, submits)?;
+                println!("{r}");
+            }
         }
     }
+    if let Some(model) = &a.model {
+        gpu_model_speed(std::sync::Arc::new(ctx), model, a)?;
+    }
+    Ok(())
+}
+
+/// `bench --backend wgpu --model PATH`: prefill and decode speed of the whole model on the GPU
+/// (routed experts on the device when they fit, else on the host), median of `--reps`.
+fn gpu_model_speed(
+    ctx: std::sync::Arc<engine::gpu::GpuContext>,
+    path: &Path,
+    a: &BenchArgs,
+) -> Result<()> {
+    use engine::model::moe::RoutedExperts;
+    let mf = ModelFile::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let model = mf.load_model()?;
+    let experts = mf.load_experts(&ExpertFilter::All)?;
+    let t = Instant::now();
+    let mut gm = engine::gpu::GpuModel::new(ctx.clone(), &model, a.prompt + a.decode + 1)?;
+    let ge = match engine::gpu::GpuExperts::upload(ctx.clone(), &experts, gm.max_batch()) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            println!("# routed experts stay on the CPU: {e}");
+            None
+        }
+    };
+    println!(
+        "# model uploaded in {:.2}s: {:.1} MiB of device memory, experts on the {}",
+        t.elapsed().as_secs_f64(),
+        ctx.memory_used() as f64 / (1u64 << 20) as f64,
+        if ge.is_some() { "GPU" } else { "CPU" }
+    );
+    let routed: &dyn RoutedExperts = match &ge {
+        Some(g) => g,
+        None => &experts,
+    };
+    drop(model);
+    let vocab = gm.cfg.vocab_size as u64;
+    let ids: Vec<u32> = (0..a.prompt as u64)
+        .map(|i| (engine::bench::splitmix(i + 1) % vocab) as u32)
+        .collect();
+    let (mut pps, mut steps) = (Vec::new(), Vec::new());
+    for _ in 0..a.reps.max(1) {
+        gm.truncate(0);
+        let t = Instant::now();
+        let mut next = argmax(gm.forward(&ids, routed, Logits::Last)?);
+        pps.push(a.prompt as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for _ in 0..a.decode {
+            next = argmax(gm.forward(&[next], routed, Logits::Last)?);
+        }
+        steps.push(t.elapsed().as_secs_f64() / a.decode.max(1) as f64);
+    }
+    let step = median(steps);
+    println!(
+        "model {} on {}: prefill {} tokens {:.1} tok/s; decode step {:.2} ms, {:.2} tok/s (median of {})",
+        path.display(),
+        ctx.adapter().name,
+        a.prompt,
+        median(pps),
+        step * 1e3,
+        1.0 / step,
+        a.reps
+    );
     Ok(())
 }

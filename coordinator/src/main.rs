@@ -7,10 +7,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use engine::chat::ChatMessage;
-use engine::generate::{generate, GenerateRequest};
+use engine::generate::{generate_on, CpuSequence, GenerateRequest, SequenceModel};
+use engine::gpu::{GpuContext, GpuError, GpuExperts, GpuModel, GpuOptions};
 use engine::model::kv_cache::CacheType;
+use engine::model::moe::{LocalExperts, RoutedExperts};
 use engine::model::weights::ExpertFilter;
-use engine::model::ModelFile;
+use engine::model::{Model, ModelFile};
 use engine::sampling::SamplingParams;
 
 mod bench;
@@ -93,6 +95,19 @@ struct GenerateArgs {
     /// Keep generating after an end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Backend: `auto` (a hardware GPU through wgpu if there is one, else the CPU; never a
+    /// software adapter), `cpu`, or `wgpu`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "wgpu"])]
+    backend: String,
+    /// With the wgpu backend: the adapter, by index or name substring (`coordinator
+    /// --list-gpus`); default: the best hardware GPU. A software adapter (lavapipe) is used
+    /// only when named here.
+    #[arg(long, default_value = "auto")]
+    gpu: engine::gpu::GpuSelector,
+    /// With the wgpu backend: device memory this process may use, GiB (wgpu cannot report a
+    /// device's memory; default unlimited).
+    #[arg(long)]
+    gpu_memory: Option<f64>,
     /// Quantize activations to int8 per block for quantized weights, as llama.cpp does:
     /// faster integer kernels at the cost of exactness (default: f32 activations, exact).
     #[arg(long)]
@@ -184,6 +199,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let experts = mf
         .load_experts(&ExpertFilter::All)
         .context("loading the experts")?;
+    let capacity = prompt.len() + a.max_new_tokens + 1;
+    let mut gpu = open_gpu(&a, &model, &experts, capacity)?;
     let mut stop_ids = if a.ignore_eos {
         vec![]
     } else {
@@ -210,7 +227,18 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let g = generate(&model, &experts, &tokenizer, &req, |piece| {
+    let mut cpu_seq;
+    let (seq, routed): (&mut dyn SequenceModel, &dyn RoutedExperts) = match &mut gpu {
+        Some((gm, ge)) => (
+            gm,
+            ge.as_ref().map_or(&experts as &dyn RoutedExperts, |g| g),
+        ),
+        None => {
+            cpu_seq = CpuSequence::new(&model, a.kv_cache, capacity);
+            (&mut cpu_seq, &experts)
+        }
+    };
+    let g = generate_on(seq, routed, &tokenizer, &req, |piece| {
         // A closed stdout (e.g. `| head`) ends the stream quietly.
         let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
     })?;
@@ -235,4 +263,79 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         engine::npy::write(&dir.join("gen_ids.npy"), &[ids.len()], &ids)?;
     }
     Ok(())
+}
+
+/// The wgpu backend for `generate`, or `None` for the CPU: `--backend wgpu` opens the chosen
+/// adapter or fails; `auto` takes a hardware GPU if there is one (never a software adapter)
+/// and falls back to the CPU when there is none or the model does not fit. The routed experts
+/// go to the device too when they fit; otherwise they stay on the host.
+fn open_gpu(
+    a: &GenerateArgs,
+    model: &Model,
+    experts: &LocalExperts,
+    capacity: usize,
+) -> Result<Option<(GpuModel, Option<GpuExperts>)>> {
+    let auto = match a.backend.as_str() {
+        "cpu" => return Ok(None),
+        "wgpu" => false,
+        _ => true,
+    };
+    if a.kv_cache != CacheType::F32 {
+        if auto {
+            eprintln!(
+                "[backend: cpu (the wgpu backend keeps an f32 cache; --kv-cache {:?} is CPU only)]",
+                a.kv_cache
+            );
+            return Ok(None);
+        }
+        bail!("the wgpu backend keeps an f32 latent cache; drop --kv-cache or use --backend cpu");
+    }
+    let opts = GpuOptions {
+        selector: a.gpu.clone(),
+        memory_budget: a.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64),
+        ..Default::default()
+    };
+    let ctx = match GpuContext::new(opts) {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(e @ GpuError::NoAdapter(_)) if auto => {
+            eprintln!("[backend: cpu ({e})]");
+            return Ok(None);
+        }
+        Err(e) => return Err(e).context("opening the GPU"),
+    };
+    let gm = match GpuModel::new(ctx.clone(), model, capacity) {
+        Ok(m) => m,
+        Err(e) if auto => {
+            eprintln!(
+                "[backend: cpu (the model does not go on {}: {e})]",
+                ctx.adapter().name
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e).context("uploading the model to the GPU"),
+    };
+    let has_experts = experts
+        .layers
+        .iter()
+        .flatten()
+        .any(|s| s.experts.iter().any(Option::is_some));
+    let ge = if has_experts {
+        match GpuExperts::upload(ctx.clone(), experts, gm.max_batch()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                eprintln!("[routed experts stay on the CPU: {e}]");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    eprintln!(
+        "[backend: wgpu on {} ({}), experts on the {}, {:.1} MiB of device memory]",
+        ctx.adapter().name,
+        ctx.adapter().backend,
+        if ge.is_some() { "GPU" } else { "CPU" },
+        ctx.memory_used() as f64 / (1u64 << 20) as f64
+    );
+    Ok(Some((gm, ge)))
 }

@@ -200,3 +200,64 @@ fn bad_input_is_refused_cleanly() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The lavapipe adapter's index, or `None` (skipped with one line; a failure under
+/// `REQUIRE_GPU_TESTS=1`).
+fn lavapipe() -> Option<usize> {
+    let found = engine::gpu::list_adapters()
+        .into_iter()
+        .find(|a| a.name.to_lowercase().contains("llvmpipe") && a.backend == "Vulkan");
+    if found.is_none() {
+        if std::env::var("REQUIRE_GPU_TESTS").is_ok_and(|v| v == "1") {
+            panic!("REQUIRE_GPU_TESTS=1 but wgpu finds no lavapipe adapter");
+        }
+        eprintln!("skipping GPU test: no lavapipe adapter (install mesa-vulkan-drivers)");
+    }
+    found.map(|a| a.index)
+}
+
+/// `generate --backend wgpu --gpu <lavapipe>` as a process: its `--logits-out` rows are within
+/// 1e-3 of the CPU run's and the greedy ids are the same.
+#[test]
+fn wgpu_backend_matches_the_cpu_file_to_file() {
+    let Some(index) = lavapipe() else { return };
+    let r = oracle("qlora/ref-q8_0");
+    let prompt: Vec<i64> = ids(&r.join("prompt_ids.npy"))[..8].to_vec();
+    let run = |backend: &str, extra: &[&str]| {
+        let out = tmpdir(&format!("backend-{backend}"));
+        let st = coordinator()
+            .args(["generate", "--model"])
+            .arg(oracle("qlora/q8_0.gguf"))
+            .args([
+                "--token-ids",
+                &csv(&prompt),
+                "--max-new-tokens",
+                "4",
+                "--ignore-eos",
+            ])
+            .args(["--backend", backend])
+            .args(extra)
+            .arg("--logits-out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&st.stderr).to_string();
+        assert!(st.status.success(), "{backend}: {err}");
+        let logits: NpyArray<f32> = npy::read(&out.join("logits.npy")).unwrap();
+        let gen = ids(&out.join("gen_ids.npy"));
+        std::fs::remove_dir_all(out).ok();
+        (logits, gen, err)
+    };
+    let (cpu, cpu_gen, _) = run("cpu", &[]);
+    let (gpu, gpu_gen, err) = run("wgpu", &["--gpu", &index.to_string()]);
+    assert!(err.contains("backend: wgpu"), "{err}");
+    assert_eq!(gpu.shape, cpu.shape);
+    let max = gpu
+        .data
+        .iter()
+        .zip(&cpu.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max <= 1e-3, "max abs diff {max}");
+    assert_eq!(gpu_gen, cpu_gen);
+}

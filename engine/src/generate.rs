@@ -53,11 +53,117 @@ pub enum GenerateError {
     Forward(#[from] ForwardError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
 }
 
-/// Runs `req`, calling `on_text` with each newly completed piece of text.
+impl From<crate::gpu::GpuForwardError> for GenerateError {
+    fn from(e: crate::gpu::GpuForwardError) -> Self {
+        match e {
+            crate::gpu::GpuForwardError::Forward(f) => GenerateError::Forward(f),
+            crate::gpu::GpuForwardError::Gpu(g) => GenerateError::Gpu(g),
+        }
+    }
+}
+
+/// One sequence's forward passes on some backend: the CPU [`Model`] with its cache and
+/// workspace ([`CpuSequence`]) or the GPU's [`crate::gpu::GpuModel`].
+pub trait SequenceModel {
+    fn vocab_size(&self) -> usize;
+    /// Positions the sequence can hold.
+    fn capacity(&self) -> usize;
+    /// Empties the cache.
+    fn reset(&mut self);
+    /// Runs `tokens` at the next positions and returns the requested logits.
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        experts: &dyn RoutedExperts,
+        which: Logits,
+    ) -> Result<&[f32], GenerateError>;
+}
+
+/// The CPU backend as a [`SequenceModel`].
+pub struct CpuSequence<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    ws: Workspace,
+}
+
+impl<'m> CpuSequence<'m> {
+    pub fn new(model: &'m Model, cache: CacheType, capacity: usize) -> Self {
+        CpuSequence {
+            cache: model.new_cache(cache, capacity),
+            model,
+            ws: Workspace::default(),
+        }
+    }
+}
+
+impl SequenceModel for CpuSequence<'_> {
+    fn vocab_size(&self) -> usize {
+        self.model.cfg.vocab_size
+    }
+
+    fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    fn reset(&mut self) {
+        self.cache.truncate(0);
+    }
+
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        experts: &dyn RoutedExperts,
+        which: Logits,
+    ) -> Result<&[f32], GenerateError> {
+        Ok(self
+            .model
+            .forward(tokens, &mut self.cache, experts, &mut self.ws, which)?)
+    }
+}
+
+impl SequenceModel for crate::gpu::GpuModel {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn capacity(&self) -> usize {
+        crate::gpu::GpuModel::capacity(self)
+    }
+
+    fn reset(&mut self) {
+        self.truncate(0);
+    }
+
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        experts: &dyn RoutedExperts,
+        which: Logits,
+    ) -> Result<&[f32], GenerateError> {
+        Ok(crate::gpu::GpuModel::forward(self, tokens, experts, which)?)
+    }
+}
+
+/// Runs `req` on the CPU backend, calling `on_text` with each newly completed piece of text.
 pub fn generate(
     model: &Model,
+    experts: &dyn RoutedExperts,
+    tokenizer: &Tokenizer,
+    req: &GenerateRequest,
+    on_text: impl FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    let mut seq = CpuSequence::new(model, req.cache, req.prompt.len() + req.max_new_tokens + 1);
+    generate_on(&mut seq, experts, tokenizer, req, on_text)
+}
+
+/// Runs `req` on any backend from an empty cache (`req.cache` is the caller's business here:
+/// the sequence model already has its cache).
+pub fn generate_on(
+    model: &mut dyn SequenceModel,
     experts: &dyn RoutedExperts,
     tokenizer: &Tokenizer,
     req: &GenerateRequest,
@@ -66,9 +172,8 @@ pub fn generate(
     if req.prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
-    let vocab = model.cfg.vocab_size;
-    let mut cache: KvCache = model.new_cache(req.cache, req.prompt.len() + req.max_new_tokens + 1);
-    let mut ws = Workspace::default();
+    model.reset();
+    let vocab = model.vocab_size();
     // Rows past the tokenizer's vocabulary are padding: never sample them.
     let mut sampler = Sampler::new(req.sampling)
         .with_banned_from(tokenizer.vocab_size().min(vocab) as u32)
@@ -82,7 +187,7 @@ pub fn generate(
     } else {
         Logits::Last
     };
-    let rows = model.forward(&req.prompt, &mut cache, experts, &mut ws, which)?;
+    let rows = model.forward(&req.prompt, experts, which)?;
     if let Some(l) = logits_out.as_mut() {
         l.extend_from_slice(rows);
     }
@@ -115,7 +220,7 @@ pub fn generate(
             }
             break;
         }
-        let row = model.forward(&[feed], &mut cache, experts, &mut ws, Logits::Last)?;
+        let row = model.forward(&[feed], experts, Logits::Last)?;
         last.copy_from_slice(row);
         if let Some(l) = logits_out.as_mut() {
             l.extend_from_slice(row);

@@ -30,3 +30,16 @@ pub const MM_Q3_K: &str = include_str!("../wgsl/mm_q3_k.wgsl");
 pub const MM_Q4_K: &str = include_str!("../wgsl/mm_q4_k.wgsl");
 pub const MM_Q5_K: &str = include_str!("../wgsl/mm_q5_k.wgsl");
 pub const MM_Q6_K: &str = include_str!("../wgsl/mm_q6_k.wgsl");
+
+/// RMSNorm of rows (`main`: X to Y; `inplace`: Y itself).
+pub const RMSNORM: &str = include_str!("../wgsl/rmsnorm.wgsl");
+/// YaRN rotary embedding from a host-computed cos/sin table.
+pub const ROPE: &str = include_str!("../wgsl/rope.wgsl");
+/// Absorbed MLA over the latent cache: `scores` and `latent` (the softmax runs in between).
+pub const ATTENTION: &str = include_str!("../wgsl/attention.wgsl");
+/// Row softmax in place (rows of growing length for causal attention).
+pub const SOFTMAX: &str = include_str!("../wgsl/softmax.wgsl");
+/// Element-wise `swiglu` and `add`.
+pub const ELEMENTWISE: &str = include_str!("../wgsl/elementwise.wgsl");
+/// Routed experts for a batch: `gather`, `swiglu_rows`, `scatter`.
+pub const EXPERTS: &str = include_str!("../wgsl/experts.wgsl");

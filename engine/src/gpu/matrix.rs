@@ -118,6 +118,8 @@ struct CallKey {
     out: u64,
     out_off: usize,
     n: usize,
+    x_stride: usize,
+    out_stride: usize,
 }
 
 /// One prepared product: for each page a parameter block, a bind group and a grid. Encoding
@@ -260,13 +262,37 @@ impl GpuMatrix {
         out: &GpuBuffer,
         out_offset: usize,
     ) -> Result<MatmulCall, GpuError> {
+        self.prepare_strided(ctx, x, x_offset, self.cols, n, out, out_offset, self.rows)
+    }
+
+    /// [`GpuMatrix::prepare`] with token strides of its own: `x_t = x[x_offset + t *
+    /// x_stride ..][..cols]`, `out[out_offset + t * out_stride + r]` (e.g. one head's slice of
+    /// every token's query, `x_stride = heads * head_dim`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_strided(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuBuffer,
+        x_offset: usize,
+        x_stride: usize,
+        n: usize,
+        out: &GpuBuffer,
+        out_offset: usize,
+        out_stride: usize,
+    ) -> Result<MatmulCall, GpuError> {
         let limits = ctx.device.limits();
         let bind_max = limits.max_storage_buffer_binding_size;
         if n == 0 {
             return Err(GpuError::BadArgument("a product of 0 tokens".into()));
         }
-        let x_end = x_offset.checked_add(n * self.cols);
-        let out_end = out_offset.checked_add(n * self.rows);
+        if x_stride < self.cols || out_stride < self.rows {
+            return Err(GpuError::BadArgument(format!(
+                "strides {x_stride}/{out_stride} below the {}x{} matrix's row/column count",
+                self.rows, self.cols
+            )));
+        }
+        let x_end = x_offset.checked_add((n - 1) * x_stride + self.cols);
+        let out_end = out_offset.checked_add((n - 1) * out_stride + self.rows);
         if x_end.is_none_or(|e| e > x.len_f32()) || out_end.is_none_or(|e| e > out.len_f32()) {
             return Err(GpuError::BadArgument(format!(
                 "{n} tokens of a {}x{} product do not fit x ({} f32 at {x_offset}) or out ({} f32 at {out_offset})",
@@ -315,9 +341,9 @@ impl GpuMatrix {
                 row_words: self.row_words as u32,
                 n: n as u32,
                 x_off: x_offset as u32,
-                x_stride: self.cols as u32,
+                x_stride: x_stride as u32,
                 out_off: out_offset as u32,
-                out_stride: self.rows as u32,
+                out_stride: out_stride as u32,
                 row_base: p.row0 as u32,
                 units: self.units,
                 scale_cols: self.scale_cols,
@@ -371,19 +397,42 @@ impl GpuMatrix {
         out: &GpuBuffer,
         out_offset: usize,
     ) -> Result<(), GpuError> {
+        self.encode_matmul_strided(
+            ctx, encoder, x, x_offset, self.cols, n, out, out_offset, self.rows,
+        )
+    }
+
+    /// [`GpuMatrix::encode_matmul`] with token strides (see [`GpuMatrix::prepare_strided`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_matmul_strided(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuBuffer,
+        x_offset: usize,
+        x_stride: usize,
+        n: usize,
+        out: &GpuBuffer,
+        out_offset: usize,
+        out_stride: usize,
+    ) -> Result<(), GpuError> {
         let key = CallKey {
             x: x.id(),
             x_off: x_offset,
             out: out.id(),
             out_off: out_offset,
             n,
+            x_stride,
+            out_stride,
         };
         let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, c)) = calls.iter().find(|(k, _)| *k == key) {
             c.encode(encoder);
             return Ok(());
         }
-        let call = Arc::new(self.prepare(ctx, x, x_offset, n, out, out_offset)?);
+        let call = Arc::new(
+            self.prepare_strided(ctx, x, x_offset, x_stride, n, out, out_offset, out_stride)?,
+        );
         call.encode(encoder);
         if calls.len() >= CALL_CACHE {
             calls.remove(0);

@@ -16,7 +16,12 @@
 //!   logged (the default handler would panic).
 
 mod executor;
+mod experts;
 mod matrix;
+mod model;
+#[cfg(test)]
+mod model_tests;
+mod ops;
 #[cfg(test)]
 mod tests;
 
@@ -28,7 +33,9 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use executor::{GpuExecutor, JobHandle};
+pub use experts::GpuExperts;
 pub use matrix::{gpu_supports, GpuMatrix, MatmulCall};
+pub use model::{GpuForwardError, GpuLoadError, GpuModel};
 
 /// Errors of the wgpu backend.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -62,14 +62,29 @@ pub fn route(
     out: &mut Routing,
     s: &mut RouterScratch,
 ) {
+    s.logits.resize(n * cfg.n_routed, 0.0);
+    w.router.matmul(xs, n, &mut s.logits, &mut s.act);
+    let logits = std::mem::take(&mut s.logits);
+    route_logits(cfg, w.bias.as_deref(), &logits, n, out, s);
+    s.logits = logits;
+}
+
+/// The selection half of [`route`], from router logits computed elsewhere (`n x n_routed`,
+/// e.g. on the GPU): the same scores, group limit, top-k and weights.
+pub fn route_logits(
+    cfg: &ModelConfig,
+    bias: Option<&[f32]>,
+    all_logits: &[f32],
+    n: usize,
+    out: &mut Routing,
+    s: &mut RouterScratch,
+) {
     let ne = cfg.n_routed;
     let k = cfg.top_k;
-    s.logits.resize(n * ne, 0.0);
-    w.router.matmul(xs, n, &mut s.logits, &mut s.act);
     out.reset(k);
     let per_group = ne / cfg.n_group;
     for t in 0..n {
-        let logits = &s.logits[t * ne..(t + 1) * ne];
+        let logits = &all_logits[t * ne..(t + 1) * ne];
         s.scores.clear();
         match cfg.scoring {
             Scoring::Sigmoid => s.scores.extend(logits.iter().map(|&v| ops::sigmoid(v))),
@@ -80,7 +95,7 @@ pub fn route(
         }
         s.biased.clear();
         s.biased.extend_from_slice(&s.scores);
-        if let Some(b) = &w.bias {
+        if let Some(b) = bias {
             for (v, bv) in s.biased.iter_mut().zip(b) {
                 *v += bv;
             }
@@ -181,6 +196,12 @@ pub trait RoutedExperts: Send + Sync {
     /// The default does nothing (the work happens in `eval`).
     fn begin(&self, _layer: usize, _xs: &[f32], _routing: &Routing) -> Result<(), ExpertError> {
         Ok(())
+    }
+
+    /// The GPU-resident expert set behind this implementation, if it is one: the wgpu
+    /// backend then evaluates the experts on the device without a round trip through the host.
+    fn as_gpu(&self) -> Option<&crate::gpu::GpuExperts> {
+        None
     }
 
     /// Evaluates the routed experts of MoE layer `layer` for `xs` (`n x hidden`), adding the

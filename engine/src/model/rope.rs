@@ -58,6 +58,27 @@ impl RopeTable {
         }
     }
 
+    /// Whether channel pairs are `(2i, 2i + 1)` (true) or `(i, i + dim/2)` (false).
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
+    }
+
+    /// `[cos, sin]` of every channel pair for positions `0..positions`, exactly the values
+    /// [`RopeTable::apply`] multiplies by (`positions x dim/2 x 2`, attention factor included):
+    /// the GPU applies the rotation from this table.
+    pub fn cos_sin_table(&self, positions: usize) -> Vec<f32> {
+        let mut t = Vec::with_capacity(positions * self.inv_freq.len() * 2);
+        for pos in 0..positions {
+            let p = pos as f32;
+            for &f in &self.inv_freq {
+                let (s, c) = ((p * f) as f64).sin_cos();
+                t.push(c as f32 * self.attn_factor);
+                t.push(s as f32 * self.attn_factor);
+            }
+        }
+        t
+    }
+
     /// Rotates `x` (one head's `dim` rotary channels) in place for position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let half = self.inv_freq.len();

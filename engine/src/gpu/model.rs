@@ -1,0 +1,668 @@
+//! [`GpuModel`]: the always-active part of the model resident on the device, with the latent
+//! KV cache, running the same graph as [`crate::model::Model::forward`].
+//!
+//! What runs where, per forward call (a batch of consecutive tokens, split into passes of at
+//! most [`GpuModel::max_batch`] tokens):
+//! - host: the embedding rows (dequantised from the host copy and uploaded: `n x hidden` f32,
+//!   far less traffic than keeping the `vocab x hidden` table resident would cost memory) and,
+//!   per MoE layer, the router's selection from the read-back router logits (`n x n_routed`,
+//!   with [`crate::model::moe::route_logits`], so the choice is the CPU's exactly);
+//! - device: everything else — RMSNorms, the query/KV projections, RoPE from the CPU's own
+//!   cos/sin table, absorbed MLA over the f32 latent cache (scores, causal softmax, latent
+//!   sum, per-head `W_UK`/`W_UV` products), the output projection, dense and shared-expert
+//!   SwiGLU blocks, residual adds, the final norm and the head;
+//! - routed experts: on the device when the [`RoutedExperts`] is a [`GpuExperts`] on the same
+//!   context; otherwise the MoE layer's normalised hidden state is read back together with the
+//!   router logits, `begin` is called, the shared expert is recorded on the device, `eval` runs
+//!   on the host buffer and its sum is uploaded and added.
+//!
+//! Readbacks: one per MoE layer (router logits, plus the hidden state for host experts) and
+//! the logits at the end; nothing else leaves the device. Every kernel is bound once at
+//! construction; parameter blocks are rewritten per pass; buffers are reused across calls.
+
+use std::sync::Arc;
+
+use super::experts::{routing_pairs, GpuExperts};
+use super::ops::{grid_1d, Kernels, Op, Readback};
+use super::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
+use crate::config::ModelConfig;
+use crate::model::kv_cache::ContextFull;
+use crate::model::moe::{self, MoeScratch, Pair, RoutedExperts, RouterScratch, Routing};
+use crate::model::rope::RopeTable;
+use crate::model::weights::{Ffn, Mlp, QProj};
+use crate::model::{ForwardError, Logits, Model, ModelFile};
+use crate::tensor::Matrix;
+
+/// A failure of a forward pass on the GPU.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuForwardError {
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+}
+
+/// A failure to build a [`GpuModel`] from a file.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuLoadError {
+    #[error(transparent)]
+    Load(#[from] crate::model::LoadError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+}
+
+struct GpuMlp {
+    gate: GpuMatrix,
+    up: GpuMatrix,
+    down: GpuMatrix,
+    swiglu: Op,
+}
+
+enum GpuQ {
+    LoRa {
+        a: Box<GpuMatrix>,
+        _norm_w: GpuBuffer,
+        norm: Op,
+        b: Box<GpuMatrix>,
+    },
+    Direct(Box<GpuMatrix>),
+}
+
+// One per layer, built once and never moved afterwards: variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum GpuFfn {
+    Dense(GpuMlp),
+    Moe {
+        router: GpuMatrix,
+        bias: Option<Vec<f32>>,
+        shared: Option<GpuMlp>,
+        add_routed: Op,
+    },
+}
+
+struct Layer {
+    _w: Vec<GpuBuffer>,
+    attn_norm: Op,
+    q: GpuQ,
+    kv_a: GpuMatrix,
+    kv_norm: Op,
+    rope_k: Op,
+    rope_q: Op,
+    k_b: Vec<GpuMatrix>,
+    v_b: Vec<GpuMatrix>,
+    scores: Op,
+    softmax: Op,
+    latent: Op,
+    o: GpuMatrix,
+    add_attn: Op,
+    ffn_norm: Op,
+    ffn: GpuFfn,
+    add_ffn: Op,
+}
+
+struct Bufs {
+    x: GpuBuffer,
+    xn: GpuBuffer,
+    branch: GpuBuffer,
+    routed: GpuBuffer,
+    q_lora: GpuBuffer,
+    q: GpuBuffer,
+    kv: GpuBuffer,
+    qabs: GpuBuffer,
+    scores: GpuBuffer,
+    lat: GpuBuffer,
+    heads_out: GpuBuffer,
+    gate: GpuBuffer,
+    up: GpuBuffer,
+    rlogits: GpuBuffer,
+    logits: GpuBuffer,
+    _rope: GpuBuffer,
+}
+
+#[derive(Default)]
+struct Host {
+    x: Vec<f32>,
+    read: Vec<f32>,
+    routed: Vec<f32>,
+    routing: Routing,
+    router: RouterScratch,
+    moe: MoeScratch,
+    pairs: Vec<Pair>,
+    logits: Vec<f32>,
+}
+
+/// The dense part of a model and its latent cache (f32) on a GPU; see the module docs.
+pub struct GpuModel {
+    ctx: Arc<GpuContext>,
+    pub cfg: ModelConfig,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    _out_norm: GpuBuffer,
+    final_norm: Op,
+    head: GpuMatrix,
+    b: Bufs,
+    cache: Vec<GpuBuffer>,
+    len: usize,
+    capacity: usize,
+    n_max: usize,
+    readback: Readback,
+    host: Host,
+    scale: f32,
+    half: usize,
+    interleaved: bool,
+}
+
+impl std::fmt::Debug for GpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuModel")
+            .field("adapter", &self.ctx.adapter().name)
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+fn eps_bits(cfg: &ModelConfig) -> u32 {
+    cfg.rms_eps.to_bits()
+}
+
+impl GpuModel {
+    /// Opens the model file's dense part and uploads it (see [`GpuModel::new`]).
+    pub fn load(
+        ctx: Arc<GpuContext>,
+        file: &ModelFile,
+        capacity: usize,
+    ) -> Result<Self, GpuLoadError> {
+        let model = file.load_model()?;
+        Ok(GpuModel::new(ctx, &model, capacity)?)
+    }
+
+    /// Uploads `model`'s dense weights and allocates a latent cache of `capacity` positions
+    /// (capped by the model's limit) and every activation buffer.
+    pub fn new(ctx: Arc<GpuContext>, model: &Model, capacity: usize) -> Result<Self, GpuError> {
+        let c = model.cfg.clone();
+        let capacity = capacity.min(c.max_positions).max(1);
+        let (h, heads, lora, rd, nope, vh) = (
+            c.hidden,
+            c.n_heads,
+            c.kv_lora_rank,
+            c.qk_rope,
+            c.qk_nope,
+            c.v_head,
+        );
+        let (qk, row) = (c.qk_head(), c.cache_row());
+        let limit = ctx.page_limit() as usize;
+        let cache_bytes = capacity * row * 4;
+        if cache_bytes > limit {
+            return Err(GpuError::BadArgument(format!(
+                "a layer's cache of {capacity} positions ({cache_bytes} bytes) exceeds one binding ({limit} bytes)"
+            )));
+        }
+        let mut n_max = 64usize;
+        while n_max > 0
+            && (n_max * heads * capacity * 4 > limit || n_max * c.vocab_size * 4 > limit)
+        {
+            n_max /= 2;
+        }
+        if n_max == 0 {
+            return Err(GpuError::BadArgument(format!(
+                "one token's attention scores over {capacity} positions exceed one binding"
+            )));
+        }
+        let k = Kernels::new(&ctx)?;
+        let mut inter = 0;
+        let mut mlp_inters = |m: &Mlp| inter = inter.max(m.gate.rows);
+        for l in &model.w.layers {
+            match &l.ffn {
+                Ffn::Dense(m) => mlp_inters(m),
+                Ffn::Moe(mw) => {
+                    if let Some(m) = &mw.shared {
+                        mlp_inters(m)
+                    }
+                }
+            }
+        }
+        let q_lora_rank = c.q_lora_rank.unwrap_or(1);
+        let rope = RopeTable::new(&c.rope, rd);
+        let b = Bufs {
+            x: ctx.alloc_f32("x", n_max * h)?,
+            xn: ctx.alloc_f32("xn", n_max * h)?,
+            branch: ctx.alloc_f32("branch", n_max * h)?,
+            routed: ctx.alloc_f32("routed", n_max * h)?,
+            q_lora: ctx.alloc_f32("q_lora", n_max * q_lora_rank)?,
+            q: ctx.alloc_f32("q", n_max * heads * qk)?,
+            kv: ctx.alloc_f32("kv", n_max * row)?,
+            qabs: ctx.alloc_f32("q_abs", n_max * heads * lora)?,
+            scores: ctx.alloc_f32("scores", n_max * heads * capacity)?,
+            lat: ctx.alloc_f32("latent", n_max * heads * lora)?,
+            heads_out: ctx.alloc_f32("heads out", n_max * heads * vh)?,
+            gate: ctx.alloc_f32("gate", n_max * inter.max(1))?,
+            up: ctx.alloc_f32("up", n_max * inter.max(1))?,
+            rlogits: ctx.alloc_f32("router logits", n_max * c.n_routed.max(1))?,
+            logits: ctx.alloc_f32("logits", n_max * c.vocab_size)?,
+            _rope: ctx.upload_f32("rope", &rope.cos_sin_table(capacity))?,
+        };
+        let mut cache = Vec::with_capacity(c.n_layers);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        let up = |m: &Matrix| GpuMatrix::upload(&ctx, m);
+        let mlp = |m: &Mlp, b: &Bufs| -> Result<GpuMlp, GpuError> {
+            Ok(GpuMlp {
+                gate: up(&m.gate)?,
+                up: up(&m.up)?,
+                down: up(&m.down)?,
+                swiglu: Op::new(&ctx, &k.swiglu, &[(1, &b.gate), (2, &b.up)])?,
+            })
+        };
+        let add = |d: &GpuBuffer, s: &GpuBuffer| Op::new(&ctx, &k.add, &[(3, d), (4, s)]);
+        for (l, lw) in model.w.layers.iter().enumerate() {
+            let cl = ctx.alloc_f32("kv cache", capacity * row)?;
+            let a = &lw.attn;
+            let attn_norm_w = ctx.upload_f32("attn norm", &a.norm)?;
+            let kv_norm_w = ctx.upload_f32("kv norm", &a.kv_norm)?;
+            let ffn_norm_w = ctx.upload_f32("ffn norm", &lw.ffn_norm)?;
+            let q = match &a.q {
+                QProj::LoRa { a: qa, norm, b: qb } => {
+                    let nw = ctx.upload_f32("q norm", norm)?;
+                    GpuQ::LoRa {
+                        a: Box::new(up(qa)?),
+                        norm: Op::new(&ctx, &k.rms_inplace, &[(1, &nw), (3, &b.q_lora)])?,
+                        _norm_w: nw,
+                        b: Box::new(up(qb)?),
+                    }
+                }
+                QProj::Direct(m) => GpuQ::Direct(Box::new(up(m)?)),
+            };
+            let ffn = match &lw.ffn {
+                Ffn::Dense(m) => GpuFfn::Dense(mlp(m, &b)?),
+                Ffn::Moe(mw) => GpuFfn::Moe {
+                    router: up(&mw.router)?,
+                    bias: mw.bias.clone(),
+                    shared: mw.shared.as_ref().map(|m| mlp(m, &b)).transpose()?,
+                    add_routed: add(&b.branch, &b.routed)?,
+                },
+            };
+            layers.push(Layer {
+                attn_norm: Op::new(&ctx, &k.rms, &[(1, &attn_norm_w), (2, &b.x), (3, &b.xn)])?,
+                q,
+                kv_a: up(&a.kv_a)?,
+                kv_norm: Op::new(&ctx, &k.rms_inplace, &[(1, &kv_norm_w), (3, &b.kv)])?,
+                rope_k: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.kv)])?,
+                rope_q: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.q)])?,
+                k_b: a.k_b.iter().map(up).collect::<Result<_, _>>()?,
+                v_b: a.v_b.iter().map(up).collect::<Result<_, _>>()?,
+                scores: Op::new(
+                    &ctx,
+                    &k.scores,
+                    &[(1, &b.qabs), (2, &b.q), (3, &cl), (4, &b.scores)],
+                )?,
+                softmax: Op::new(&ctx, &k.softmax, &[(1, &b.scores)])?,
+                latent: Op::new(&ctx, &k.latent, &[(3, &cl), (5, &b.scores), (6, &b.lat)])?,
+                o: up(&a.o)?,
+                add_attn: add(&b.x, &b.branch)?,
+                ffn_norm: Op::new(&ctx, &k.rms, &[(1, &ffn_norm_w), (2, &b.x), (3, &b.xn)])?,
+                ffn,
+                add_ffn: add(&b.x, &b.branch)?,
+                _w: vec![attn_norm_w, kv_norm_w, ffn_norm_w],
+            });
+            cache.push(cl);
+            debug_assert_eq!(layers.len(), l + 1);
+        }
+        let out_norm = ctx.upload_f32("out norm", &model.w.out_norm)?;
+        let final_norm = Op::new(&ctx, &k.rms, &[(1, &out_norm), (2, &b.x), (3, &b.xn)])?;
+        let head = up(&model.w.head)?;
+        let readback = Readback::new(&ctx, (n_max * c.vocab_size).max(n_max * (c.n_routed + h)))?;
+        let _ = (nope, vh);
+        Ok(GpuModel {
+            embed: model.w.embed.clone(),
+            layers,
+            _out_norm: out_norm,
+            final_norm,
+            head,
+            b,
+            cache,
+            len: 0,
+            capacity,
+            n_max,
+            readback,
+            host: Host::default(),
+            scale: c.softmax_scale(),
+            half: rd / 2,
+            interleaved: rope.interleaved(),
+            cfg: c,
+            ctx,
+        })
+    }
+
+    /// The device context.
+    pub fn context(&self) -> &Arc<GpuContext> {
+        &self.ctx
+    }
+
+    /// Positions in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions the cache holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Tokens one pass handles (longer batches run in several passes).
+    pub fn max_batch(&self) -> usize {
+        self.n_max
+    }
+
+    /// Forgets positions from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Runs `tokens` at positions `len()..`, appending them to the device cache, and returns
+    /// the requested logits (`n x vocab` or the last row), as [`Model::forward`] does. On error
+    /// the cache keeps its length.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        experts: &dyn RoutedExperts,
+        which: Logits,
+    ) -> Result<&[f32], GpuForwardError> {
+        let n = tokens.len();
+        if n == 0 {
+            return Err(ForwardError::Empty.into());
+        }
+        let vocab = self.cfg.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ForwardError::UnknownToken { id, vocab }.into());
+        }
+        if self.len + n > self.capacity {
+            return Err(ForwardError::ContextFull(ContextFull {
+                needed: self.len + n,
+                capacity: self.capacity,
+            })
+            .into());
+        }
+        let gpu = experts
+            .as_gpu()
+            .filter(|g| Arc::ptr_eq(g.context(), &self.ctx));
+        let step = gpu.map_or(self.n_max, |g| self.n_max.min(g.max_tokens()));
+        let start = self.len;
+        let mut logits = std::mem::take(&mut self.host.logits);
+        logits.clear();
+        let mut r = Ok(());
+        for (i, chunk) in tokens.chunks(step).enumerate() {
+            let last = (i + 1) * step >= n;
+            let rows = match which {
+                Logits::All => Some((0, chunk.len())),
+                Logits::Last if last => Some((chunk.len() - 1, 1)),
+                Logits::Last => None,
+            };
+            r = self.pass(chunk, experts, gpu, rows, &mut logits);
+            if r.is_err() {
+                break;
+            }
+            self.len += chunk.len();
+        }
+        self.host.logits = logits;
+        if let Err(e) = r {
+            self.len = start;
+            return Err(e);
+        }
+        Ok(&self.host.logits)
+    }
+
+    /// One pass of at most `n_max` tokens at positions `self.len..`.
+    fn pass(
+        &mut self,
+        tokens: &[u32],
+        experts: &dyn RoutedExperts,
+        gpu: Option<&GpuExperts>,
+        rows: Option<(usize, usize)>,
+        logits: &mut Vec<f32>,
+    ) -> Result<(), GpuForwardError> {
+        let ctx = &*self.ctx;
+        let c = &self.cfg;
+        let b = &self.b;
+        let n = tokens.len();
+        let pos0 = self.len;
+        let (h, heads, lora, rd, nope, vh) = (
+            c.hidden,
+            c.n_heads,
+            c.kv_lora_rank,
+            c.qk_rope,
+            c.qk_nope,
+            c.v_head,
+        );
+        let (qk, row, ne) = (c.qk_head(), c.cache_row(), c.n_routed);
+        let eps = eps_bits(c);
+        let hs = &mut self.host;
+        hs.x.resize(n * h, 0.0);
+        for (t, &tok) in tokens.iter().enumerate() {
+            self.embed
+                .dequantize_row(tok as usize, &mut hs.x[t * h..(t + 1) * h])
+                .map_err(|e| GpuError::BadArgument(format!("embedding row: {e}")))?;
+        }
+        ctx.write_f32(&b.x, 0, &hs.x)?;
+        let (nn, hh) = (n as u32, h as u32);
+        let add_words = |count: usize| {
+            let (wg_x, grid) = grid_1d(ctx, count);
+            ([count as u32, wg_x], grid)
+        };
+        let norm_words = [nn, hh, 0, hh, 0, hh, eps];
+        let mut enc = ctx.encoder("forward");
+        for (l, lw) in self.layers.iter().enumerate() {
+            lw.attn_norm.encode(ctx, &mut enc, &norm_words, (nn, 1, 1));
+            match &lw.q {
+                GpuQ::LoRa { a, norm, b: qb, .. } => {
+                    a.encode_matmul(ctx, &mut enc, &b.xn, 0, n, &b.q_lora, 0)?;
+                    let r = a.rows as u32;
+                    norm.encode(ctx, &mut enc, &[nn, r, 0, r, 0, r, eps], (nn, 1, 1));
+                    qb.encode_matmul(ctx, &mut enc, &b.q_lora, 0, n, &b.q, 0)?;
+                }
+                GpuQ::Direct(m) => m.encode_matmul(ctx, &mut enc, &b.xn, 0, n, &b.q, 0)?,
+            }
+            lw.kv_a
+                .encode_matmul(ctx, &mut enc, &b.xn, 0, n, &b.kv, 0)?;
+            lw.kv_norm.encode(
+                ctx,
+                &mut enc,
+                &[nn, lora as u32, 0, row as u32, 0, 0, eps],
+                (nn, 1, 1),
+            );
+            let half = self.half as u32;
+            let inter = self.interleaved as u32;
+            lw.rope_k.encode(
+                ctx,
+                &mut enc,
+                &[nn, 1, lora as u32, row as u32, 0, pos0 as u32, half, inter],
+                (half.div_ceil(64), nn, 1),
+            );
+            enc.copy_buffer_to_buffer(
+                b.kv.buffer(),
+                0,
+                self.cache[l].buffer(),
+                (pos0 * row * 4) as u64,
+                (n * row * 4) as u64,
+            );
+            lw.rope_q.encode(
+                ctx,
+                &mut enc,
+                &[
+                    nn,
+                    heads as u32,
+                    nope as u32,
+                    (heads * qk) as u32,
+                    qk as u32,
+                    pos0 as u32,
+                    half,
+                    inter,
+                ],
+                ((heads as u32 * half).div_ceil(64), nn, 1),
+            );
+            for (hd, m) in lw.k_b.iter().enumerate() {
+                m.encode_matmul_strided(
+                    ctx,
+                    &mut enc,
+                    &b.q,
+                    hd * qk,
+                    heads * qk,
+                    n,
+                    &b.qabs,
+                    hd * lora,
+                    heads * lora,
+                )?;
+            }
+            let att = [
+                nn,
+                heads as u32,
+                pos0 as u32,
+                lora as u32,
+                rd as u32,
+                row as u32,
+                qk as u32,
+                nope as u32,
+                self.scale.to_bits(),
+                self.capacity as u32,
+            ];
+            let ctx_len = (pos0 + n) as u32;
+            lw.scores.encode(
+                ctx,
+                &mut enc,
+                &att,
+                (ctx_len.div_ceil(64), heads as u32, nn),
+            );
+            lw.softmax.encode(
+                ctx,
+                &mut enc,
+                &[
+                    nn * heads as u32,
+                    self.capacity as u32,
+                    pos0 as u32 + 1,
+                    heads as u32,
+                    0,
+                ],
+                (nn * heads as u32, 1, 1),
+            );
+            lw.latent.encode(
+                ctx,
+                &mut enc,
+                &att,
+                ((lora as u32).div_ceil(64), heads as u32, nn),
+            );
+            for (hd, m) in lw.v_b.iter().enumerate() {
+                m.encode_matmul_strided(
+                    ctx,
+                    &mut enc,
+                    &b.lat,
+                    hd * lora,
+                    heads * lora,
+                    n,
+                    &b.heads_out,
+                    hd * vh,
+                    heads * vh,
+                )?;
+            }
+            lw.o.encode_matmul(ctx, &mut enc, &b.heads_out, 0, n, &b.branch, 0)?;
+            let (w, g) = add_words(n * h);
+            lw.add_attn.encode(ctx, &mut enc, &w, g);
+            lw.ffn_norm.encode(ctx, &mut enc, &norm_words, (nn, 1, 1));
+            let run_mlp = |m: &GpuMlp, enc: &mut wgpu::CommandEncoder| -> Result<(), GpuError> {
+                m.gate.encode_matmul(ctx, enc, &b.xn, 0, n, &b.gate, 0)?;
+                m.up.encode_matmul(ctx, enc, &b.xn, 0, n, &b.up, 0)?;
+                let (w, g) = add_words(n * m.gate.rows);
+                m.swiglu.encode(ctx, enc, &w, g);
+                m.down.encode_matmul(ctx, enc, &b.gate, 0, n, &b.branch, 0)
+            };
+            match &lw.ffn {
+                GpuFfn::Dense(m) => run_mlp(m, &mut enc)?,
+                GpuFfn::Moe {
+                    router,
+                    bias,
+                    shared,
+                    add_routed,
+                } => {
+                    router.encode_matmul(ctx, &mut enc, &b.xn, 0, n, &b.rlogits, 0)?;
+                    let mut copies = vec![(&b.rlogits, 0, n * ne)];
+                    if gpu.is_none() {
+                        copies.push((&b.xn, 0, n * h));
+                    }
+                    let done = std::mem::replace(&mut enc, ctx.encoder("forward"));
+                    hs.read.clear();
+                    self.readback.read(ctx, done, &copies, &mut hs.read)?;
+                    moe::route_logits(
+                        c,
+                        bias.as_deref(),
+                        &hs.read[..n * ne],
+                        n,
+                        &mut hs.routing,
+                        &mut hs.router,
+                    );
+                    let shared_into_branch =
+                        |enc: &mut wgpu::CommandEncoder| -> Result<(), GpuError> {
+                            match shared {
+                                Some(m) => run_mlp(m, enc),
+                                None => {
+                                    enc.clear_buffer(
+                                        b.branch.buffer(),
+                                        0,
+                                        Some((n * h * 4) as u64),
+                                    );
+                                    Ok(())
+                                }
+                            }
+                        };
+                    match gpu {
+                        Some(g) => {
+                            shared_into_branch(&mut enc)?;
+                            routing_pairs(&hs.routing, &mut hs.pairs);
+                            g.encode_pairs(&mut enc, l, &b.xn, n, &hs.pairs, &b.branch)
+                                .map_err(ForwardError::from)?;
+                        }
+                        None => {
+                            let xs = &hs.read[n * ne..n * ne + n * h];
+                            experts
+                                .begin(l, xs, &hs.routing)
+                                .map_err(ForwardError::from)?;
+                            shared_into_branch(&mut enc)?;
+                            hs.routed.clear();
+                            hs.routed.resize(n * h, 0.0);
+                            experts
+                                .eval(l, xs, &hs.routing, &mut hs.routed, &mut hs.moe)
+                                .map_err(ForwardError::from)?;
+                            ctx.write_f32(&b.routed, 0, &hs.routed)?;
+                            let (w, g) = add_words(n * h);
+                            add_routed.encode(ctx, &mut enc, &w, g);
+                        }
+                    }
+                }
+            }
+            let (w, g) = add_words(n * h);
+            lw.add_ffn.encode(ctx, &mut enc, &w, g);
+        }
+        match rows {
+            Some((first, rows)) => {
+                let r = rows as u32;
+                self.final_norm.encode(
+                    ctx,
+                    &mut enc,
+                    &[r, hh, (first * h) as u32, hh, 0, hh, eps],
+                    (r, 1, 1),
+                );
+                self.head
+                    .encode_matmul(ctx, &mut enc, &b.xn, 0, rows, &b.logits, 0)?;
+                self.readback.read(
+                    ctx,
+                    enc,
+                    &[(&b.logits, 0, rows * self.cfg.vocab_size)],
+                    logits,
+                )?;
+            }
+            None => ctx.submit_and_wait(enc)?,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,383 @@
+//! The model's GPU kernels against the CPU implementations (lavapipe in CI; skipped with one
+//! line without an adapter, failed under `REQUIRE_GPU_TESTS=1`).
+//!
+//! Tolerances (absolute, on values of order 1): RMSNorm, RoPE, SwiGLU and adds 1e-5 · (1 +
+//! |ref|); softmax 1e-6; attention (scores, softmax, latent sum) 1e-5 · (1 + |ref|); routed
+//! experts 1e-5 · max |ref| (two chained products of random Q8_0/Q4_K/F32 weights whose
+//! outputs reach ~100).
+
+use std::sync::Arc;
+
+use super::ops::{grid_1d, Kernels, Op};
+use super::*;
+use crate::config::{Rope, Yarn};
+use crate::model::moe::{LocalExperts, MoeScratch, Pair};
+use crate::model::ops;
+use crate::model::rope::RopeTable;
+use crate::model::weights::{ExpertSet, Mlp};
+use crate::quant::dequant::test_util::{random_row, Rng};
+use crate::quant::QuantType;
+use crate::tensor::Matrix;
+use crate::Bytes;
+
+fn ctx() -> Option<Arc<GpuContext>> {
+    test_context(GpuOptions::default()).map(Arc::new)
+}
+
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng(seed);
+    (0..n).map(|_| r.normal()).collect()
+}
+
+fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}: [{i}] gpu {g} cpu {w}"
+        );
+    }
+}
+
+fn run(ctx: &GpuContext, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
+    let mut enc = ctx.encoder("test");
+    f(&mut enc);
+    ctx.submit_and_wait(enc).unwrap();
+}
+
+#[test]
+fn rmsnorm_rows_match_the_cpu() {
+    let Some(ctx) = ctx() else { return };
+    let k = Kernels::new(&ctx).unwrap();
+    for (rows, width) in [(1, 7), (3, 256), (5, 1000), (2, 4097)] {
+        let x = rand(rows * width, 1);
+        let w: Vec<f32> = rand(width, 2).iter().map(|v| 1.0 + 0.1 * v).collect();
+        let (xb, wb) = (
+            ctx.upload_f32("x", &x).unwrap(),
+            ctx.upload_f32("w", &w).unwrap(),
+        );
+        let yb = ctx.alloc_f32("y", rows * width).unwrap();
+        let op = Op::new(&ctx, &k.rms, &[(1, &wb), (2, &xb), (3, &yb)]).unwrap();
+        let eps = 1e-6f32;
+        let wd = width as u32;
+        run(&ctx, |e| {
+            op.encode(
+                &ctx,
+                e,
+                &[rows as u32, wd, 0, wd, 0, wd, eps.to_bits()],
+                (rows as u32, 1, 1),
+            )
+        });
+        let mut want = vec![0f32; rows * width];
+        for (s, d) in x.chunks(width).zip(want.chunks_mut(width)) {
+            ops::rms_norm(s, &w, eps, d);
+        }
+        close(
+            &ctx.read_f32(&yb, 0, rows * width).unwrap(),
+            &want,
+            1e-5,
+            "rmsnorm",
+        );
+        // In place on the first `width - 3` values of each row (a strided sub-row).
+        let sub = width.saturating_sub(3).max(1);
+        let op = Op::new(&ctx, &k.rms_inplace, &[(1, &wb), (3, &xb)]).unwrap();
+        run(&ctx, |e| {
+            op.encode(
+                &ctx,
+                e,
+                &[rows as u32, sub as u32, 0, wd, 0, 0, eps.to_bits()],
+                (rows as u32, 1, 1),
+            )
+        });
+        let mut want = x.clone();
+        for r in want.chunks_mut(width) {
+            ops::rms_norm_rows(&mut r[..sub], &w[..sub], eps);
+        }
+        close(
+            &ctx.read_f32(&xb, 0, rows * width).unwrap(),
+            &want,
+            1e-5,
+            "rmsnorm in place",
+        );
+    }
+}
+
+#[test]
+fn rope_matches_the_cpu_table() {
+    let Some(ctx) = ctx() else { return };
+    let k = Kernels::new(&ctx).unwrap();
+    for (dim, interleaved, heads, n, pos0) in [
+        (16, true, 3, 5, 17),
+        (64, false, 2, 3, 4000),
+        (6, true, 1, 1, 0),
+    ] {
+        let rope = Rope {
+            theta: 10000.0,
+            yarn: Some(Yarn {
+                factor: 40.0,
+                original_max_position: 4096.0,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: 1.0,
+                mscale_all_dim: 1.0,
+            }),
+            interleaved,
+        };
+        let table = RopeTable::new(&rope, dim);
+        // Rows of `head_dim` = dim + 5 values with the rotary part at offset 5.
+        let hd = dim + 5;
+        let x = rand(n * heads * hd, 3);
+        let xb = ctx.upload_f32("x", &x).unwrap();
+        let cs = ctx
+            .upload_f32("cs", &table.cos_sin_table(pos0 + n))
+            .unwrap();
+        let op = Op::new(&ctx, &k.rope, &[(1, &cs), (2, &xb)]).unwrap();
+        let half = (dim / 2) as u32;
+        run(&ctx, |e| {
+            op.encode(
+                &ctx,
+                e,
+                &[
+                    n as u32,
+                    heads as u32,
+                    5,
+                    (heads * hd) as u32,
+                    hd as u32,
+                    pos0 as u32,
+                    half,
+                    interleaved as u32,
+                ],
+                ((heads as u32 * half).div_ceil(64), n as u32, 1),
+            )
+        });
+        let mut want = x.clone();
+        for t in 0..n {
+            for h in 0..heads {
+                let b = (t * heads + h) * hd + 5;
+                table.apply(&mut want[b..b + dim], pos0 + t);
+            }
+        }
+        close(&ctx.read_f32(&xb, 0, x.len()).unwrap(), &want, 1e-5, "rope");
+    }
+}
+
+#[test]
+fn softmax_and_elementwise_match_the_cpu() {
+    let Some(ctx) = ctx() else { return };
+    let k = Kernels::new(&ctx).unwrap();
+    // Causal rows: 3 tokens x 2 heads, lengths 5, 5, 6, 6, 7, 7 in rows of stride 9.
+    let (rows, stride, len0, per) = (6usize, 9usize, 5usize, 2usize);
+    let x: Vec<f32> = rand(rows * stride, 4).iter().map(|v| 4.0 * v).collect();
+    let xb = ctx.upload_f32("x", &x).unwrap();
+    let op = Op::new(&ctx, &k.softmax, &[(1, &xb)]).unwrap();
+    run(&ctx, |e| {
+        op.encode(
+            &ctx,
+            e,
+            &[rows as u32, stride as u32, len0 as u32, per as u32, 0],
+            (rows as u32, 1, 1),
+        )
+    });
+    let mut want = x.clone();
+    for r in 0..rows {
+        let len = len0 + r / per;
+        ops::softmax(&mut want[r * stride..r * stride + len]);
+    }
+    let got = ctx.read_f32(&xb, 0, x.len()).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 1e-6, "softmax [{i}] {g} vs {w}");
+    }
+
+    for count in [1usize, 63, 1000, 4099] {
+        let (g, u) = (rand(count, 5), rand(count, 6));
+        let (gb, ub) = (
+            ctx.upload_f32("g", &g).unwrap(),
+            ctx.upload_f32("u", &u).unwrap(),
+        );
+        let sw = Op::new(&ctx, &k.swiglu, &[(1, &gb), (2, &ub)]).unwrap();
+        let add = Op::new(&ctx, &k.add, &[(3, &ub), (4, &gb)]).unwrap();
+        let (wg_x, grid) = grid_1d(&ctx, count);
+        run(&ctx, |e| sw.encode(&ctx, e, &[count as u32, wg_x], grid));
+        run(&ctx, |e| add.encode(&ctx, e, &[count as u32, wg_x], grid));
+        let mut wg = g.clone();
+        ops::swiglu(&mut wg, &u);
+        let mut wu = u.clone();
+        ops::add_into(&mut wu, &wg);
+        close(&ctx.read_f32(&gb, 0, count).unwrap(), &wg, 1e-5, "swiglu");
+        close(&ctx.read_f32(&ub, 0, count).unwrap(), &wu, 1e-5, "add");
+    }
+}
+
+/// Scores, causal softmax and latent sum against `attention.rs`'s per-head formula.
+#[test]
+fn absorbed_attention_matches_the_cpu() {
+    let Some(ctx) = ctx() else { return };
+    let k = Kernels::new(&ctx).unwrap();
+    for (heads, lora, rd, nope, n, pos0) in [
+        (3, 20, 6, 5, 4, 3),
+        (2, 64, 16, 32, 1, 70),
+        (1, 7, 2, 3, 9, 0),
+    ] {
+        let (qk, row) = (nope + rd, lora + rd);
+        let cap = pos0 + n + 2;
+        let scale = 0.3f32;
+        let cache = rand(cap * row, 7);
+        let q = rand(n * heads * qk, 8);
+        let qa = rand(n * heads * lora, 9);
+        let cb = ctx.upload_f32("cache", &cache).unwrap();
+        let qb = ctx.upload_f32("q", &q).unwrap();
+        let qab = ctx.upload_f32("qa", &qa).unwrap();
+        let sb = ctx.alloc_f32("s", n * heads * cap).unwrap();
+        let lb = ctx.alloc_f32("l", n * heads * lora).unwrap();
+        let scores = Op::new(&ctx, &k.scores, &[(1, &qab), (2, &qb), (3, &cb), (4, &sb)]).unwrap();
+        let softmax = Op::new(&ctx, &k.softmax, &[(1, &sb)]).unwrap();
+        let latent = Op::new(&ctx, &k.latent, &[(3, &cb), (5, &sb), (6, &lb)]).unwrap();
+        let w = [
+            n as u32,
+            heads as u32,
+            pos0 as u32,
+            lora as u32,
+            rd as u32,
+            row as u32,
+            qk as u32,
+            nope as u32,
+            scale.to_bits(),
+            cap as u32,
+        ];
+        run(&ctx, |e| {
+            scores.encode(
+                &ctx,
+                e,
+                &w,
+                (((pos0 + n) as u32).div_ceil(64), heads as u32, n as u32),
+            );
+            softmax.encode(
+                &ctx,
+                e,
+                &[
+                    (n * heads) as u32,
+                    cap as u32,
+                    pos0 as u32 + 1,
+                    heads as u32,
+                    0,
+                ],
+                ((n * heads) as u32, 1, 1),
+            );
+            latent.encode(
+                &ctx,
+                e,
+                &w,
+                ((lora as u32).div_ceil(64), heads as u32, n as u32),
+            );
+        });
+        let mut want = vec![0f32; n * heads * lora];
+        for t in 0..n {
+            for h in 0..heads {
+                let th = t * heads + h;
+                let qh = &qa[th * lora..(th + 1) * lora];
+                let qpe = &q[th * qk + nope..(th + 1) * qk];
+                let mut s: Vec<f32> = (0..=pos0 + t)
+                    .map(|p| {
+                        let r = &cache[p * row..(p + 1) * row];
+                        scale * (ops::dot(qh, &r[..lora]) + ops::dot(qpe, &r[lora..]))
+                    })
+                    .collect();
+                ops::softmax(&mut s);
+                let o = &mut want[th * lora..(th + 1) * lora];
+                for (p, &pr) in s.iter().enumerate() {
+                    ops::axpy(o, pr, &cache[p * row..p * row + lora]);
+                }
+            }
+        }
+        close(
+            &ctx.read_f32(&lb, 0, want.len()).unwrap(),
+            &want,
+            1e-5,
+            "attention",
+        );
+    }
+}
+
+fn random_matrix(ty: QuantType, rows: usize, cols: usize, rng: &mut Rng) -> Matrix {
+    let mut data = Vec::new();
+    for _ in 0..rows {
+        data.extend(random_row(ty, cols, rng));
+    }
+    Matrix::new(ty, rows, cols, Bytes::from_vec(data)).unwrap()
+}
+
+/// `GpuExperts::eval_pairs` against `LocalExperts::eval_pairs`: experts of three types, a
+/// missing expert, batches past `max_tokens` (several passes), tokens with 0..3 experts.
+#[test]
+fn gpu_experts_match_local_experts() {
+    let Some(ctx) = ctx() else { return };
+    let (h, inter, ne) = (96, 256, 6);
+    let mut rng = Rng(11);
+    let tys = [QuantType::Q8_0, QuantType::F32, QuantType::Q4_K];
+    let experts = (0..ne)
+        .map(|e| {
+            (e != 4).then(|| {
+                let ty = tys[e % 3];
+                let hidden_ty = if ty == QuantType::Q4_K {
+                    QuantType::Q8_0
+                } else {
+                    ty
+                };
+                Mlp {
+                    gate: random_matrix(hidden_ty, inter, h, &mut rng),
+                    up: random_matrix(hidden_ty, inter, h, &mut rng),
+                    down: random_matrix(ty, h, inter, &mut rng),
+                }
+            })
+        })
+        .collect();
+    let local = LocalExperts {
+        hidden: h,
+        layers: vec![None, Some(ExpertSet { experts })],
+    };
+    let gpu = GpuExperts::upload(ctx.clone(), &local, 3).unwrap();
+    assert_eq!(gpu.max_tokens(), 3);
+    let n = 7;
+    let xs = rand(n * h, 12);
+    let mut pairs = Vec::new();
+    for t in 0..n as u32 {
+        for e in [0u32, 1, 2, 3, 5] {
+            if (t + e) % 3 != 0 && (t as usize + e as usize) < 9 {
+                pairs.push(Pair {
+                    token: t,
+                    expert: e,
+                    weight: 0.1 + 0.2 * e as f32,
+                });
+            }
+        }
+    }
+    let mut want = rand(n * h, 13);
+    let mut got = want.clone();
+    local
+        .eval_pairs(1, &xs, &pairs, &mut want, &mut MoeScratch::default())
+        .unwrap();
+    gpu.eval_pairs(1, &xs, &pairs, &mut got).unwrap();
+    // Outputs reach ~100 here (random weights of order 1): bound the error by the largest.
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * scale,
+            "experts [{i}] gpu {g} cpu {w} (scale {scale})"
+        );
+    }
+    // A missing expert is refused and nothing is added.
+    let before = got.clone();
+    let bad = [Pair {
+        token: 0,
+        expert: 4,
+        weight: 1.0,
+    }];
+    assert_eq!(
+        gpu.eval_pairs(1, &xs, &bad, &mut got),
+        Err(crate::model::moe::ExpertError::NotHeld {
+            layer: 1,
+            expert: 4
+        })
+    );
+    assert_eq!(got, before);
+}

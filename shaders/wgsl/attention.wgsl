@@ -1,0 +1,72 @@
+// Absorbed multi-head latent attention over the latent cache, for n consecutive tokens at
+// positions pos0 + t (causal: token t attends to positions 0..=pos0 + t).
+//
+// Cache row p of the layer: C[p * row ..][..lora] is the normalised latent c_p, followed by
+// the rotated shared key k_pe_p (rd values). Per token t and head h (index th = t * heads + h):
+//   `scores`: S[th * sstride + p] = scale * (QA[th * lora ..] . c_p + q_pe . k_pe_p), with
+//             q_pe = Q[th * qk + nope ..][..rd] (already rotated) and QA = W_UK^T q_nope;
+//   `latent`: L[th * lora + j] = sum_p S[th * sstride + p] * c_p[j] (after the softmax).
+// Grids: `scores` x over positions, `latent` x over latent channels; y over heads, z over tokens.
+
+struct Params {
+    n: u32,
+    heads: u32,
+    pos0: u32,
+    lora: u32,
+    rd: u32,
+    row: u32,
+    qk: u32,
+    nope: u32,
+    scale: f32,
+    sstride: u32,
+    pad0: u32,
+    pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> QA: array<f32>;
+@group(0) @binding(2) var<storage, read> Q: array<f32>;
+@group(0) @binding(3) var<storage, read> C: array<f32>;
+@group(0) @binding(4) var<storage, read_write> S: array<f32>;
+@group(0) @binding(5) var<storage, read> SR: array<f32>;
+@group(0) @binding(6) var<storage, read_write> L: array<f32>;
+
+@compute @workgroup_size(64)
+fn scores(@builtin(global_invocation_id) g: vec3<u32>) {
+    let p = g.x;
+    let h = g.y;
+    let t = g.z;
+    if (t >= P.n || p > P.pos0 + t) {
+        return;
+    }
+    let th = t * P.heads + h;
+    let qa = th * P.lora;
+    let cb = p * P.row;
+    var s1 = 0.0;
+    for (var j = 0u; j < P.lora; j++) {
+        s1 += QA[qa + j] * C[cb + j];
+    }
+    let qp = th * P.qk + P.nope;
+    var s2 = 0.0;
+    for (var j = 0u; j < P.rd; j++) {
+        s2 += Q[qp + j] * C[cb + P.lora + j];
+    }
+    S[th * P.sstride + p] = P.scale * (s1 + s2);
+}
+
+@compute @workgroup_size(64)
+fn latent(@builtin(global_invocation_id) g: vec3<u32>) {
+    let j = g.x;
+    let h = g.y;
+    let t = g.z;
+    if (t >= P.n || j >= P.lora) {
+        return;
+    }
+    let th = t * P.heads + h;
+    let sb = th * P.sstride;
+    var acc = 0.0;
+    for (var p = 0u; p <= P.pos0 + t; p++) {
+        acc += SR[sb + p] * C[p * P.row + j];
+    }
+    L[th * P.lora + j] = acc;
+}

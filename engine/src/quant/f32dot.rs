@@ -559,37 +559,23 @@ mod x86 {
         bi.store(0, _mm256_mul_ps(cv(mins), neg(dmin)));
     }
 
-    /// 8 bytes at `p`, zero-extended to 32-bit lanes.
-    #[inline(always)]
-    unsafe fn bytes8(p: *const u8) -> __m256i {
-        _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))
-    }
-
-    /// `block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128] }`. The quants are read in
-    /// place, 8 bytes (16 nibbles) at a time widened straight to 32-bit lanes: no round trip
-    /// through the stack.
+    /// `block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128] }`.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_k<const N: usize>(w: *const u8, nb: usize, xs: &[*const f32; N]) -> [f32; N] {
         let mut acc = Acc::<N>::new();
+        let mut q = Quants([0; 256]);
         let mut sc = Scales([0.0; 16]);
         let mut bi = Scales([0.0; 16]);
-        let m4 = _mm256_set1_epi32(0x0F);
+        let m4 = splat8(0x0F);
         for i in 0..nb {
             let b = w.add(144 * i);
             k4_scales(b.add(4), f16x8(b), f16x8(b.add(2)), &mut sc, &mut bi);
-            for c in 0..opaque(4) {
-                let qs = b.add(16 + 32 * c);
-                let (s0, b0) = (sc.splat(2 * c), bi.splat(2 * c));
-                let (s1, b1) = (sc.splat(2 * c + 1), bi.splat(2 * c + 1));
-                let off = 256 * i + 64 * c;
-                for g in 0..4 {
-                    let v = bytes8(qs.add(8 * g));
-                    let lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, m4));
-                    let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v));
-                    acc.fma(g, _mm256_fmadd_ps(lo, s0, b0), xs, off + 8 * g);
-                    acc.fma(g, _mm256_fmadd_ps(hi, s1, b1), xs, off + 32 + 8 * g);
-                }
+            for c in 0..4 {
+                let v = load256(b.add(16 + 32 * c));
+                q.store(64 * c, _mm256_and_si256(v, m4));
+                q.store(64 * c + 32, _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4));
             }
+            run32(&mut acc, &q, &sc, &bi, xs, 256 * i);
         }
         acc.sum()
     }
@@ -623,64 +609,54 @@ mod x86 {
         acc.sum()
     }
 
-    /// `block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d }`. The quants are read in
-    /// place, 8 at a time widened straight to 32-bit lanes; `(q - 32) * s` is formed as
-    /// `fma(q, s, -32 s)`, which rounds the same exact value once.
+    /// `block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d }`.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q6_k<const N: usize>(w: *const u8, nb: usize, xs: &[*const f32; N]) -> [f32; N] {
         let mut acc = Acc::<N>::new();
+        let mut q = Quants([0; 256]);
         let mut sc = Scales([0.0; 16]);
-        let mut bi = Scales([0.0; 16]);
-        let m4 = _mm256_set1_epi32(0x0F);
-        let m30 = _mm256_set1_epi32(0x30);
-        let m32 = _mm256_set1_ps(-32.0);
+        let m4 = splat8(0x0F);
+        let m30 = splat8(0x30);
+        let m32 = splat8(32);
         for i in 0..nb {
             let b = w.add(210 * i);
             let d = f16x8(b.add(208));
             let s = load128(b.add(192));
-            let s_lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)), d);
-            let s_hi = _mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(s, s))),
-                d,
+            sc.store(
+                0,
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s)), d),
             );
-            sc.store(0, s_lo);
-            sc.store(8, s_hi);
-            bi.store(0, _mm256_mul_ps(s_lo, m32));
-            bi.store(8, _mm256_mul_ps(s_hi, m32));
-            for n in 0..opaque(2) {
-                let ql = b.add(64 * n);
-                let qh = b.add(128 + 32 * n);
-                let off = 256 * i + 128 * n;
-                for g in 0..4 {
-                    // Elements l = 8g..8g+8 of the four 32-element quarters; scale index
-                    // 8n + l/16 + 2 * quarter.
-                    let is = 8 * n + g / 2;
-                    let a = bytes8(ql.add(8 * g));
-                    let c = bytes8(ql.add(32 + 8 * g));
-                    let h = bytes8(qh.add(8 * g));
-                    let q1 = _mm256_or_si256(
-                        _mm256_and_si256(a, m4),
-                        _mm256_and_si256(_mm256_slli_epi32::<4>(h), m30),
-                    );
-                    let q2 = _mm256_or_si256(
-                        _mm256_and_si256(c, m4),
-                        _mm256_and_si256(_mm256_slli_epi32::<2>(h), m30),
-                    );
-                    let q3 = _mm256_or_si256(_mm256_srli_epi32::<4>(a), _mm256_and_si256(h, m30));
-                    let q4 = _mm256_or_si256(
-                        _mm256_srli_epi32::<4>(c),
-                        _mm256_and_si256(_mm256_srli_epi32::<2>(h), m30),
-                    );
-                    for (k, q) in [q1, q2, q3, q4].into_iter().enumerate() {
-                        let wv = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(q),
-                            sc.splat(is + 2 * k),
-                            bi.splat(is + 2 * k),
-                        );
-                        acc.fma(k, wv, xs, off + 32 * k + 8 * g);
-                    }
-                }
+            let s_hi = _mm_unpackhi_epi64(s, s);
+            sc.store(
+                8,
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s_hi)), d),
+            );
+            for n in 0..2 {
+                let a = load256(b.add(64 * n));
+                let c = load256(b.add(64 * n + 32));
+                let h = load256(b.add(128 + 32 * n));
+                let q1 = _mm256_or_si256(
+                    _mm256_and_si256(a, m4),
+                    _mm256_and_si256(_mm256_slli_epi16::<4>(h), m30),
+                );
+                let q2 = _mm256_or_si256(
+                    _mm256_and_si256(c, m4),
+                    _mm256_and_si256(_mm256_slli_epi16::<2>(h), m30),
+                );
+                let q3 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(a), m4),
+                    _mm256_and_si256(h, m30),
+                );
+                let q4 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(c), m4),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(h), m30),
+                );
+                q.store(128 * n, _mm256_sub_epi8(q1, m32));
+                q.store(128 * n + 32, _mm256_sub_epi8(q2, m32));
+                q.store(128 * n + 64, _mm256_sub_epi8(q3, m32));
+                q.store(128 * n + 96, _mm256_sub_epi8(q4, m32));
             }
+            run16::<N, false>(&mut acc, &q, &sc, &sc, xs, 256 * i);
         }
         acc.sum()
     }

@@ -179,3 +179,133 @@ impl ActBuf {
         &bytes[..rb * n]
     }
 }
+
+/// Reusable buffers of [`Group`]: quantised activations, the job list and the task list.
+#[derive(Default)]
+pub struct GroupBuf {
+    /// u64 storage: quantised activation rows, one segment per distinct (input, format).
+    buf: Vec<u64>,
+    /// Per pushed product: its matrix, input, rows, output, and its activations' byte offset
+    /// in `buf` (`usize::MAX`: f32, passed through).
+    items: Vec<(crate::cpu::RawJob, *const f32, usize)>,
+    jobs: Vec<crate::cpu::RawJob>,
+    tasks: Vec<crate::cpu::Task>,
+}
+
+// SAFETY: the raw pointers in `items` and `jobs` are only set and read inside a `Group`'s
+// lifetime (cleared before a group starts and after it runs).
+unsafe impl Send for GroupBuf {}
+unsafe impl Sync for GroupBuf {}
+
+impl GroupBuf {
+    /// Starts a group of products that run in one pool dispatch.
+    pub fn group(&mut self) -> Group<'_> {
+        self.items.clear();
+        Group {
+            b: self,
+            _borrows: std::marker::PhantomData,
+        }
+    }
+}
+
+/// Several independent products (`out = W · xs` for `n` rows each) collected and then run in
+/// one pool dispatch ([`Group::run`]): cheaper than one dispatch each when every product is
+/// small (decode's per-expert matvecs). Inputs shared by several products are quantised once.
+pub struct Group<'a> {
+    b: &'a mut GroupBuf,
+    _borrows: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> Group<'a> {
+    /// Adds `out[t] = W · xs[t]` for `n` rows (`xs` is `n x cols`, `out` is `n x rows`).
+    pub fn push(&mut self, w: &'a Matrix, xs: &'a [f32], n: usize, out: &'a mut [f32]) {
+        assert_eq!(xs.len(), n * w.cols, "group product input");
+        assert_eq!(out.len(), n * w.rows, "group product output");
+        let job = crate::cpu::RawJob {
+            w,
+            xq: std::ptr::null(),
+            xq_len: 0,
+            n,
+            out: out.as_mut_ptr(),
+        };
+        self.b.items.push((job, xs.as_ptr(), xs.len()));
+    }
+
+    /// Runs every pushed product.
+    pub fn run(self) {
+        let b = &mut *self.b;
+        // Byte offsets of the quantised inputs, one segment per distinct (input, format).
+        let mut total = 0usize;
+        let n_items = b.items.len();
+        for k in 0..n_items {
+            let (job, xs, xs_len) = b.items[k];
+            // SAFETY: `job.w` borrows a matrix for 'a.
+            let w = unsafe { &*job.w };
+            let ty = w.act_type();
+            let off = if ty == QuantType::F32 {
+                usize::MAX
+            } else if let Some(prev) = b.items[..k].iter().position(|&(pj, px, pl)| {
+                px == xs && pl == xs_len && unsafe { (*pj.w).act_type() } == ty
+            }) {
+                b.items[prev].0.xq_len
+            } else {
+                let rb = ty
+                    .row_bytes(w.cols)
+                    .expect("matrix shapes are checked at load time");
+                let at = total;
+                total += (rb * job.n).next_multiple_of(32);
+                at
+            };
+            // `xq_len` holds the offset until the buffer exists.
+            b.items[k].0.xq_len = off;
+        }
+        let words = total / 8;
+        if b.buf.len() < words {
+            b.buf.resize(words, 0);
+        }
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut b.buf[..words]);
+        let base = bytes.as_mut_ptr();
+        b.jobs.clear();
+        for k in 0..n_items {
+            let (mut job, xs, xs_len) = b.items[k];
+            // SAFETY: `job.w` and `xs` borrow data for 'a.
+            let (w, x) = unsafe { (&*job.w, std::slice::from_raw_parts(xs, xs_len)) };
+            let ty = w.act_type();
+            let off = job.xq_len;
+            if off == usize::MAX {
+                job.xq = xs as *const u8;
+                job.xq_len = xs_len * 4;
+            } else {
+                let rb = ty
+                    .row_bytes(w.cols)
+                    .expect("matrix shapes are checked at load time");
+                let len = rb * job.n;
+                // An earlier product with the same segment has quantised it already.
+                let first = b.items[..k].iter().all(|&(pj, _, _)| pj.xq_len != off);
+                // SAFETY: segments are disjoint ranges of `buf`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(base.add(off), len) };
+                if first {
+                    for (src, d) in x.chunks_exact(w.cols).zip(dst.chunks_exact_mut(rb)) {
+                        quant::quantize_activation(ty, src, d)
+                            .expect("activation type is quantisable");
+                    }
+                }
+                job.xq = dst.as_ptr();
+                job.xq_len = len;
+            }
+            b.jobs.push(job);
+        }
+        // SAFETY: every matrix, input and output is borrowed for 'a (outputs mutably, so they
+        // are disjoint from each other and from every input); the quantised inputs live in
+        // `buf`, untouched until the dispatch returns.
+        unsafe { crate::cpu::matmul_group(&b.jobs, &mut b.tasks) };
+        b.items.clear();
+        b.jobs.clear();
+    }
+}
+
+impl Drop for Group<'_> {
+    fn drop(&mut self) {
+        self.b.items.clear();
+    }
+}

@@ -59,55 +59,151 @@ pub fn matmul(w: &Matrix, xq: &[u8], n: usize, out: &mut [f32]) {
     if n == 1 {
         return matvec(w, xq, out);
     }
-    let arb = xq.len() / n;
     let dot = RowDot::new(w);
     let pool = pool::global();
     let chunk = chunk_rows(w, pool.threads());
-    let tile = (TILE_BYTES / w.row_bytes.max(1)).clamp(1, chunk);
     let nchunks = w.rows.div_ceil(chunk);
     let out = SharedOut(out.as_mut_ptr(), out.len());
-    let run = |c: usize| {
+    pool.for_each(nchunks, |c| {
         let end = ((c + 1) * chunk).min(w.rows);
-        let mut r0 = c * chunk;
-        while r0 < end {
-            let r1 = (r0 + tile).min(end);
-            if let Kind::Portable(ty) = dot.kind {
-                // Quantized rows: each block is unpacked once for up to MULTI_MAX tokens.
-                let xf: &[f32] = bytemuck::cast_slice(xq);
-                let cols = w.cols;
-                let mut t0 = 0;
-                while t0 < n {
-                    let g = (n - t0).min(MULTI_MAX);
-                    let xs: [&[f32]; MULTI_MAX] = std::array::from_fn(|i| {
-                        if i < g {
-                            &xf[(t0 + i) * cols..(t0 + i + 1) * cols]
-                        } else {
-                            &[]
-                        }
-                    });
-                    let mut res = [0f32; MULTI_MAX];
-                    for r in r0..r1 {
-                        f32dot::vec_dot_f32_multi(ty, w.row(r), &xs[..g], &mut res[..g]);
-                        for (i, &v) in res[..g].iter().enumerate() {
-                            // SAFETY: chunks are disjoint row ranges, so each (t, r) is written once.
-                            unsafe { out.slice((t0 + i) * w.rows + r, 1)[0] = v };
-                        }
-                    }
-                    t0 += g;
-                }
-                r0 = r1;
-                continue;
-            }
-            for t in 0..n {
-                let x = &xq[t * arb..(t + 1) * arb];
-                // SAFETY: chunks are disjoint row ranges, so each (t, r) is written once.
-                let o = unsafe { out.slice(t * w.rows + r0, r1 - r0) };
-                dot.rows(r0, x, o);
-            }
+        // SAFETY: chunks are disjoint row ranges.
+        unsafe { run_rows(&dot, xq, n, c * chunk, end, &out) };
+    });
+}
+
+/// One product of a [`matmul_group`], by raw parts (the caller keeps them alive and
+/// unaliased): `out[t * rows + r] = W[r] · x_t` for `n` activation rows in `xq` (already in
+/// `w.act_type()` format), `out` being `n * w.rows` floats.
+#[derive(Clone, Copy)]
+pub(crate) struct RawJob {
+    pub w: *const Matrix,
+    pub xq: *const u8,
+    pub xq_len: usize,
+    pub n: usize,
+    pub out: *mut f32,
+}
+
+// SAFETY: the pointers are only dereferenced during `matmul_group`, whose caller guarantees
+// they are valid and that outputs do not overlap.
+unsafe impl Sync for RawJob {}
+unsafe impl Send for RawJob {}
+
+/// A row range of one job of a group.
+#[derive(Clone, Copy)]
+pub(crate) struct Task {
+    job: u32,
+    r0: u32,
+    r1: u32,
+}
+
+/// Runs several independent products in one pool dispatch: every job is cut into row chunks
+/// sized by the group's total weight bytes, and the threads claim chunks from one list. Each
+/// job's result equals its own [`matmul`]'s (the same kernels per row). `tasks` is scratch.
+///
+/// # Safety
+/// Every job's matrix, activations and output must be valid for the call, and no two outputs
+/// may overlap each other or any input.
+pub(crate) unsafe fn matmul_group(jobs: &[RawJob], tasks: &mut Vec<Task>) {
+    let pool = pool::global();
+    let threads = pool.threads();
+    let total: usize = jobs
+        .iter()
+        .filter(|j| j.n > 0)
+        .map(|j| (*j.w).rows * (*j.w).row_bytes)
+        .sum();
+    tasks.clear();
+    // Chunk bytes: a few chunks per thread over the whole group (whole jobs when small).
+    let serial = threads <= 1 || total < PARALLEL_MIN_BYTES;
+    let target = (total / (threads * CHUNKS_PER_THREAD)).max(PARALLEL_MIN_BYTES / 4);
+    for (k, j) in jobs.iter().enumerate() {
+        let w = &*j.w;
+        if j.n == 0 || w.rows == 0 {
+            continue;
+        }
+        let chunk = if serial {
+            w.rows
+        } else {
+            (target / w.row_bytes.max(1))
+                .next_multiple_of(ROW_ALIGN)
+                .clamp(1, w.rows)
+        };
+        let mut r0 = 0;
+        while r0 < w.rows {
+            let r1 = (r0 + chunk).min(w.rows);
+            tasks.push(Task {
+                job: k as u32,
+                r0: r0 as u32,
+                r1: r1 as u32,
+            });
             r0 = r1;
         }
+    }
+    let tasks = &*tasks;
+    let run = |i: usize| {
+        let t = tasks[i];
+        let j = jobs[t.job as usize];
+        let w = &*j.w;
+        let dot = RowDot::new(w);
+        let xq = std::slice::from_raw_parts(j.xq, j.xq_len);
+        let out = SharedOut(j.out, j.n * w.rows);
+        run_rows(&dot, xq, j.n, t.r0 as usize, t.r1 as usize, &out);
     };
-    pool.for_each(nchunks, run);
+    if serial {
+        (0..tasks.len()).for_each(run);
+    } else {
+        pool.for_each(tasks.len(), run);
+    }
+}
+
+/// Rows `r0..end` of `W · x_t` for the `n` activation rows in `xq`, into `out` (laid out
+/// `n x rows`). Walks the rows in tiles that stay in cache while every token passes.
+///
+/// # Safety
+/// No other thread may write rows `r0..end` of `out` meanwhile.
+unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out: &SharedOut) {
+    let w = dot.w;
+    if n == 1 {
+        dot.rows(r0, xq, out.slice(r0, end - r0));
+        return;
+    }
+    let arb = xq.len() / n;
+    let tile = (TILE_BYTES / w.row_bytes.max(1)).max(1);
+    let mut r0 = r0;
+    while r0 < end {
+        let r1 = (r0 + tile).min(end);
+        if let Kind::Portable(ty) = dot.kind {
+            // Quantized rows: each block is unpacked once for up to MULTI_MAX tokens.
+            let xf: &[f32] = bytemuck::cast_slice(xq);
+            let cols = w.cols;
+            let mut t0 = 0;
+            while t0 < n {
+                let g = (n - t0).min(MULTI_MAX);
+                let xs: [&[f32]; MULTI_MAX] = std::array::from_fn(|i| {
+                    if i < g {
+                        &xf[(t0 + i) * cols..(t0 + i + 1) * cols]
+                    } else {
+                        &[]
+                    }
+                });
+                let mut res = [0f32; MULTI_MAX];
+                for r in r0..r1 {
+                    f32dot::vec_dot_f32_multi(ty, w.row(r), &xs[..g], &mut res[..g]);
+                    for (i, &v) in res[..g].iter().enumerate() {
+                        out.slice((t0 + i) * w.rows + r, 1)[0] = v;
+                    }
+                }
+                t0 += g;
+            }
+            r0 = r1;
+            continue;
+        }
+        for t in 0..n {
+            let x = &xq[t * arb..(t + 1) * arb];
+            let o = out.slice(t * w.rows + r0, r1 - r0);
+            dot.rows(r0, x, o);
+        }
+        r0 = r1;
+    }
 }
 
 /// Rows per parallel chunk for `w` (all of them when the matrix is too small to split).

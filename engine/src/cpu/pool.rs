@@ -114,6 +114,28 @@ impl Pool {
         }
     }
 
+    /// Calls `f(i, chunk)` for every `size`-element chunk of `data` (the last one may be
+    /// shorter), spread over the pool's threads.
+    pub fn for_each_chunk_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        size: usize,
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        let size = size.max(1);
+        let len = data.len();
+        let base = ChunkPtr(data.as_mut_ptr());
+        let base = &base;
+        self.for_each(len.div_ceil(size), move |i| {
+            let start = i * size;
+            let n = size.min(len - start);
+            // SAFETY: each index gets its own disjoint range of `data`, borrowed mutably for
+            // the whole call.
+            let chunk = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), n) };
+            f(i, chunk)
+        });
+    }
+
     /// Runs `f` on the caller and on every worker that joins before the caller is done.
     /// Must be called with `busy` held.
     fn run(&self, f: &(dyn Fn(usize) + Sync)) {
@@ -225,6 +247,12 @@ fn wait_for_job(s: &Shared, seen: u64) {
         }
     }
 }
+
+/// A base pointer shared by the tasks of `for_each_chunk_mut`.
+struct ChunkPtr<T>(*mut T);
+
+// SAFETY: tasks only form disjoint slices from it (see `for_each_chunk_mut`).
+unsafe impl<T: Send> Sync for ChunkPtr<T> {}
 
 static GLOBAL: RwLock<Option<Arc<Pool>>> = RwLock::new(None);
 

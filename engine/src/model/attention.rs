@@ -7,15 +7,13 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use crate::config::ModelConfig;
 use crate::model::kv_cache::KvCache;
 use crate::model::ops;
 use crate::model::rope::RopeTable;
 use crate::model::weights::{AttnWeights, QProj};
 use crate::quant;
-use crate::tensor::{ActBuf, Matrix};
+use crate::tensor::{ActBuf, GroupBuf, Matrix};
 
 /// Reusable buffers of the attention block.
 #[derive(Default)]
@@ -28,6 +26,7 @@ pub struct AttnScratch {
     /// `n x heads x v_head`: concatenated head outputs.
     heads_out: Vec<f32>,
     act: ActBuf,
+    group: GroupBuf,
 }
 
 thread_local! {
@@ -64,21 +63,28 @@ pub fn forward(
     let qk = cfg.qk_head();
     let row = cfg.cache_row();
 
-    // Queries.
+    // Queries (the low-rank projection together with kv_a: one dispatch for both).
     s.q.resize(n * heads * qk, 0.0);
+    s.kv.resize(n * row, 0.0);
     match &w.q {
         QProj::LoRa { a, norm, b } => {
             s.q_lora.resize(n * a.rows, 0.0);
-            a.matmul(xs, n, &mut s.q_lora, &mut s.act);
+            let mut g = s.group.group();
+            g.push(a, xs, n, &mut s.q_lora);
+            g.push(&w.kv_a, xs, n, &mut s.kv);
+            g.run();
             ops::rms_norm_rows(&mut s.q_lora, norm, cfg.rms_eps);
             b.matmul(&s.q_lora, n, &mut s.q, &mut s.act);
         }
-        QProj::Direct(m) => m.matmul(xs, n, &mut s.q, &mut s.act),
+        QProj::Direct(m) => {
+            let mut g = s.group.group();
+            g.push(m, xs, n, &mut s.q);
+            g.push(&w.kv_a, xs, n, &mut s.kv);
+            g.run();
+        }
     }
 
     // Latent and shared rotary key of every new token, into the cache.
-    s.kv.resize(n * row, 0.0);
-    w.kv_a.matmul(xs, n, &mut s.kv, &mut s.act);
     for (t, r) in s.kv.chunks_exact_mut(row).enumerate() {
         let (c, kpe) = r.split_at_mut(lora);
         ops::rms_norm_rows(c, &w.kv_norm, cfg.rms_eps);
@@ -86,7 +92,7 @@ pub fn forward(
         cache.write(layer, pos0 + t, r);
     }
 
-    // Attention per (token, head), in parallel.
+    // Attention per (token, head), in parallel on the kernels' pool.
     let ctx = pos0 + n;
     let rows: &[f32] = match cache.f32_rows(layer, ctx) {
         Some(r) => r,
@@ -100,31 +106,28 @@ pub fn forward(
     };
     s.heads_out.resize(n * heads * vh, 0.0);
     let q = &s.q;
-    s.heads_out
-        .par_chunks_mut(vh)
-        .enumerate()
-        .for_each(|(th, o)| {
-            let (t, h) = (th / heads, th % heads);
-            let qh = &q[(t * heads + h) * qk..(t * heads + h + 1) * qk];
-            HEAD_SCRATCH.with(|hs| {
-                let hs = &mut *hs.borrow_mut();
-                one_head(
-                    &w.k_b[h],
-                    &w.v_b[h],
-                    rope,
-                    scale,
-                    qh,
-                    nope,
-                    rd,
-                    lora,
-                    row,
-                    rows,
-                    pos0 + t,
-                    o,
-                    hs,
-                );
-            });
+    crate::cpu::pool::global().for_each_chunk_mut(&mut s.heads_out, vh, |th, o| {
+        let (t, h) = (th / heads, th % heads);
+        let qh = &q[(t * heads + h) * qk..(t * heads + h + 1) * qk];
+        HEAD_SCRATCH.with(|hs| {
+            let hs = &mut *hs.borrow_mut();
+            one_head(
+                &w.k_b[h],
+                &w.v_b[h],
+                rope,
+                scale,
+                qh,
+                nope,
+                rd,
+                lora,
+                row,
+                rows,
+                pos0 + t,
+                o,
+                hs,
+            );
         });
+    });
 
     w.o.matmul(&s.heads_out, n, out, &mut s.act);
 }

@@ -22,7 +22,7 @@ use crate::model::moe::{
 use crate::model::rope::RopeTable;
 use crate::model::weights::{DenseWeights, ExpertFilter, Ffn, Naming, WeightError};
 use crate::source::TensorSource;
-use crate::tensor::ActBuf;
+use crate::tensor::{ActBuf, GroupBuf};
 
 /// Anything that stops a model from loading.
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +308,7 @@ pub struct Workspace {
     up: Vec<f32>,
     logits: Vec<f32>,
     act: ActBuf,
+    group: GroupBuf,
     attn: AttnScratch,
     router: RouterScratch,
     moe: MoeScratch,
@@ -404,26 +405,32 @@ impl Model {
                         &mut ws.gate,
                         &mut ws.up,
                         &mut ws.shared,
-                        &mut ws.act,
+                        &mut ws.group,
                     );
                     ops::add_into(&mut ws.x, &ws.shared);
                 }
                 Ffn::Moe(mw) => {
-                    moe::route(c, mw, &ws.xn, n, &mut ws.routing, &mut ws.router);
+                    // The router's product and the shared expert's gate and up read the same
+                    // input: one dispatch for the three.
+                    {
+                        let logits = moe::router_logits(c, n, &mut ws.router);
+                        let mut g = ws.group.group();
+                        g.push(&mw.router, &ws.xn, n, logits);
+                        if let Some(sh) = &mw.shared {
+                            ws.gate.resize(n * sh.gate.rows, 0.0);
+                            ws.up.resize(n * sh.up.rows, 0.0);
+                            g.push(&sh.gate, &ws.xn, n, &mut ws.gate);
+                            g.push(&sh.up, &ws.xn, n, &mut ws.up);
+                        }
+                        g.run();
+                    }
+                    moe::select(c, mw, n, &mut ws.routing, &mut ws.router);
                     // Routed experts may be computed elsewhere: send them off first, compute
-                    // the shared expert meanwhile, then collect.
+                    // the shared expert's down projection meanwhile, then collect.
                     experts.begin(l, &ws.xn, &ws.routing)?;
                     ws.branch.fill(0.0);
                     if let Some(sh) = &mw.shared {
-                        moe::mlp_forward(
-                            sh,
-                            &ws.xn,
-                            n,
-                            &mut ws.gate,
-                            &mut ws.up,
-                            &mut ws.branch,
-                            &mut ws.act,
-                        );
+                        moe::mlp_down(sh, &mut ws.gate, &ws.up, n, &mut ws.branch, &mut ws.group);
                     }
                     experts.eval(l, &ws.xn, &ws.routing, &mut ws.branch, &mut ws.moe)?;
                     ops::add_into(&mut ws.x, &ws.branch);

@@ -6,7 +6,7 @@
 use crate::config::{ModelConfig, Scoring};
 use crate::model::ops;
 use crate::model::weights::{ExpertSet, Mlp, MoeWeights};
-use crate::tensor::ActBuf;
+use crate::tensor::{ActBuf, GroupBuf};
 
 /// Per token, the chosen experts (ascending by id) and their final weights (normalised and
 /// scaled by the routed scaling factor).
@@ -64,6 +64,24 @@ pub fn route(
 ) {
     s.logits.resize(n * cfg.n_routed, 0.0);
     w.router.matmul(xs, n, &mut s.logits, &mut s.act);
+    select(cfg, w, n, out, s);
+}
+
+/// The router's logits buffer, sized for `n` tokens: fill it with `router · x` and call
+/// [`select`] (what [`route`] does, for callers that batch the product with others).
+pub fn router_logits<'a>(cfg: &ModelConfig, n: usize, s: &'a mut RouterScratch) -> &'a mut [f32] {
+    s.logits.resize(n * cfg.n_routed, 0.0);
+    &mut s.logits
+}
+
+/// The selection part of [`route`], from the logits already in `s` (see [`router_logits`]).
+pub fn select(
+    cfg: &ModelConfig,
+    w: &MoeWeights,
+    n: usize,
+    out: &mut Routing,
+    s: &mut RouterScratch,
+) {
     let logits = std::mem::take(&mut s.logits);
     route_logits(cfg, w.bias.as_deref(), &logits, n, out, s);
     s.logits = logits;
@@ -178,11 +196,13 @@ pub enum ExpertError {
 pub struct MoeScratch {
     pairs: Vec<Pair>,
     lists: Vec<Vec<(u32, f32)>>,
+    /// Experts with tokens, in id order, and their token counts.
+    active: Vec<(u32, usize)>,
     x: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
     y: Vec<f32>,
-    act: ActBuf,
+    group: GroupBuf,
 }
 
 /// The routed-expert part of the MoE layers: `out[t] += Σ_j w_tj · Expert_{e_tj}(x_t)`.
@@ -302,24 +322,75 @@ impl LocalExperts {
             }
             s.lists[p.expert as usize].push((p.token, p.weight));
         }
+        // Every chosen expert's tokens, gathered expert by expert.
+        s.active.clear();
+        s.x.clear();
+        let (mut inter_total, mut rows_total) = (0, 0);
         for (e, expert) in set.experts.iter().enumerate() {
             let Some(mlp) = expert else { continue };
             let m = s.lists[e].len();
             if m == 0 {
                 continue;
             }
-            s.x.clear();
+            s.active.push((e as u32, m));
             for &(t, _) in &s.lists[e] {
                 s.x.extend_from_slice(&xs[t as usize * h..(t as usize + 1) * h]);
             }
-            mlp_forward(mlp, &s.x, m, &mut s.gate, &mut s.up, &mut s.y, &mut s.act);
-            for (i, &(t, w)) in s.lists[e].iter().enumerate() {
+            inter_total += m * mlp.gate.rows;
+            rows_total += m;
+        }
+        s.gate.resize(inter_total, 0.0);
+        s.up.resize(inter_total, 0.0);
+        s.y.resize(rows_total * h, 0.0);
+        let mlp_of = |e: u32| {
+            set.experts[e as usize]
+                .as_ref()
+                .expect("active experts are held")
+        };
+        // All gate and up products in one dispatch, then all down products in another.
+        {
+            let mut g = s.group.group();
+            let (mut gr, mut ur) = (&mut s.gate[..], &mut s.up[..]);
+            let mut x0 = 0;
+            for &(e, m) in &s.active {
+                let mlp = mlp_of(e);
+                let len = m * mlp.gate.rows;
+                let (gs, rest) = std::mem::take(&mut gr).split_at_mut(len);
+                gr = rest;
+                let (us, rest) = std::mem::take(&mut ur).split_at_mut(len);
+                ur = rest;
+                let x = &s.x[x0..x0 + m * h];
+                x0 += m * h;
+                g.push(&mlp.gate, x, m, gs);
+                g.push(&mlp.up, x, m, us);
+            }
+            g.run();
+        }
+        ops::swiglu(&mut s.gate, &s.up);
+        {
+            let mut g = s.group.group();
+            let mut yr = &mut s.y[..];
+            let mut i0 = 0;
+            for &(e, m) in &s.active {
+                let mlp = mlp_of(e);
+                let len = m * mlp.gate.rows;
+                let (ys, rest) = std::mem::take(&mut yr).split_at_mut(m * h);
+                yr = rest;
+                g.push(&mlp.down, &s.gate[i0..i0 + len], m, ys);
+                i0 += len;
+            }
+            g.run();
+        }
+        let mut y0 = 0;
+        for &(e, m) in &s.active {
+            for (i, &(t, w)) in s.lists[e as usize].iter().enumerate() {
                 ops::axpy(
                     &mut out[t as usize * h..(t as usize + 1) * h],
                     w,
-                    &s.y[i * h..(i + 1) * h],
+                    &s.y[(y0 + i) * h..(y0 + i + 1) * h],
                 );
             }
+            y0 += m;
         }
         Ok(())
     }
@@ -370,7 +441,8 @@ impl RoutedExperts for LocalExperts {
     }
 }
 
-/// SwiGLU block for `m` rows: `y = down(silu(gate x) * up x)`, buffers resized as needed.
+/// SwiGLU block for `m` rows: `y = down(silu(gate x) * up x)`, buffers resized as needed
+/// (gate and up in one dispatch).
 pub fn mlp_forward(
     mlp: &Mlp,
     x: &[f32],
@@ -378,16 +450,33 @@ pub fn mlp_forward(
     gate: &mut Vec<f32>,
     up: &mut Vec<f32>,
     y: &mut Vec<f32>,
-    act: &mut ActBuf,
+    g: &mut GroupBuf,
 ) {
     let inter = mlp.gate.rows;
     gate.resize(m * inter, 0.0);
     up.resize(m * inter, 0.0);
-    y.resize(m * mlp.down.rows, 0.0);
-    mlp.gate.matmul(x, m, gate, act);
-    mlp.up.matmul(x, m, up, act);
+    let mut grp = g.group();
+    grp.push(&mlp.gate, x, m, gate);
+    grp.push(&mlp.up, x, m, up);
+    grp.run();
+    mlp_down(mlp, gate, up, m, y, g);
+}
+
+/// The second half of [`mlp_forward`], once `gate` and `up` hold their products:
+/// `y = down(silu(gate) * up)` (`gate` is overwritten).
+pub fn mlp_down(
+    mlp: &Mlp,
+    gate: &mut [f32],
+    up: &[f32],
+    m: usize,
+    y: &mut Vec<f32>,
+    g: &mut GroupBuf,
+) {
     ops::swiglu(gate, up);
-    mlp.down.matmul(gate, m, y, act);
+    y.resize(m * mlp.down.rows, 0.0);
+    let mut grp = g.group();
+    grp.push(&mlp.down, gate, m, y);
+    grp.run();
 }
 
 #[cfg(test)]

@@ -175,6 +175,7 @@ mod tests {
             layer: 0,
             hidden: 2,
             dtype: Dtype::F32,
+            compute_us: 0,
             ys: vec![v; b.tokens.len() * 2],
         };
         b[0].combine(&res(&b[0], 10.0), &mut out).unwrap();

@@ -16,6 +16,7 @@ use engine::model::{Model, ModelFile};
 use engine::sampling::SamplingParams;
 
 mod bench;
+mod netbench;
 mod serve;
 mod synth;
 
@@ -43,6 +44,9 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Run the cluster: hold the dense part, place the experts on workers, serve.
     Serve(serve::ServeArgs),
+    /// Measure the cluster's data plane (a MoE layer's round trip) and decode through a
+    /// loopback cluster against one process.
+    BenchCluster(netbench::ClusterBenchArgs),
 }
 
 #[derive(Args)]
@@ -130,6 +134,7 @@ fn main() -> Result<()> {
         Some(Command::Bench(a)) => bench::run(a),
         Some(Command::Synth(a)) => synth::run(a),
         Some(Command::Serve(a)) => serve::run(a),
+        Some(Command::BenchCluster(a)) => netbench::run(a),
         None => bail!("no command given (see --help)"),
     }
 }

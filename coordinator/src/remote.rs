@@ -32,30 +32,51 @@ pub struct WorkerStats {
     pub bytes_in: AtomicU64,
     /// Recent round trips in microseconds (ring buffer).
     rtt: Mutex<(Vec<u32>, usize)>,
+    /// The worker's own compute time of the same requests (microseconds).
+    compute: Mutex<(Vec<u32>, usize)>,
+}
+
+fn push_sample(ring: &Mutex<(Vec<u32>, usize)>, us: u32) {
+    let mut g = ring.lock().expect("sample lock");
+    let (v, at) = &mut *g;
+    if v.len() < RTT_SAMPLES {
+        v.push(us);
+    } else {
+        v[*at] = us;
+    }
+    *at = (*at + 1) % RTT_SAMPLES;
+}
+
+fn percentiles(ring: &Mutex<(Vec<u32>, usize)>) -> Option<(u32, u32)> {
+    let mut v = ring.lock().expect("sample lock").0.clone();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    Some((p(0.5), p(0.99)))
 }
 
 impl WorkerStats {
-    fn record_rtt(&self, d: Duration) {
-        let us = d.as_micros().min(u32::MAX as u128) as u32;
-        let mut g = self.rtt.lock().expect("rtt lock");
-        let (v, at) = &mut *g;
-        if v.len() < RTT_SAMPLES {
-            v.push(us);
-        } else {
-            v[*at] = us;
-        }
-        *at = (*at + 1) % RTT_SAMPLES;
+    fn record(&self, rtt: Duration, compute_us: u32) {
+        push_sample(&self.rtt, rtt.as_micros().min(u32::MAX as u128) as u32);
+        push_sample(&self.compute, compute_us);
     }
 
     /// `(p50, p99)` of recent round trips in microseconds.
     pub fn rtt_percentiles(&self) -> Option<(u32, u32)> {
-        let mut v = self.rtt.lock().expect("rtt lock").0.clone();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_unstable();
-        let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Some((p(0.5), p(0.99)))
+        percentiles(&self.rtt)
+    }
+
+    /// `(p50, p99)` of the workers' compute time of the same requests, microseconds.
+    pub fn compute_percentiles(&self) -> Option<(u32, u32)> {
+        percentiles(&self.compute)
+    }
+
+    /// Forgets the samples (benchmarks measure from a clean slate).
+    pub fn clear_samples(&self) {
+        *self.rtt.lock().expect("sample lock") = (Vec::new(), 0);
+        *self.compute.lock().expect("sample lock") = (Vec::new(), 0);
     }
 }
 
@@ -232,7 +253,7 @@ impl RemoteExperts {
                         stats
                             .bytes_in
                             .fetch_add((res.ys.len() * res.dtype.size()) as u64, Ordering::Relaxed);
-                        stats.record_rtt(dt);
+                        stats.record(dt, res.compute_us);
                     }
                     Err(_) => {
                         stats.errors.fetch_add(1, Ordering::Relaxed);

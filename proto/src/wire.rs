@@ -9,7 +9,7 @@
 //!         experts [u16; n_pairs]   (token by token), padded to 4
 //!         weights [f32; n_pairs]
 //!         xs      [dtype; n_tokens * hidden]   (the tokens' normalised hidden vectors)
-//! result  layer u32 | n_tokens u32 | hidden u32 | 0u32
+//! result  layer u32 | n_tokens u32 | hidden u32 | compute_us u32 (the worker's compute time)
 //!         ys      [dtype; n_tokens * hidden]   (per token: Σ weight · expert(x), this worker's part)
 //! error   code u32 | len u32 | message [u8; len] (UTF-8)
 //! ```
@@ -329,6 +329,8 @@ pub struct ExpertResult {
     pub layer: u32,
     pub hidden: usize,
     pub dtype: Dtype,
+    /// Microseconds the worker spent computing (for the coordinator's latency breakdown).
+    pub compute_us: u32,
     /// `n_tokens * hidden`.
     pub ys: Vec<f32>,
 }
@@ -355,7 +357,7 @@ impl ExpertResult {
             body_len,
         }
         .encode(out);
-        for v in [self.layer, n as u32, self.hidden as u32, 0] {
+        for v in [self.layer, n as u32, self.hidden as u32, self.compute_us] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         put_vectors(&self.ys, self.dtype, out);
@@ -366,10 +368,7 @@ impl ExpertResult {
         let mut r = Reader { b, at: 0 };
         let fields = r.fixed(16)?;
         let u = |i: usize| u32::from_le_bytes(fields[i * 4..i * 4 + 4].try_into().unwrap());
-        let (layer, n, hidden, reserved) = (u(0), u(1) as usize, u(2) as usize, u(3));
-        if reserved != 0 {
-            return Err(WireError::Reserved(reserved));
-        }
+        let (layer, n, hidden, compute_us) = (u(0), u(1) as usize, u(2) as usize, u(3));
         check_shape(n, hidden)?;
         let expected = 16 + n * hidden * h.dtype.size();
         if b.len() != expected {
@@ -383,6 +382,7 @@ impl ExpertResult {
             layer,
             hidden,
             dtype: h.dtype,
+            compute_us,
             ys: get_vectors(r.fixed(n * hidden * h.dtype.size())?, h.dtype),
         })
     }
@@ -611,6 +611,7 @@ mod tests {
             layer: 3,
             hidden: 4,
             dtype: Dtype::F32,
+            compute_us: 1234,
             ys: vec![1.0, -2.0, 3.5, 0.0, 7.0, 8.0, 9.0, 10.0],
         };
         let mut b = Vec::new();

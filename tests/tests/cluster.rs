@@ -275,3 +275,78 @@ fn expect_gap(
     let lost = st.workers.iter().find(|w| w.name == name).unwrap();
     assert_eq!(lost.state, proto::control::WorkerState::Offline, "{st:?}");
 }
+
+/// A worker computing its experts on a GPU (lavapipe here, through wgpu) gives the same logits
+/// as the CPU in one process. Skips with one line when there is no adapter, unless
+/// `REQUIRE_GPU_TESTS` is set (CI), where a missing adapter fails.
+#[test]
+fn a_gpu_worker_serves_the_same_logits() {
+    let software = engine::gpu::list_adapters()
+        .into_iter()
+        .find(|a| a.is_software || a.device_type.to_lowercase().contains("cpu"));
+    let Some(adapter) = software.or_else(|| engine::gpu::list_adapters().into_iter().next()) else {
+        assert!(
+            std::env::var_os("REQUIRE_GPU_TESTS").is_none(),
+            "REQUIRE_GPU_TESTS is set but no GPU adapter was found"
+        );
+        eprintln!("skipping a_gpu_worker_serves_the_same_logits: no GPU adapter");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(&path, &SynthSpec::tiny()).unwrap();
+    let file = ModelFile::open(&path).unwrap();
+    let model = Arc::new(file.load_model().unwrap());
+    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
+    let tokens: Vec<u32> = vec![1, 17, 300, 42, 7, 999, 5, 64];
+    let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cluster = rt
+        .block_on(Cluster::start(ClusterOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.path().join("coordinator"),
+            min_workers: 1,
+            model_name: "synth-dsv3-tiny".into(),
+            model_fingerprint: file.fingerprint(),
+            layout: file.expert_layout().unwrap(),
+            n_groups: model.cfg.n_group,
+            hidden: model.cfg.hidden,
+            dtype: Dtype::F32,
+            heartbeat_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(20),
+            names: vec![],
+            local: None,
+        }))
+        .unwrap();
+    let mut cmd = Command::new(worker_bin());
+    cmd.args(["--coordinator", &cluster.addr.to_string(), "--name", "gpu"])
+        .args(["--join-token", &cluster.token.to_string(), "--threads", "1"])
+        .args(["--backend", "wgpu", "--gpu", &adapter.index.to_string()])
+        .args(["--memory", "1"])
+        .arg("--model")
+        .arg(&path)
+        .arg("--state-dir")
+        .arg(dir.path().join("gpu"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _w = Worker(cmd.spawn().unwrap());
+    assert!(
+        rt.block_on(cluster.wait_serving(Duration::from_secs(120))),
+        "the GPU worker never became ready: {:?}",
+        cluster.status()
+    );
+    let st = cluster.status();
+    assert_eq!(
+        st.workers[0].backend,
+        adapter.backend.to_lowercase(),
+        "{st:?}"
+    );
+    let got = forward_on_thread(model, cluster.experts(), tokens).unwrap();
+    let d = max_diff(&got, &want);
+    assert!(d < 1e-3, "GPU worker logits differ from the CPU by {d}");
+}

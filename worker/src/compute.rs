@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use engine::model::moe::{LocalExperts, MoeScratch, Pair};
+use engine::gpu::GpuExperts;
+use engine::model::moe::{ExpertError, LocalExperts, MoeScratch, Pair};
 use proto::wire::{code, ErrorFrame, ExpertRequest, ExpertResult};
 use tokio::sync::{mpsc, oneshot};
 
@@ -15,6 +16,41 @@ type Job = (
     ExpertRequest,
     oneshot::Sender<Result<ExpertResult, ErrorFrame>>,
 );
+
+/// Where the experts are computed.
+pub enum Compute {
+    /// The CPU backend, over host (memory-mapped) weights.
+    Cpu(Arc<LocalExperts>),
+    /// The wgpu backend: weights resident on the device. `held` lists what was uploaded.
+    Gpu {
+        experts: Arc<GpuExperts>,
+        held: BTreeSet<(u32, u32)>,
+        hidden: usize,
+    },
+}
+
+impl Compute {
+    fn hidden(&self) -> usize {
+        match self {
+            Compute::Cpu(e) => e.hidden,
+            Compute::Gpu { hidden, .. } => *hidden,
+        }
+    }
+
+    fn eval_pairs(
+        &self,
+        layer: usize,
+        xs: &[f32],
+        pairs: &[Pair],
+        out: &mut [f32],
+        scratch: &mut MoeScratch,
+    ) -> Result<(), ExpertError> {
+        match self {
+            Compute::Cpu(e) => e.eval_pairs(layer, xs, pairs, out, scratch),
+            Compute::Gpu { experts, .. } => experts.eval_pairs(layer, xs, pairs, out),
+        }
+    }
+}
 
 /// A handle to the compute thread. Cloning is cheap; the thread stops when every handle is
 /// dropped.
@@ -27,7 +63,15 @@ pub struct Executor {
 impl Executor {
     /// Starts the compute thread over `experts`.
     pub fn start(experts: Arc<LocalExperts>) -> Executor {
-        let held = Arc::new(experts.held().map(|(l, e)| (l as u32, e as u32)).collect());
+        Executor::start_with(Compute::Cpu(experts))
+    }
+
+    /// Starts the compute thread over `experts` on either backend.
+    pub fn start_with(experts: Compute) -> Executor {
+        let held = Arc::new(match &experts {
+            Compute::Cpu(e) => e.held().map(|(l, e)| (l as u32, e as u32)).collect(),
+            Compute::Gpu { held, .. } => held.clone(),
+        });
         let (tx, mut rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
         std::thread::Builder::new()
             .name("expert-compute".into())
@@ -64,7 +108,7 @@ impl Executor {
 }
 
 fn compute(
-    experts: &LocalExperts,
+    experts: &Compute,
     req: &ExpertRequest,
     pairs: &mut Vec<Pair>,
     out: &mut Vec<f32>,
@@ -75,12 +119,13 @@ fn compute(
         code,
         message,
     };
-    if req.hidden != experts.hidden {
+    if req.hidden != experts.hidden() {
         return Err(err(
             code::BAD_REQUEST,
             format!(
                 "hidden width {} but the model's is {}",
-                req.hidden, experts.hidden
+                req.hidden,
+                experts.hidden()
             ),
         ));
     }
@@ -94,6 +139,7 @@ fn compute(
             });
         }
     }
+    let t0 = std::time::Instant::now();
     out.clear();
     out.resize(req.xs.len(), 0.0);
     experts
@@ -110,6 +156,7 @@ fn compute(
         layer: req.layer,
         hidden: req.hidden,
         dtype: req.dtype,
+        compute_us: t0.elapsed().as_micros().min(u32::MAX as u128) as u32,
         ys: out.clone(),
     })
 }

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use engine::model::moe::LocalExperts;
 use engine::model::weights::ExpertFilter;
 use engine::model::ModelFile;
 use proto::control::{self, Assignment, Heartbeat, Hello, JoinRequest, WorkerState};
@@ -23,7 +22,7 @@ use proto::trust::{self, Identity, JoinToken, Trust, WorkerKey};
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 
-use crate::compute::Executor;
+use crate::compute::{Compute, Executor};
 use crate::dataplane::{self, Stats};
 
 /// Everything the daemon is started with.
@@ -39,7 +38,12 @@ pub struct Options {
     pub speed: f64,
     pub state_dir: PathBuf,
     pub devices: Vec<control::DeviceInfo>,
+    /// The GPU the experts are computed on (`None`: the CPU backend).
+    pub gpu: Option<Arc<engine::gpu::GpuContext>>,
 }
+
+/// Tokens per pass of the GPU expert kernels (larger batches take several passes).
+const GPU_MAX_TOKENS: usize = 64;
 
 /// Progress and counters, read by heartbeats.
 #[derive(Default)]
@@ -258,7 +262,7 @@ async fn follow_assignments(
                 a.experts.len()
             );
             let local = load(&opts, &a, &want, &progress).await?;
-            loaded.send_replace(Some(Executor::start(Arc::new(local))));
+            loaded.send_replace(Some(Executor::start_with(local)));
         }
         progress.experts.store(
             loaded.borrow().as_ref().map_or(0, |x| x.held().len()) as u64,
@@ -278,7 +282,7 @@ async fn load(
     a: &Assignment,
     want: &BTreeSet<(u32, u32)>,
     progress: &Arc<Progress>,
-) -> Result<LocalExperts> {
+) -> Result<Compute> {
     let model = opts.model.clone().ok_or_else(|| {
         anyhow!(
             "this worker has no copy of the model (--model) and weight streaming is not available"
@@ -297,7 +301,7 @@ async fn load(
             .collect(),
     );
     let progress = progress.clone();
-    tokio::task::spawn_blocking(move || {
+    let local = tokio::task::spawn_blocking(move || {
         let local = model.load_experts(&filter)?;
         let total: u64 = local
             .layers
@@ -330,5 +334,20 @@ async fn load(
         std::hint::black_box(sink);
         Ok::<_, anyhow::Error>(local)
     })
+    .await??;
+    let Some(ctx) = opts.gpu.clone() else {
+        return Ok(Compute::Cpu(Arc::new(local)));
+    };
+    let held = local.held().map(|(l, e)| (l as u32, e as u32)).collect();
+    let hidden = local.hidden;
+    let gpu = tokio::task::spawn_blocking(move || {
+        engine::gpu::GpuExperts::upload(ctx, &local, GPU_MAX_TOKENS)
+    })
     .await?
+    .context("uploading the experts to the GPU")?;
+    Ok(Compute::Gpu {
+        experts: Arc::new(gpu),
+        held,
+        hidden,
+    })
 }

@@ -24,10 +24,15 @@ struct Cli {
     /// directory): only the assigned experts' byte ranges are read.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Compute backend for the experts.
-    #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+    /// Compute backend for the experts: `auto` takes a hardware GPU if there is one (never a
+    /// software adapter), else the CPU.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "wgpu"])]
     backend: String,
-    /// Memory for experts, in GiB (default: 90% of the memory available now).
+    /// GPU adapter for `--backend wgpu`: index or name substring (see --list-gpus).
+    #[arg(long, default_value = "auto")]
+    gpu: engine::gpu::GpuSelector,
+    /// Memory for experts, in GiB (default: 90% of the memory available now; with a GPU, give
+    /// the device memory to use: wgpu cannot tell how much a device has).
     #[arg(long)]
     memory: Option<f64>,
     /// Where the worker keeps its identity (key, certificate, cluster CA).
@@ -68,7 +73,17 @@ fn real_main() -> Result<()> {
             .unwrap_or(1)
     });
     if cli.list_gpus {
-        println!("0  cpu  {threads} threads");
+        let list = engine::gpu::list_adapters();
+        if list.is_empty() {
+            println!("no GPU adapters found (Vulkan, Metal or DX12)");
+        }
+        for a in &list {
+            println!("{a}");
+        }
+        match engine::gpu::select_adapter(&list, &engine::gpu::GpuSelector::Auto) {
+            Ok(i) => println!("--backend auto computes on [{i}]"),
+            Err(_) => println!("--backend auto computes on the CPU ({threads} threads)"),
+        }
         return Ok(());
     }
     engine::threads::set_threads(threads).context("starting compute threads")?;
@@ -95,8 +110,38 @@ fn real_main() -> Result<()> {
         Some(gib) => (gib * (1u64 << 30) as f64) as u64,
         None => available_memory() / 10 * 9,
     };
+    let gpu = open_gpu(&cli.backend, &cli.gpu, memory)?;
     tracing::info!("measuring expert throughput");
-    let speed = engine::bench::quick_expert_gbps(threads);
+    let (speed, device) = match &gpu {
+        Some(ctx) => {
+            let r = engine::bench::gpu_matvec_gbps(
+                ctx,
+                engine::quant::QuantType::Q4_K,
+                2048,
+                7168,
+                std::time::Duration::from_millis(50),
+                3,
+            )
+            .context("measuring the GPU")?;
+            let a = ctx.adapter();
+            (
+                r.gbps,
+                DeviceInfo {
+                    backend: a.backend.to_lowercase(),
+                    name: a.name.clone(),
+                    memory_bytes: memory,
+                },
+            )
+        }
+        None => (
+            engine::bench::quick_expert_gbps(threads),
+            DeviceInfo {
+                backend: "cpu".into(),
+                name: format!("cpu ({threads} threads)"),
+                memory_bytes: memory,
+            },
+        ),
+    };
     tracing::info!(
         "{name}: {:.1} GiB for experts, {speed:.1} GB/s",
         memory as f64 / (1u64 << 30) as f64
@@ -111,11 +156,8 @@ fn real_main() -> Result<()> {
         memory,
         speed,
         state_dir: cli.state_dir,
-        devices: vec![DeviceInfo {
-            backend: cli.backend,
-            name: format!("cpu ({threads} threads)"),
-            memory_bytes: memory,
-        }],
+        devices: vec![device],
+        gpu,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -131,6 +173,36 @@ fn real_main() -> Result<()> {
             }
         }
     })
+}
+
+/// The GPU for `--backend wgpu` (or `auto` when a hardware adapter exists), with `memory` as
+/// its budget.
+fn open_gpu(
+    backend: &str,
+    selector: &engine::gpu::GpuSelector,
+    memory: u64,
+) -> Result<Option<Arc<engine::gpu::GpuContext>>> {
+    let auto = match backend {
+        "cpu" => return Ok(None),
+        "wgpu" => false,
+        _ => true,
+    };
+    let opts = engine::gpu::GpuOptions {
+        selector: selector.clone(),
+        memory_budget: Some(memory),
+        ..Default::default()
+    };
+    match engine::gpu::GpuContext::new(opts) {
+        Ok(c) => {
+            tracing::info!("computing experts on {}", c.adapter().name);
+            Ok(Some(Arc::new(c)))
+        }
+        Err(e @ engine::gpu::GpuError::NoAdapter(_)) if auto => {
+            tracing::info!("computing experts on the CPU ({e})");
+            Ok(None)
+        }
+        Err(e) => Err(e).context("opening the GPU"),
+    }
 }
 
 fn hostname() -> String {

@@ -189,16 +189,20 @@ fn round_trip(
         let exec = worker::compute::Executor::start(experts);
         let (_tx, rx) = watch::channel(Some(exec));
         let stats = Arc::new(worker::dataplane::Stats::default());
+        let accept = {
+            let endpoint = endpoint.clone();
+            rt.spawn(async move {
+                let inc = endpoint.accept().await.context("no connection")?;
+                anyhow::Ok(inc.await?)
+            })
+        };
         let conn = rt.block_on(async {
             let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
             ep.set_default_client_config(trust::quic_client_config(&id, &id.ca_pem)?);
             let c = ep.connect(addr, trust::COORDINATOR_NAME)?.await?;
             anyhow::Ok((ep, c))
         })?;
-        let incoming = rt.block_on(async {
-            let inc = endpoint.accept().await.context("no connection")?;
-            anyhow::Ok(inc.await?)
-        })?;
+        let incoming = rt.block_on(accept)??;
         rt.spawn(worker::dataplane::serve(conn.1.clone(), rx, stats));
         routes.connect(w, name, incoming);
         keep.push((conn, _tx));

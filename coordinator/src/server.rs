@@ -55,8 +55,7 @@ pub struct ClusterOptions {
     pub model: Option<Arc<engine::model::ModelFile>>,
 }
 
-/// The most bytes one `FetchWeights` call may ask for.
-pub const MAX_FETCH: u64 = 256 << 20;
+pub use proto::control::MAX_FETCH;
 
 /// Chunks a `FetchWeights` stream may have queued ahead of the network.
 const FETCH_QUEUE: usize = 4;

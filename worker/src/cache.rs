@@ -21,11 +21,8 @@ use engine::model::moe::LocalExperts;
 use engine::model::weights::{ExpertMatrix, RawMatrix};
 use engine::quant::QuantType;
 use engine::Bytes;
-use proto::control::{Chunk, FetchRequest, TensorInfo};
+use proto::control::{Chunk, FetchRequest, TensorInfo, MAX_FETCH};
 use tokio_stream::{Stream, StreamExt as _};
-
-/// The most bytes asked for in one `FetchWeights` call (the coordinator's limit).
-pub const MAX_FETCH: u64 = 256 << 20;
 
 /// One MoE layer's share of an assignment: its three stacked tensors (gate, up, down) and the
 /// experts wanted from them.
@@ -323,4 +320,240 @@ pub fn by_layer(want: &BTreeSet<(u32, u32)>) -> Vec<(u32, Vec<u32>)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::control::RpcError;
+    use proto::grpc::pb;
+    use std::collections::HashMap;
+
+    const N: u64 = 4; // experts per tensor
+    const H: u64 = 8; // hidden
+    const I: u64 = 4; // expert inter
+    const STRIDE: u64 = H * I * 4; // one f32 matrix of an expert
+    const CHUNK: usize = 48; // straddles experts
+
+    fn tensors(layer: u32) -> [TensorInfo; 3] {
+        ExpertMatrix::ALL.map(|m| {
+            let (r, c) = if m == ExpertMatrix::Down {
+                (H, I)
+            } else {
+                (I, H)
+            };
+            TensorInfo {
+                name: m.gguf_name(layer as usize),
+                ggml_type: 0, // F32
+                shape: vec![N, r, c],
+                file_index: 0,
+                offset: 0,
+                size: N * STRIDE,
+                expert_stride: Some(STRIDE),
+            }
+        })
+    }
+
+    /// Small f32 values that differ per tensor and byte.
+    fn model() -> HashMap<String, Vec<u8>> {
+        let mut m = HashMap::new();
+        for l in [1u32, 2] {
+            for (k, t) in tensors(l).iter().enumerate() {
+                let v: Vec<f32> = (0..N * STRIDE / 4)
+                    .map(|i| (i as f32 + 100.0 * k as f32 + 1000.0 * l as f32) * 1e-3)
+                    .collect();
+                m.insert(t.name.clone(), bytemuck_bytes(&v));
+            }
+        }
+        m
+    }
+
+    fn bytemuck_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    type Chunks = tokio_stream::Iter<std::vec::IntoIter<Result<Chunk, RpcError>>>;
+
+    /// A stand-in coordinator: serves `model`, counts calls and bytes, and can break the
+    /// stream after `fail_after` chunks (in all calls together) or corrupt chunk `corrupt`.
+    struct Fake {
+        model: HashMap<String, Vec<u8>>,
+        calls: Vec<FetchRequest>,
+        chunks: usize,
+        bytes: u64,
+        fail_after: Option<usize>,
+        corrupt: Option<usize>,
+    }
+
+    impl Fake {
+        fn new() -> Self {
+            Fake {
+                model: model(),
+                calls: Vec::new(),
+                chunks: 0,
+                bytes: 0,
+                fail_after: None,
+                corrupt: None,
+            }
+        }
+
+        fn fetch(&mut self, req: FetchRequest) -> std::future::Ready<Result<Chunks, RpcError>> {
+            let data = &self.model[&req.tensor];
+            let mut items = Vec::new();
+            let mut at = req.offset;
+            while at < req.offset + req.length {
+                let end = (at + CHUNK as u64).min(req.offset + req.length);
+                if self.fail_after == Some(self.chunks) {
+                    items.push(Err(RpcError::Status(tonic::Status::unavailable("gone"))));
+                    break;
+                }
+                let mut p = pb::Chunk::from(Chunk {
+                    offset: at,
+                    data: data[at as usize..end as usize].to_vec(),
+                });
+                if self.corrupt == Some(self.chunks) {
+                    p.data[3] ^= 0x40;
+                }
+                self.chunks += 1;
+                match Chunk::try_from(p) {
+                    Ok(c) => {
+                        self.bytes += c.data.len() as u64;
+                        items.push(Ok(c));
+                    }
+                    Err(e) => {
+                        items.push(Err(RpcError::Invalid(e)));
+                        break;
+                    }
+                }
+                at = end;
+            }
+            self.calls.push(req);
+            std::future::ready(Ok(tokio_stream::iter(items)))
+        }
+    }
+
+    fn wants() -> Vec<LayerWant> {
+        let all: Vec<TensorInfo> = tensors(1).into_iter().chain(tensors(2)).collect();
+        vec![
+            LayerWant::from_assignment(1, vec![0, 1, 3], &all).unwrap(),
+            LayerWant::from_assignment(2, vec![2], &all).unwrap(),
+        ]
+    }
+
+    async fn fill(cache: &Cache, fake: &mut Fake) -> Result<(u64, u64)> {
+        let mut last = (0, 0);
+        cache
+            .fill(&wants(), |r| fake.fetch(r), &mut |d, t| last = (d, t))
+            .await
+            .map(|()| last)
+    }
+
+    /// Every wanted slice is in its final file with the model's bytes, and no `.part` is left.
+    fn check_complete(cache: &Cache) {
+        let model = model();
+        for w in wants() {
+            for t in &w.tensors {
+                for &e in &w.experts {
+                    let (full, part) = cache.files(&t.name, e).unwrap();
+                    let r = t.expert_range(e).unwrap();
+                    assert_eq!(
+                        std::fs::read(&full).unwrap(),
+                        model[&t.name][r.start as usize..r.end as usize]
+                    );
+                    assert!(!part.exists());
+                }
+            }
+        }
+    }
+
+    const WANTED: u64 = 4 * 3 * STRIDE;
+
+    #[tokio::test]
+    async fn fills_builds_experts_and_reuses_the_cache_without_fetching() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = Cache::open(root.path(), "fnv64:00000000000000aa").unwrap();
+        let mut fake = Fake::new();
+        assert_eq!(fill(&cache, &mut fake).await.unwrap(), (WANTED, WANTED));
+        // Experts 0 and 1 of layer 1 are contiguous: one call per tensor for them, one for 3.
+        assert_eq!(fake.calls.len(), 3 * 2 + 3);
+        assert_eq!(fake.bytes, WANTED);
+        check_complete(&cache);
+
+        let local = cache.load(&wants()).unwrap();
+        let held: Vec<_> = local.held().collect();
+        assert_eq!(held, vec![(1, 0), (1, 1), (1, 3), (2, 2)]);
+        let mlp = local.layers[1].as_ref().unwrap().experts[3]
+            .as_ref()
+            .unwrap();
+        assert_eq!((mlp.down.rows, mlp.down.cols), (H as usize, I as usize));
+
+        // A restart: the same cache, nothing fetched.
+        let cache = Cache::open(root.path(), "fnv64:00000000000000aa").unwrap();
+        let mut again = Fake::new();
+        assert_eq!(fill(&cache, &mut again).await.unwrap(), (WANTED, WANTED));
+        assert!(again.calls.is_empty());
+        assert_eq!(cache.load(&wants()).unwrap().held().count(), 4);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_download_resumes_where_it_stopped() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = Cache::open(root.path(), "fnv64:00000000000000bb").unwrap();
+        let mut fake = Fake::new();
+        fake.fail_after = Some(4); // 192 bytes: expert 0 of the first tensor and part of 1
+        let e = fill(&cache, &mut fake).await.unwrap_err();
+        assert!(format!("{e:#}").contains("gone"), "{e:#}");
+        let gate = ExpertMatrix::Gate.gguf_name(1);
+        let (full0, _) = cache.files(&gate, 0).unwrap();
+        let (full1, part1) = cache.files(&gate, 1).unwrap();
+        assert!(full0.exists() && !full1.exists());
+        let have = std::fs::read(&part1).unwrap();
+        assert_eq!(have.len() as u64, 4 * CHUNK as u64 - STRIDE);
+        assert_eq!(
+            have,
+            model()[&gate][STRIDE as usize..(STRIDE as usize + have.len())]
+        );
+
+        let mut rest = Fake::new();
+        assert_eq!(fill(&cache, &mut rest).await.unwrap(), (WANTED, WANTED));
+        assert_eq!(rest.calls[0].offset, 4 * CHUNK as u64, "resumed mid-expert");
+        assert_eq!(rest.bytes, WANTED - 4 * CHUNK as u64);
+        check_complete(&cache);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_with_a_bad_hash_fails_the_load_and_is_not_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = Cache::open(root.path(), "fnv64:00000000000000cc").unwrap();
+        let mut fake = Fake::new();
+        fake.corrupt = Some(2);
+        let e = fill(&cache, &mut fake).await.unwrap_err();
+        assert!(format!("{e:#}").contains("SHA-256"), "{e:#}");
+        // Only the two verified chunks were written.
+        let gate = ExpertMatrix::Gate.gguf_name(1);
+        let (full0, part0) = cache.files(&gate, 0).unwrap();
+        assert!(!full0.exists());
+        assert_eq!(std::fs::read(&part0).unwrap(), model()[&gate][..2 * CHUNK]);
+        // Loading without the missing experts fails cleanly.
+        assert!(cache.load(&wants()).is_err());
+        // A good stream then completes it.
+        fill(&cache, &mut Fake::new()).await.unwrap();
+        check_complete(&cache);
+    }
+
+    #[test]
+    fn odd_names_cannot_escape_the_cache() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = Cache::open(root.path(), "fnv64:00000000000000dd").unwrap();
+        assert!(cache.files("../x", 0).is_err());
+        assert!(cache.files("a/b", 0).is_err());
+        assert!(cache.files(".hidden", 0).is_err());
+        assert!(Cache::open(root.path(), "..").is_err());
+    }
+
+    #[test]
+    fn a_missing_tensor_names_the_gguf_only_limit() {
+        let e = LayerWant::from_assignment(1, vec![0], &[]).unwrap_err();
+        assert!(e.to_string().contains("GGUF"), "{e}");
+    }
 }

@@ -363,6 +363,7 @@ fn decode_comparison(
         request_timeout: Duration::from_secs(30),
         names: vec![],
         local: None,
+        model: Some(mf.clone()),
     }))?;
     let mut procs = Vec::new();
     for w in 0..workers {

@@ -97,6 +97,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         request_timeout: Duration::from_secs_f64(a.request_timeout),
         names: a.names.clone(),
         local,
+        model: Some(mf.clone()),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -106,7 +107,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let cluster = Cluster::start(opts).await?;
         println!("join token: {}", cluster.token);
         eprintln!(
-            "start workers with: worker --coordinator {} --join-token {} --model <the same model file>",
+            "start workers with: worker --coordinator {} --join-token {} [--model <the same model file>]",
             cluster.addr, cluster.token
         );
         loop {

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,7 +50,15 @@ pub struct ClusterOptions {
     pub names: Vec<String>,
     /// Experts held by this process too (an in-process worker: no network hop).
     pub local: Option<LocalWorker>,
+    /// The model, to stream routed experts to workers that have no copy of it (GGUF only);
+    /// `None`: every worker needs its own copy (`--model`).
+    pub model: Option<Arc<engine::model::ModelFile>>,
 }
+
+pub use proto::control::MAX_FETCH;
+
+/// Chunks a `FetchWeights` stream may have queued ahead of the network.
+const FETCH_QUEUE: usize = 4;
 
 /// The coordinator's own share of the experts.
 pub struct LocalWorker {
@@ -84,6 +93,12 @@ struct Shared {
     experts: Arc<RemoteExperts>,
     /// The in-process worker: its id and `(generation, loaded)` of its assignment.
     local: Option<(WorkerId, Mutex<(u64, bool)>)>,
+    /// The routed-expert tensors that may be streamed, by name (empty when none may).
+    streams: HashMap<String, control::TensorInfo>,
+    /// Why experts cannot be streamed, when they cannot.
+    no_streams: Option<String>,
+    /// Bytes of weights sent to workers by `FetchWeights`.
+    fetched: AtomicU64,
 }
 
 /// A running cluster front: control plane, data plane, membership.
@@ -154,6 +169,35 @@ impl Cluster {
             (id, Mutex::new((0, false)))
         });
         let first: Vec<Action> = std::iter::from_fn(|| membership.poll_action()).collect();
+        let (streams, no_streams) = match &opts.model {
+            None => (
+                HashMap::new(),
+                Some("the coordinator does not stream weights (started without its model)".into()),
+            ),
+            Some(m) => match m.expert_tensors() {
+                Ok(ts) => (
+                    ts.into_iter()
+                        .map(|t| {
+                            let info = control::TensorInfo {
+                                name: t.info.name.clone(),
+                                ggml_type: t.info.ty.ggml_id().unwrap_or(u32::MAX),
+                                shape: t.info.shape.iter().map(|&d| d as u64).collect(),
+                                file_index: t.info.split as u32,
+                                offset: t.info.offset,
+                                size: t.info.size,
+                                expert_stride: Some(t.expert_bytes),
+                            };
+                            (t.info.name, info)
+                        })
+                        .collect(),
+                    None,
+                ),
+                Err(e) => {
+                    tracing::warn!("workers without a copy of the model cannot join: {e}");
+                    (HashMap::new(), Some(e.to_string()))
+                }
+            },
+        };
         let routes = Arc::new(Routes::default());
         let experts = Arc::new(RemoteExperts::new(
             tokio::runtime::Handle::current(),
@@ -177,6 +221,9 @@ impl Cluster {
             data_port: addr.port(),
             experts: experts.clone(),
             local,
+            streams,
+            no_streams,
+            fetched: AtomicU64::new(0),
         });
         apply(&shared, first);
 
@@ -218,6 +265,11 @@ impl Cluster {
 
     pub fn is_serving(&self) -> bool {
         *self.shared.serving.borrow()
+    }
+
+    /// Bytes of weights streamed to workers so far (`FetchWeights`).
+    pub fn weight_bytes_served(&self) -> u64 {
+        self.shared.fetched.load(Ordering::Relaxed)
     }
 
     /// The cluster as `cluster status` shows it.
@@ -271,6 +323,14 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
                         continue;
                     }
                 }
+                let tensors = experts
+                    .iter()
+                    .flat_map(|(layer, _)| {
+                        engine::model::weights::ExpertMatrix::ALL
+                            .map(|m| m.gguf_name(*layer as usize))
+                    })
+                    .filter_map(|name| shared.streams.get(&name).cloned())
+                    .collect();
                 let assignment = control::Assignment {
                     generation,
                     model_fingerprint: shared.opts.model_fingerprint.clone(),
@@ -278,7 +338,7 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
                         .into_iter()
                         .map(|(layer, experts)| control::LayerExperts { layer, experts })
                         .collect(),
-                    tensors: Vec::new(),
+                    tensors,
                 };
                 let mut g = shared.assignments.lock().expect("assignments lock");
                 g.entry(worker)
@@ -524,10 +584,15 @@ impl grpc::Control for Service {
                 )));
             }
             None => {
-                return Err(Status::failed_precondition(
-                    "this worker has no copy of the model; start it with --model \
-                     (streaming weights from the coordinator is not available)",
-                ));
+                if let Some(why) = &self.0.no_streams {
+                    tracing::warn!("worker {name:?} has no copy of the model: {why}");
+                    return Err(Status::failed_precondition(format!(
+                        "this worker has no copy of the model and {why}; start it with --model"
+                    )));
+                }
+                tracing::info!(
+                    "worker {name:?} has no copy of the model: its experts are streamed"
+                );
             }
             _ => {}
         }
@@ -639,10 +704,69 @@ impl grpc::Control for Service {
         &self,
         req: Request<pb::FetchRequest>,
     ) -> Result<Response<Self::FetchWeightsStream>, Status> {
-        self.caller(&req, None)?;
-        Err(Status::unimplemented(
-            "streaming weights from the coordinator is not available; give the worker --model",
-        ))
+        let id = self.caller(&req, None)?;
+        let r = control::FetchRequest::try_from(req.into_inner()).map_err(bad)?;
+        if r.model_fingerprint != self.0.opts.model_fingerprint {
+            return Err(Status::failed_precondition(format!(
+                "model {} is not the cluster's ({})",
+                r.model_fingerprint, self.0.opts.model_fingerprint
+            )));
+        }
+        let (Some(model), None) = (&self.0.opts.model, &self.0.no_streams) else {
+            return Err(Status::failed_precondition(
+                self.0.no_streams.clone().unwrap_or_default(),
+            ));
+        };
+        let Some(t) = self.0.streams.get(&r.tensor) else {
+            tracing::warn!("worker {id} asked for tensor {:?}, refused", r.tensor);
+            return Err(Status::permission_denied(format!(
+                "{:?} is not a routed-expert tensor of this model; only those are served",
+                r.tensor
+            )));
+        };
+        if r.length > MAX_FETCH {
+            return Err(Status::invalid_argument(format!(
+                "{} bytes asked, at most {MAX_FETCH} per call",
+                r.length
+            )));
+        }
+        let end = r.offset + r.length; // checked by the conversion
+        if end > t.size {
+            return Err(Status::out_of_range(format!(
+                "bytes {}..{end} of {}: the tensor has {} bytes",
+                r.offset, r.tensor, t.size
+            )));
+        }
+        let data = model
+            .source
+            .tensor(&r.tensor)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .data
+            .slice(r.offset as usize..end as usize)
+            .ok_or_else(|| Status::internal("tensor data shorter than its table entry"))?;
+        // Read, hash and send one chunk at a time from the mapping; the bounded channel keeps
+        // at most a few chunks in memory whatever the range and the network speed.
+        let (tx, rx) = tokio::sync::mpsc::channel(FETCH_QUEUE);
+        let shared = self.0.clone();
+        let base = r.offset;
+        tokio::task::spawn_blocking(move || {
+            let mut at = 0usize;
+            while at < data.len() {
+                let n = (data.len() - at).min(control::MAX_CHUNK);
+                let chunk = control::Chunk {
+                    offset: base + at as u64,
+                    data: data[at..at + n].to_vec(),
+                };
+                if tx.blocking_send(Ok(pb::Chunk::from(chunk))).is_err() {
+                    return; // the worker went away
+                }
+                shared.fetched.fetch_add(n as u64, Ordering::Relaxed);
+                at += n;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn status(

@@ -39,6 +39,8 @@ pub const MAX_DIMS: usize = 8;
 pub const MAX_GGML_TYPE: u32 = 255;
 /// Largest chunk of weights in one `Chunk` message.
 pub const MAX_CHUNK: usize = 1 << 20;
+/// The most bytes one `FetchWeights` call may ask for (the coordinator refuses more).
+pub const MAX_FETCH: u64 = 256 << 20;
 /// Most workers in a status reply.
 pub const MAX_WORKERS: usize = 4096;
 /// Heartbeat interval bounds.

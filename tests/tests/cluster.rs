@@ -52,12 +52,30 @@ fn spawn_worker(
     name: &str,
     memory_gib: &str,
 ) -> Worker {
+    spawn(addr, token, Some(model), None, state, name, memory_gib)
+}
+
+/// A worker with its own copy of the model, or (`model: None`) one that streams its experts
+/// from the coordinator into `cache`.
+fn spawn(
+    addr: &str,
+    token: Option<&str>,
+    model: Option<&Path>,
+    cache: Option<&Path>,
+    state: &Path,
+    name: &str,
+    memory_gib: &str,
+) -> Worker {
     let mut cmd = Command::new(worker_bin());
     cmd.args(["--coordinator", addr, "--name", name, "--threads", "1"])
-        .args(["--memory", memory_gib])
-        .arg("--model")
-        .arg(model)
-        .arg("--state-dir")
+        .args(["--memory", memory_gib]);
+    if let Some(m) = model {
+        cmd.arg("--model").arg(m);
+    }
+    if let Some(c) = cache {
+        cmd.arg("--cache-dir").arg(c);
+    }
+    cmd.arg("--state-dir")
         .arg(state)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -109,7 +127,7 @@ fn two_workers_serve_the_experts_survive_a_loss_and_refuse_a_wrong_token() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_model(&path, &SynthSpec::tiny()).unwrap();
-    let file = ModelFile::open(&path).unwrap();
+    let file = Arc::new(ModelFile::open(&path).unwrap());
     let model = Arc::new(file.load_model().unwrap());
     let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
     let vocab = model.cfg.vocab_size;
@@ -136,6 +154,7 @@ fn two_workers_serve_the_experts_survive_a_loss_and_refuse_a_wrong_token() {
             request_timeout: Duration::from_secs(3),
             names: vec![],
             local: None,
+            model: Some(file.clone()),
         }))
         .unwrap();
     let addr = cluster.addr.to_string();
@@ -276,6 +295,192 @@ fn expect_gap(
     assert_eq!(lost.state, proto::control::WorkerState::Offline, "{st:?}");
 }
 
+/// Experts of the tiny model as stored (BF16): gate, up and down of 64 x 512.
+const EXPERT_BYTES: u64 = 196_608;
+
+#[test]
+fn a_worker_without_the_model_streams_its_experts_then_reuses_its_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(&path, &SynthSpec::tiny()).unwrap();
+    let file = Arc::new(ModelFile::open(&path).unwrap());
+    let model = Arc::new(file.load_model().unwrap());
+    assert!(file
+        .expert_layout()
+        .unwrap()
+        .iter()
+        .all(|&(_, _, b)| b == EXPERT_BYTES));
+    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
+    let tokens: Vec<u32> = vec![3, 77, 512, 9, 1000, 2];
+    let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cluster = rt
+        .block_on(Cluster::start(ClusterOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.path().join("coordinator"),
+            min_workers: 2,
+            model_name: "synth-dsv3-tiny".into(),
+            model_fingerprint: file.fingerprint(),
+            layout: file.expert_layout().unwrap(),
+            n_groups: model.cfg.n_group,
+            hidden: model.cfg.hidden,
+            dtype: Dtype::F32,
+            heartbeat_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(3),
+            names: vec![],
+            local: None,
+            model: Some(file.clone()),
+        }))
+        .unwrap();
+    let addr = cluster.addr.to_string();
+    let token = cluster.token.to_string();
+    let cache = dir.path().join("cache");
+
+    let _w1 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w1"),
+        "w1",
+        HALF,
+    );
+    let w2 = spawn(
+        &addr,
+        Some(&token),
+        None,
+        Some(&cache),
+        &dir.path().join("w2"),
+        "w2",
+        HALF,
+    );
+    assert!(
+        rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
+        "the cluster never became ready: {:?}",
+        cluster.status()
+    );
+    let st = cluster.status();
+    assert!(st.workers.iter().all(|w| w.experts_held == 32), "{st:?}");
+
+    // w2's 32 experts came over the control plane, each byte once.
+    let served = cluster.weight_bytes_served();
+    assert_eq!(served, 32 * EXPERT_BYTES);
+    let fp_dir = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut files = 0;
+    for t in std::fs::read_dir(&fp_dir).unwrap() {
+        for f in std::fs::read_dir(t.unwrap().path()).unwrap() {
+            let f = f.unwrap().path();
+            assert_ne!(
+                f.extension().and_then(|e| e.to_str()),
+                Some("part"),
+                "{f:?}"
+            );
+            files += 1;
+        }
+    }
+    assert_eq!(files, 32 * 3, "one file per expert and matrix");
+
+    // Through the cluster: the same logits as in one process.
+    let experts: Arc<dyn RoutedExperts> = cluster.experts();
+    let got = forward_on_thread(model.clone(), experts.clone(), tokens.clone()).unwrap();
+    let d = max_diff(&got, &want);
+    assert!(d < 1e-4, "cluster logits differ from local by {d}");
+
+    // FetchWeights serves routed-expert tensors of this model to workers only, within bounds.
+    rt.block_on(fetch_refusals(&addr, &dir.path().join("w2"), &file));
+    assert_eq!(cluster.weight_bytes_served(), served);
+
+    // Restart w2: its experts come from its cache, nothing is fetched again.
+    drop(w2);
+    expect_gap(&cluster, &model, &experts, &tokens, "w2");
+    let _w2 = spawn(
+        &addr,
+        None,
+        None,
+        Some(&cache),
+        &dir.path().join("w2"),
+        "w2",
+        HALF,
+    );
+    assert!(
+        rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
+        "serving never resumed: {:?}",
+        cluster.status()
+    );
+    assert_eq!(
+        cluster.weight_bytes_served(),
+        served,
+        "experts fetched again"
+    );
+    let again = forward_on_thread(model.clone(), experts, tokens).unwrap();
+    assert!(max_diff(&again, &want) < 1e-4);
+}
+
+async fn fetch_refusals(addr: &str, worker_state: &Path, file: &ModelFile) {
+    use proto::control::{Client, FetchRequest};
+    use proto::trust::{self, Identity, Trust};
+
+    let id = Identity::load(worker_state).unwrap();
+    let tls = trust::client_config(Some(&id), Trust::Ca(id.ca_pem.clone())).unwrap();
+    let mut client = Client::new(trust::connect(addr, Arc::new(tls)).await.unwrap());
+    let gate = "blk.1.ffn_gate_exps.weight";
+    let size = EXPERT_BYTES / 3 * 16;
+    let req = |tensor: &str, offset: u64, length: u64| FetchRequest {
+        model_fingerprint: file.fingerprint(),
+        tensor: tensor.into(),
+        offset,
+        length,
+    };
+    let code = |r: Result<_, proto::control::RpcError>| match r {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.code(),
+    };
+    use tonic::Code;
+    assert_eq!(
+        code(client.fetch_weights(req("token_embd.weight", 0, 64)).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            client
+                .fetch_weights(req("blk.1.ffn_gate_shexp.weight", 0, 64))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(client.fetch_weights(req(gate, size - 10, 20)).await),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code(client.fetch_weights(req(gate, 0, 300 << 20)).await),
+        Code::InvalidArgument
+    );
+    let mut wrong = req(gate, 0, 64);
+    wrong.model_fingerprint = "fnv64:0000000000000000".into();
+    assert_eq!(
+        code(client.fetch_weights(wrong).await),
+        Code::FailedPrecondition
+    );
+
+    // No client certificate: refused.
+    let tls = trust::client_config(None, Trust::Ca(id.ca_pem.clone())).unwrap();
+    let mut anon = Client::new(trust::connect(addr, Arc::new(tls)).await.unwrap());
+    assert_eq!(
+        code(anon.fetch_weights(req(gate, 0, 64)).await),
+        Code::Unauthenticated
+    );
+}
+
 /// A worker computing its experts on a GPU (lavapipe here, through wgpu) gives the same logits
 /// as the CPU in one process. Skips with one line when there is no adapter, unless
 /// `REQUIRE_GPU_TESTS` is set (CI), where a missing adapter fails.
@@ -320,6 +525,7 @@ fn a_gpu_worker_serves_the_same_logits() {
             request_timeout: Duration::from_secs(20),
             names: vec![],
             local: None,
+            model: None,
         }))
         .unwrap();
     let mut cmd = Command::new(worker_bin());

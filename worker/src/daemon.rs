@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use engine::model::moe::LocalExperts;
 use engine::model::weights::ExpertFilter;
 use engine::model::ModelFile;
 use proto::control::{self, Assignment, Heartbeat, Hello, JoinRequest, WorkerState};
@@ -22,6 +23,7 @@ use proto::trust::{self, Identity, JoinToken, Trust, WorkerKey};
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 
+use crate::cache::{self, Cache, LayerWant};
 use crate::compute::{Compute, Executor};
 use crate::dataplane::{self, Stats};
 
@@ -37,6 +39,8 @@ pub struct Options {
     /// Measured expert throughput (GB/s of weights).
     pub speed: f64,
     pub state_dir: PathBuf,
+    /// Where weights streamed from the coordinator are kept (when there is no `model`).
+    pub cache_dir: PathBuf,
     pub devices: Vec<control::DeviceInfo>,
     /// The GPU the experts are computed on (`None`: the CPU backend).
     pub gpu: Option<Arc<engine::gpu::GpuContext>>,
@@ -261,8 +265,12 @@ async fn follow_assignments(
                 want.len(),
                 a.experts.len()
             );
-            let local = load(&opts, &a, &want, &progress).await?;
-            loaded.send_replace(Some(Executor::start_with(local)));
+            let local = match &opts.model {
+                Some(model) => load(model.clone(), &a, &want, &progress).await?,
+                None => load_streamed(&opts, client.clone(), &a, &want, &progress).await?,
+            };
+            let compute = on_device(&opts, local).await?;
+            loaded.send_replace(Some(Executor::start_with(compute)));
         }
         progress.experts.store(
             loaded.borrow().as_ref().map_or(0, |x| x.held().len()) as u64,
@@ -275,19 +283,97 @@ async fn follow_assignments(
     bail!("the assignment stream ended")
 }
 
-/// Loads the assigned experts from this worker's own copy of the model and reads every byte of
-/// them once (so "ready" means in memory, and progress is real).
-async fn load(
+/// Loads the assigned experts from the cache of weights streamed from the coordinator,
+/// fetching what the cache lacks first (see [`crate::cache`]).
+async fn load_streamed(
     opts: &Arc<Options>,
+    client: control::Client,
     a: &Assignment,
     want: &BTreeSet<(u32, u32)>,
     progress: &Arc<Progress>,
-) -> Result<Compute> {
-    let model = opts.model.clone().ok_or_else(|| {
-        anyhow!(
-            "this worker has no copy of the model (--model) and weight streaming is not available"
+) -> Result<LocalExperts> {
+    let wants = cache::by_layer(want)
+        .into_iter()
+        .map(|(l, es)| LayerWant::from_assignment(l, es, &a.tensors))
+        .collect::<Result<Vec<_>>>()?;
+    let cache = Cache::open(&opts.cache_dir, &a.model_fingerprint)?;
+    tracing::info!("streaming experts into {}", cache.dir().display());
+    let mut report = LoadReport::new(progress.clone());
+    cache
+        .fill(
+            &wants,
+            |req| {
+                let mut c = client.clone();
+                async move { c.fetch_weights(req).await }
+            },
+            &mut |done, total| report.update(done, total),
         )
-    })?;
+        .await?;
+    report.finish();
+    tokio::task::spawn_blocking(move || cache.load(&wants)).await?
+}
+
+/// Load progress: into the heartbeat counters, and a bar on a terminal or a log line every 10%.
+struct LoadReport {
+    progress: Arc<Progress>,
+    bar: Option<indicatif::ProgressBar>,
+    decile: u64,
+}
+
+impl LoadReport {
+    fn new(progress: Arc<Progress>) -> Self {
+        LoadReport {
+            progress,
+            bar: None,
+            decile: u64::MAX,
+        }
+    }
+
+    fn update(&mut self, done: u64, total: u64) {
+        self.progress.done.store(done, Ordering::Relaxed);
+        self.progress.total.store(total, Ordering::Relaxed);
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = self.bar.get_or_insert_with(|| {
+                let b = indicatif::ProgressBar::new(total);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "experts {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .expect("a valid template"),
+                );
+                b
+            });
+            bar.set_length(total);
+            bar.set_position(done);
+        } else {
+            let decile = (done * 10).checked_div(total).unwrap_or(10);
+            if decile != self.decile {
+                self.decile = decile;
+                tracing::info!(
+                    "experts: {:.1} of {:.1} MiB ({}%)",
+                    done as f64 / (1u64 << 20) as f64,
+                    total as f64 / (1u64 << 20) as f64,
+                    decile * 10
+                );
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+    }
+}
+
+/// Loads the assigned experts from this worker's own copy of the model and reads every byte of
+/// them once (so "ready" means in memory, and progress is real).
+async fn load(
+    model: Arc<ModelFile>,
+    a: &Assignment,
+    want: &BTreeSet<(u32, u32)>,
+    progress: &Arc<Progress>,
+) -> Result<LocalExperts> {
     if model.fingerprint() != a.model_fingerprint {
         bail!(
             "the coordinator serves model {} but this worker's copy is {}",
@@ -301,7 +387,7 @@ async fn load(
             .collect(),
     );
     let progress = progress.clone();
-    let local = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let local = model.load_experts(&filter)?;
         let total: u64 = local
             .layers
@@ -334,7 +420,11 @@ async fn load(
         std::hint::black_box(sink);
         Ok::<_, anyhow::Error>(local)
     })
-    .await??;
+    .await?
+}
+
+/// Where the loaded experts are computed: uploaded to the GPU when the worker has one.
+async fn on_device(opts: &Arc<Options>, local: LocalExperts) -> Result<Compute> {
     let Some(ctx) = opts.gpu.clone() else {
         return Ok(Compute::Cpu(Arc::new(local)));
     };

@@ -21,7 +21,8 @@ struct Cli {
     #[arg(long, env = "DSV3_JOIN_TOKEN")]
     join_token: Option<String>,
     /// This worker's own copy of the model (a .gguf, first split, or a Hugging Face
-    /// directory): only the assigned experts' byte ranges are read.
+    /// directory): only the assigned experts' byte ranges are read. Without it, the experts
+    /// are streamed from the coordinator into --cache-dir (GGUF models only).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Compute backend for the experts: `auto` takes a hardware GPU if there is one (never a
@@ -38,7 +39,7 @@ struct Cli {
     /// Where the worker keeps its identity (key, certificate, cluster CA).
     #[arg(long, default_value = "worker-state")]
     state_dir: PathBuf,
-    /// Where streamed weights would be cached.
+    /// Where weights streamed from the coordinator are cached (used without --model).
     #[arg(long, default_value = "worker-cache")]
     cache_dir: PathBuf,
     /// This worker's name in the cluster (default: the host name).
@@ -156,6 +157,7 @@ fn real_main() -> Result<()> {
         memory,
         speed,
         state_dir: cli.state_dir,
+        cache_dir: cli.cache_dir,
         devices: vec![device],
         gpu,
     };

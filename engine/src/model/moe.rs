@@ -5,8 +5,9 @@
 
 use crate::config::{ModelConfig, Scoring};
 use crate::model::ops;
-use crate::model::weights::{ExpertSet, Mlp, MoeWeights};
-use crate::tensor::{ActBuf, GroupBuf};
+use crate::model::weights::{ExpertMatrix, ExpertSet, Mlp, MoeWeights, RawMatrix};
+use crate::quant::QuantError;
+use crate::tensor::{ActBuf, GroupBuf, Matrix};
 
 /// Per token, the chosen experts (ascending by id) and their final weights (normalised and
 /// scaled by the routed scaling factor).
@@ -252,7 +253,112 @@ pub struct LocalExperts {
     pub layers: Vec<Option<ExpertSet>>,
 }
 
+/// Why an expert could not be built from raw matrices.
+#[derive(Debug, thiserror::Error)]
+pub enum ExpertBuildError {
+    #[error(
+        "layer {layer}, expert {expert}: {matrix} is {rows}x{cols}, expected {want_rows}x{want_cols}"
+    )]
+    Shape {
+        layer: usize,
+        expert: usize,
+        matrix: ExpertMatrix,
+        rows: usize,
+        cols: usize,
+        want_rows: usize,
+        want_cols: usize,
+    },
+    #[error("layer {layer}, expert {expert}: {matrix}: {err}")]
+    Quant {
+        layer: usize,
+        expert: usize,
+        matrix: ExpertMatrix,
+        err: QuantError,
+    },
+    #[error("layer {layer}: expert {expert} is not below the layer's {n_experts} experts")]
+    OutOfRange {
+        layer: usize,
+        expert: usize,
+        n_experts: usize,
+    },
+    #[error("layer {layer}: {n_experts} experts given, the layer already has {have}")]
+    Count {
+        layer: usize,
+        n_experts: usize,
+        have: usize,
+    },
+}
+
 impl LocalExperts {
+    /// Holds no experts yet; [`LocalExperts::insert`] adds them.
+    pub fn new(hidden: usize) -> Self {
+        LocalExperts {
+            hidden,
+            layers: Vec::new(),
+        }
+    }
+
+    /// Adds expert `expert` of `layer` (a layer of `n_experts` routed experts) from its
+    /// matrices as stored: `gate` and `up` must be `[inter, hidden]`, `down` `[hidden, inter]`,
+    /// with `inter` taken from `gate`, and each one's bytes must match its type and shape.
+    pub fn insert(
+        &mut self,
+        layer: usize,
+        n_experts: usize,
+        expert: usize,
+        [gate, up, down]: [RawMatrix; 3],
+    ) -> Result<(), ExpertBuildError> {
+        if expert >= n_experts {
+            return Err(ExpertBuildError::OutOfRange {
+                layer,
+                expert,
+                n_experts,
+            });
+        }
+        if let Some(Some(set)) = self.layers.get(layer) {
+            if set.experts.len() != n_experts {
+                return Err(ExpertBuildError::Count {
+                    layer,
+                    n_experts,
+                    have: set.experts.len(),
+                });
+            }
+        }
+        let (h, inter) = (self.hidden, gate.rows);
+        let build = |m: RawMatrix, which: ExpertMatrix, rows: usize, cols: usize| {
+            if (m.rows, m.cols) != (rows, cols) {
+                return Err(ExpertBuildError::Shape {
+                    layer,
+                    expert,
+                    matrix: which,
+                    rows: m.rows,
+                    cols: m.cols,
+                    want_rows: rows,
+                    want_cols: cols,
+                });
+            }
+            Matrix::new(m.ty, m.rows, m.cols, m.data).map_err(|err| ExpertBuildError::Quant {
+                layer,
+                expert,
+                matrix: which,
+                err,
+            })
+        };
+        let mlp = Mlp {
+            gate: build(gate, ExpertMatrix::Gate, inter, h)?,
+            up: build(up, ExpertMatrix::Up, inter, h)?,
+            down: build(down, ExpertMatrix::Down, h, inter)?,
+        };
+        if self.layers.len() <= layer {
+            self.layers.resize_with(layer + 1, || None);
+        }
+        let set = self.layers[layer].get_or_insert_with(|| ExpertSet {
+            experts: (0..n_experts).map(|_| None).collect(),
+        });
+        set.experts[expert] = Some(mlp);
+        Ok(())
+    }
+
     /// Evaluates, for every token, only the chosen experts that are held here and skips the
     /// rest.
     pub fn eval_held(
@@ -490,5 +596,60 @@ mod tests {
         assert_eq!(o, vec![1, 2, 4]);
         top_indices(&[f32::NEG_INFINITY, 0.5], 2, &mut o);
         assert_eq!(o, vec![1, 0]);
+    }
+
+    fn raw(rows: usize, cols: usize) -> RawMatrix {
+        RawMatrix {
+            ty: crate::quant::QuantType::F32,
+            rows,
+            cols,
+            data: crate::Bytes::from_vec(vec![0; rows * cols * 4]),
+        }
+    }
+
+    #[test]
+    fn insert_checks_shapes_and_ranges() {
+        let mut x = LocalExperts::new(8);
+        x.insert(3, 4, 2, [raw(6, 8), raw(6, 8), raw(8, 6)])
+            .unwrap();
+        assert_eq!(x.held().collect::<Vec<_>>(), vec![(3, 2)]);
+        assert!(x.layers[..3].iter().all(Option::is_none));
+        let e = x
+            .insert(3, 4, 1, [raw(6, 8), raw(6, 8), raw(6, 8)])
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ExpertBuildError::Shape {
+                    matrix: ExpertMatrix::Down,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = x
+            .insert(3, 4, 4, [raw(6, 8), raw(6, 8), raw(8, 6)])
+            .unwrap_err();
+        assert!(matches!(e, ExpertBuildError::OutOfRange { .. }), "{e}");
+        let e = x
+            .insert(3, 5, 0, [raw(6, 8), raw(6, 8), raw(8, 6)])
+            .unwrap_err();
+        assert!(matches!(e, ExpertBuildError::Count { .. }), "{e}");
+        let mut short = raw(6, 8);
+        short.data = crate::Bytes::from_vec(vec![0; 10]);
+        let e = x
+            .insert(3, 4, 0, [short, raw(6, 8), raw(8, 6)])
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ExpertBuildError::Quant {
+                    matrix: ExpertMatrix::Gate,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(x.held().count(), 1);
     }
 }

@@ -84,6 +84,49 @@ impl Mlp {
     }
 }
 
+/// The three matrices of a routed expert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExpertMatrix {
+    Gate,
+    Up,
+    Down,
+}
+
+impl ExpertMatrix {
+    pub const ALL: [ExpertMatrix; 3] = [ExpertMatrix::Gate, ExpertMatrix::Up, ExpertMatrix::Down];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExpertMatrix::Gate => "gate",
+            ExpertMatrix::Up => "up",
+            ExpertMatrix::Down => "down",
+        }
+    }
+
+    /// The GGUF tensor that stacks this matrix of every expert of `layer`
+    /// (`blk.{layer}.ffn_{gate,up,down}_exps.weight`, expert outermost).
+    pub fn gguf_name(self, layer: usize) -> String {
+        format!("blk.{layer}.ffn_{}_exps.weight", self.as_str())
+    }
+}
+
+impl std::fmt::Display for ExpertMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A matrix as stored (type, `[rows, cols]`, bytes), before it is checked and wrapped: the
+/// input of [`crate::model::moe::LocalExperts::insert`] for experts that do not come from a
+/// model file (a worker's cache of streamed weights).
+#[derive(Clone, Debug)]
+pub struct RawMatrix {
+    pub ty: QuantType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Bytes,
+}
+
 /// The routed-expert part of a MoE layer held in this process: `experts[e]` is `None` for
 /// experts that live elsewhere.
 pub struct ExpertSet {

@@ -86,6 +86,43 @@ fn spawn(
     Worker(cmd.spawn().expect("starting a worker"))
 }
 
+/// The coordinator's cluster side for the tiny model in this process (f32 on the wire), on its
+/// own runtime; `stream` lets workers without the model fetch their experts.
+fn start_cluster(
+    dir: &Path,
+    file: &Arc<ModelFile>,
+    cfg: &engine::config::ModelConfig,
+    min_workers: usize,
+    heartbeat_timeout: Duration,
+    request_timeout: Duration,
+    stream: bool,
+) -> (tokio::runtime::Runtime, Cluster) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cluster = rt
+        .block_on(Cluster::start(ClusterOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.join("coordinator"),
+            min_workers,
+            model_name: "synth-dsv3-tiny".into(),
+            model_fingerprint: file.fingerprint(),
+            layout: file.expert_layout().unwrap(),
+            n_groups: cfg.n_group,
+            hidden: cfg.hidden,
+            dtype: Dtype::F32,
+            heartbeat_timeout,
+            request_timeout,
+            names: vec![],
+            local: None,
+            model: stream.then(|| file.clone()),
+        }))
+        .unwrap();
+    (rt, cluster)
+}
+
 fn forward_on_thread(
     model: Arc<Model>,
     experts: Arc<dyn RoutedExperts>,
@@ -134,29 +171,15 @@ fn two_workers_serve_the_experts_survive_a_loss_and_refuse_a_wrong_token() {
     let tokens: Vec<u32> = vec![1, 17, 300, 42, 7, 999, 5, 64];
     let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cluster = rt
-        .block_on(Cluster::start(ClusterOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            state_dir: dir.path().join("coordinator"),
-            min_workers: 2,
-            model_name: "synth-dsv3-tiny".into(),
-            model_fingerprint: file.fingerprint(),
-            layout: file.expert_layout().unwrap(),
-            n_groups: model.cfg.n_group,
-            hidden: model.cfg.hidden,
-            dtype: Dtype::F32,
-            heartbeat_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(3),
-            names: vec![],
-            local: None,
-            model: Some(file.clone()),
-        }))
-        .unwrap();
+    let (rt, cluster) = start_cluster(
+        dir.path(),
+        &file,
+        &model.cfg,
+        2,
+        Duration::from_secs(2),
+        Duration::from_secs(3),
+        true,
+    );
     let addr = cluster.addr.to_string();
     let token = cluster.token.to_string();
 
@@ -314,29 +337,15 @@ fn a_worker_without_the_model_streams_its_experts_then_reuses_its_cache() {
     let tokens: Vec<u32> = vec![3, 77, 512, 9, 1000, 2];
     let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cluster = rt
-        .block_on(Cluster::start(ClusterOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            state_dir: dir.path().join("coordinator"),
-            min_workers: 2,
-            model_name: "synth-dsv3-tiny".into(),
-            model_fingerprint: file.fingerprint(),
-            layout: file.expert_layout().unwrap(),
-            n_groups: model.cfg.n_group,
-            hidden: model.cfg.hidden,
-            dtype: Dtype::F32,
-            heartbeat_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(3),
-            names: vec![],
-            local: None,
-            model: Some(file.clone()),
-        }))
-        .unwrap();
+    let (rt, cluster) = start_cluster(
+        dir.path(),
+        &file,
+        &model.cfg,
+        2,
+        Duration::from_secs(2),
+        Duration::from_secs(3),
+        true,
+    );
     let addr = cluster.addr.to_string();
     let token = cluster.token.to_string();
     let cache = dir.path().join("cache");
@@ -500,34 +509,20 @@ fn a_gpu_worker_serves_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_model(&path, &SynthSpec::tiny()).unwrap();
-    let file = ModelFile::open(&path).unwrap();
+    let file = Arc::new(ModelFile::open(&path).unwrap());
     let model = Arc::new(file.load_model().unwrap());
     let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
     let tokens: Vec<u32> = vec![1, 17, 300, 42, 7, 999, 5, 64];
     let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cluster = rt
-        .block_on(Cluster::start(ClusterOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            state_dir: dir.path().join("coordinator"),
-            min_workers: 1,
-            model_name: "synth-dsv3-tiny".into(),
-            model_fingerprint: file.fingerprint(),
-            layout: file.expert_layout().unwrap(),
-            n_groups: model.cfg.n_group,
-            hidden: model.cfg.hidden,
-            dtype: Dtype::F32,
-            heartbeat_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(20),
-            names: vec![],
-            local: None,
-            model: None,
-        }))
-        .unwrap();
+    let (rt, cluster) = start_cluster(
+        dir.path(),
+        &file,
+        &model.cfg,
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(20),
+        false,
+    );
     let mut cmd = Command::new(worker_bin());
     cmd.args(["--coordinator", &cluster.addr.to_string(), "--name", "gpu"])
         .args(["--join-token", &cluster.token.to_string(), "--threads", "1"])

@@ -255,6 +255,21 @@ impl Cluster {
         self.experts.clone()
     }
 
+    /// Another view of the same workers with vectors sent as `dtype` (the cluster's own view
+    /// uses the `dtype` it was started with).
+    pub fn experts_with(&self, dtype: Dtype) -> Arc<RemoteExperts> {
+        Arc::new(RemoteExperts::new(
+            tokio::runtime::Handle::current(),
+            self.shared.routes.clone(),
+            RemoteConfig {
+                hidden: self.shared.opts.hidden,
+                dtype,
+                timeout: self.shared.opts.request_timeout,
+            },
+            None,
+        ))
+    }
+
     /// Waits until every expert is loaded somewhere (or `timeout` passes).
     pub async fn wait_serving(&self, timeout: Duration) -> bool {
         let mut rx = self.shared.serving.subscribe();

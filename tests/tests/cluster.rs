@@ -244,6 +244,22 @@ fn two_workers_serve_the_experts_survive_a_loss_and_refuse_a_wrong_token() {
     let st = cluster.status();
     assert!(st.workers.iter().all(|w| w.requests_served > 0), "{st:?}");
 
+    // bf16 on the wire (the default): the hidden vectors and partial sums are rounded to 8
+    // significant bits, a relative error of at most 2^-9 each way; on this model that moves
+    // the logits by less than 0.05 and keeps every greedy token.
+    let bf16 = {
+        let _g = rt.enter();
+        cluster.experts_with(Dtype::Bf16)
+    };
+    let got16 = forward_on_thread(model.clone(), bf16, tokens.clone()).unwrap();
+    let d16 = max_diff(&got16, &want);
+    eprintln!("bf16 on the wire: max logit difference {d16}");
+    assert!(
+        d16 > 0.0 && d16 < 0.05,
+        "bf16 logits differ from local by {d16}"
+    );
+    assert_eq!(argmax_rows(&got16, vocab), argmax_rows(&want, vocab));
+
     // Lose a worker: the next forward fails within a few seconds and names the experts, and
     // the status shows the gap.
     drop(w2);

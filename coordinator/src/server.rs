@@ -554,6 +554,42 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Whether bytes `offset..end` of stacked expert tensor `name` lie within experts assigned
+    /// to worker `id` (its layer from the `blk.<layer>.` prefix).
+    fn assigned_range(
+        &self,
+        id: WorkerId,
+        name: &str,
+        t: &control::TensorInfo,
+        offset: u64,
+        end: u64,
+    ) -> Result<(), String> {
+        let layer: u32 = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| format!("{name:?} names no layer"))?;
+        let stride = t
+            .expert_stride
+            .filter(|&s| s > 0)
+            .ok_or_else(|| format!("{name:?} is not a stacked expert tensor"))?;
+        let m = self.0.membership.lock().expect("membership lock");
+        let held: &[u32] = m
+            .worker(id)
+            .and_then(|w| w.experts.iter().find(|(l, _)| *l == layer))
+            .map(|(_, es)| es.as_slice())
+            .unwrap_or(&[]);
+        let (first, last) = (offset / stride, (end.max(offset + 1) - 1) / stride);
+        match (first..=last).find(|e| !held.contains(&(*e as u32))) {
+            Some(e) => Err(format!(
+                "expert {e} of layer {layer} is not assigned to this worker"
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -751,6 +787,11 @@ impl grpc::Control for Service {
                 "bytes {}..{end} of {}: the tensor has {} bytes",
                 r.offset, r.tensor, t.size
             )));
+        }
+        // Only the caller's own experts: every expert the range touches must be assigned to it.
+        if let Err(why) = self.assigned_range(id, &r.tensor, t, r.offset, end) {
+            tracing::warn!("worker {id}: {why}");
+            return Err(Status::permission_denied(why));
         }
         let data = model
             .source

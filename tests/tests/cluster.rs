@@ -490,6 +490,11 @@ async fn fetch_refusals(addr: &str, worker_state: &Path, file: &ModelFile) {
         code(client.fetch_weights(req(gate, 0, 300 << 20)).await),
         Code::InvalidArgument
     );
+    // The whole tensor holds the other worker's experts too: not this worker's to fetch.
+    assert_eq!(
+        code(client.fetch_weights(req(gate, 0, size)).await),
+        Code::PermissionDenied
+    );
     let mut wrong = req(gate, 0, 64);
     wrong.model_fingerprint = "fnv64:0000000000000000".into();
     assert_eq!(

@@ -155,6 +155,33 @@ fn list_gpus() -> Result<()> {
     Ok(())
 }
 
+/// The token ids of a chat turn rendered with the model's own template (which starts with
+/// BOS itself).
+pub fn chat_prompt(
+    mf: &ModelFile,
+    tokenizer: &engine::tokenizer::Tokenizer,
+    system: Option<&str>,
+    user: &str,
+) -> Result<Vec<u32>> {
+    let template = mf
+        .chat_template(tokenizer)?
+        .context("the model carries no chat template")?;
+    let mut msgs = Vec::new();
+    if let Some(s) = system {
+        msgs.push(ChatMessage::system(s.to_string()));
+    }
+    msgs.push(ChatMessage::user(user.to_string()));
+    let rendered = template.render(&msgs, true)?;
+    Ok(tokenizer.encode(&rendered, false)?)
+}
+
+/// The ids that end a generation: the model's end-of-sequence ids and the tokenizer's.
+pub fn stop_ids(mf: &ModelFile, tokenizer: &engine::tokenizer::Tokenizer) -> Vec<u32> {
+    let mut ids = mf.config.eos_ids.clone();
+    ids.extend(tokenizer.eos_id());
+    ids
+}
+
 /// Sets the CPU backend's thread count (once, before any work).
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
@@ -174,17 +201,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let prompt: Vec<u32> = match (&a.prompt, &a.token_ids) {
         (Some(text), None) => {
             if a.chat {
-                let template = mf
-                    .chat_template(&tokenizer)?
-                    .context("the model carries no chat template; drop --chat")?;
-                let mut msgs = Vec::new();
-                if let Some(s) = &a.system {
-                    msgs.push(ChatMessage::system(s.clone()));
-                }
-                msgs.push(ChatMessage::user(text.clone()));
-                let rendered = template.render(&msgs, true)?;
-                // The template already starts with BOS.
-                tokenizer.encode(&rendered, false)?
+                chat_prompt(&mf, &tokenizer, a.system.as_deref(), text)?
             } else {
                 let mut ids = Vec::new();
                 if let Some(b) = mf.config.bos_id.or(tokenizer.bos_id()) {
@@ -206,14 +223,11 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         .context("loading the experts")?;
     let capacity = prompt.len() + a.max_new_tokens + 1;
     let mut gpu = open_gpu(&a, &model, &experts, capacity)?;
-    let mut stop_ids = if a.ignore_eos {
+    let stop_ids = if a.ignore_eos {
         vec![]
     } else {
-        mf.config.eos_ids.clone()
+        stop_ids(&mf, &tokenizer)
     };
-    if !a.ignore_eos {
-        stop_ids.extend(tokenizer.eos_id());
-    }
     let req = GenerateRequest {
         prompt: prompt.clone(),
         max_new_tokens: a.max_new_tokens,

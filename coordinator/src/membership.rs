@@ -13,7 +13,7 @@
 //! the experts of lost workers. The cluster serves when every expert of the plan has a `Ready`
 //! holder.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::placement::{self, LayerExperts, Plan, PlanError, WorkerCapacity};
@@ -110,7 +110,7 @@ pub struct Membership {
     /// `owner[layer index in cfg.layers][expert]`, once planned.
     owner: Option<Vec<Vec<WorkerId>>>,
     serving: bool,
-    actions: Vec<Action>,
+    actions: VecDeque<Action>,
 }
 
 impl Membership {
@@ -122,7 +122,7 @@ impl Membership {
             generation: 0,
             owner: None,
             serving: false,
-            actions: Vec::new(),
+            actions: VecDeque::new(),
         }
     }
 
@@ -186,7 +186,7 @@ impl Membership {
             w.generation = self.generation;
             let experts = w.experts.clone();
             w.state = WorkerState::Loading { done: 0, total: 0 };
-            self.actions.push(Action::Assign {
+            self.actions.push_back(Action::Assign {
                 worker: id,
                 generation: self.generation,
                 experts,
@@ -245,11 +245,7 @@ impl Membership {
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
-        if self.actions.is_empty() {
-            None
-        } else {
-            Some(self.actions.remove(0))
-        }
+        self.actions.pop_front()
     }
 
     /// Experts of the plan whose holder is not `Ready`, per layer (what a request would miss).
@@ -277,7 +273,7 @@ impl Membership {
         if let Some(w) = self.workers.get_mut(&id) {
             if w.state != WorkerState::Lost {
                 w.state = WorkerState::Lost;
-                self.actions.push(Action::Lost {
+                self.actions.push_back(Action::Lost {
                     worker: id,
                     name: w.name.clone(),
                 });
@@ -312,7 +308,7 @@ impl Membership {
             .collect();
         match placement::plan(&self.cfg.layers, &caps) {
             Ok(plan) => self.adopt(&plan, &ids),
-            Err(e) => self.actions.push(Action::PlanFailed(e)),
+            Err(e) => self.actions.push_back(Action::PlanFailed(e)),
         }
     }
 
@@ -335,7 +331,7 @@ impl Membership {
         w.generation = self.generation;
         w.experts = experts.clone();
         w.state = WorkerState::Loading { done: 0, total: 0 };
-        self.actions.push(Action::Assign {
+        self.actions.push_back(Action::Assign {
             worker: id,
             generation: self.generation,
             experts,
@@ -374,7 +370,7 @@ impl Membership {
                 (w.id, w.memory.saturating_sub(used), w.speed)
             })
             .collect();
-        let mut changed: BTreeMap<WorkerId, ()> = BTreeMap::new();
+        let mut changed = std::collections::BTreeSet::new();
         for (l, os) in self.cfg.layers.iter().zip(owner.iter_mut()) {
             for o in os.iter_mut() {
                 if !lost.contains(o) {
@@ -388,11 +384,11 @@ impl Membership {
                 if let Some(f) = best {
                     f.1 -= l.expert_bytes;
                     *o = f.0;
-                    changed.insert(f.0, ());
+                    changed.insert(f.0);
                 }
             }
         }
-        for id in changed.into_keys() {
+        for id in changed {
             let experts = self.experts_of(id);
             self.send(id, experts);
         }
@@ -426,7 +422,7 @@ impl Membership {
         let serving = self.owner.is_some() && self.unavailable().is_empty();
         if serving != self.serving {
             self.serving = serving;
-            self.actions.push(Action::Serving(serving));
+            self.actions.push_back(Action::Serving(serving));
         }
     }
 }

@@ -425,10 +425,11 @@ fn argmax(l: &[f32]) -> u32 {
 }
 
 fn tempdir() -> Result<PathBuf> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let d = std::env::temp_dir().join(format!(
         "dsv3-bench-{}-{}",
         std::process::id(),
-        Instant::now().elapsed().as_nanos()
+        N.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&d)?;
     Ok(d)

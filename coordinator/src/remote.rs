@@ -84,8 +84,8 @@ impl WorkerStats {
 /// [`RemoteExperts`] (which reads it on every layer).
 #[derive(Default)]
 pub struct Routes {
-    /// Per model layer: the holder of each expert.
-    owners: RwLock<HashMap<u32, Arc<Vec<WorkerId>>>>,
+    /// Per model layer: the holder of each expert (as the index `dispatch::split` takes).
+    owners: RwLock<HashMap<u32, Arc<Vec<usize>>>>,
     /// Live data-plane connections of ready workers.
     conns: RwLock<HashMap<WorkerId, (String, quinn::Connection)>>,
     stats: RwLock<HashMap<WorkerId, Arc<WorkerStats>>>,
@@ -93,10 +93,10 @@ pub struct Routes {
 
 impl Routes {
     pub fn set_owners(&self, layer: u32, owners: Vec<WorkerId>) {
-        self.owners
-            .write()
-            .expect("routes lock")
-            .insert(layer, Arc::new(owners));
+        self.owners.write().expect("routes lock").insert(
+            layer,
+            Arc::new(owners.into_iter().map(|o| o as usize).collect()),
+        );
     }
 
     pub fn connect(&self, id: WorkerId, name: String, conn: quinn::Connection) {
@@ -131,7 +131,7 @@ impl Routes {
         self.stats.read().expect("routes lock").get(&id).cloned()
     }
 
-    fn owners(&self, layer: u32) -> Option<Arc<Vec<WorkerId>>> {
+    fn owners(&self, layer: u32) -> Option<Arc<Vec<usize>>> {
         self.owners
             .read()
             .expect("routes lock")
@@ -209,14 +209,11 @@ impl RemoteExperts {
             layer,
             detail: "no placement for this layer".into(),
         })?;
-        let owners_idx: Vec<usize> = owners.iter().map(|&o| o as usize).collect();
-        let mut batches =
-            dispatch::split(l, xs, self.cfg.hidden, routing, &owners_idx, self.cfg.dtype).map_err(
-                |e| ExpertError::Unavailable {
-                    layer,
-                    detail: e.to_string(),
-                },
-            )?;
+        let mut batches = dispatch::split(l, xs, self.cfg.hidden, routing, &owners, self.cfg.dtype)
+            .map_err(|e| ExpertError::Unavailable {
+                layer,
+                detail: e.to_string(),
+            })?;
         let (tx, rx) = mpsc::channel();
         let mut sent = 0;
         let mut unsent = Vec::new();

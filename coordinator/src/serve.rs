@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use coordinator::server::{Cluster, ClusterOptions, LocalWorker};
-use engine::chat::ChatMessage;
 use engine::generate::{generate, GenerateRequest};
 use engine::model::kv_cache::CacheType;
 use engine::model::ModelFile;
@@ -132,16 +131,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         let model2 = model.clone();
         let max_new = a.max_new_tokens;
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let template = mf2
-                .chat_template(&tokenizer)?
-                .context("the model carries no chat template")?;
-            let rendered = template.render(&[ChatMessage::user(prompt)], true)?;
-            let ids = tokenizer.encode(&rendered, false)?;
+            let ids = crate::chat_prompt(&mf2, &tokenizer, None, &prompt)?;
             if ids.is_empty() {
                 bail!("the prompt is empty");
             }
-            let mut stop_ids = mf2.config.eos_ids.clone();
-            stop_ids.extend(tokenizer.eos_id());
+            let stop_ids = crate::stop_ids(&mf2, &tokenizer);
             let req = GenerateRequest {
                 prompt: ids,
                 max_new_tokens: max_new,

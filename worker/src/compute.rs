@@ -78,9 +78,8 @@ impl Executor {
             .spawn(move || {
                 let mut scratch = MoeScratch::default();
                 let mut pairs = Vec::new();
-                let mut out = Vec::new();
                 while let Some((req, reply)) = rx.blocking_recv() {
-                    let r = compute(&experts, &req, &mut pairs, &mut out, &mut scratch);
+                    let r = compute(&experts, &req, &mut pairs, &mut scratch);
                     let _ = reply.send(r);
                 }
             })
@@ -111,7 +110,6 @@ fn compute(
     experts: &Compute,
     req: &ExpertRequest,
     pairs: &mut Vec<Pair>,
-    out: &mut Vec<f32>,
     scratch: &mut MoeScratch,
 ) -> Result<ExpertResult, ErrorFrame> {
     let err = |code, message: String| ErrorFrame {
@@ -140,10 +138,10 @@ fn compute(
         }
     }
     let t0 = std::time::Instant::now();
-    out.clear();
-    out.resize(req.xs.len(), 0.0);
+    // The answer's buffer leaves with the frame: one allocation, no copy.
+    let mut out = vec![0f32; req.xs.len()];
     experts
-        .eval_pairs(req.layer as usize, &req.xs, pairs, out, scratch)
+        .eval_pairs(req.layer as usize, &req.xs, pairs, &mut out, scratch)
         .map_err(|e| {
             let c = match e {
                 engine::model::moe::ExpertError::NotHeld { .. } => code::NOT_HELD,
@@ -157,6 +155,6 @@ fn compute(
         hidden: req.hidden,
         dtype: req.dtype,
         compute_us: t0.elapsed().as_micros().min(u32::MAX as u128) as u32,
-        ys: out.clone(),
+        ys: out,
     })
 }

@@ -49,17 +49,11 @@ enum Command {
     BenchCluster(netbench::ClusterBenchArgs),
 }
 
+/// What to generate and what to write out: `generate` and `serve --prompt` share these.
 #[derive(Args)]
-struct GenerateArgs {
-    /// A .gguf file (the first split of a split model) or a Hugging Face model directory.
-    #[arg(long)]
-    model: PathBuf,
-    /// Prompt text.
-    #[arg(
-        long,
-        conflicts_with = "token_ids",
-        required_unless_present = "token_ids"
-    )]
+pub struct PromptArgs {
+    /// Prompt text (BOS first; with --chat, rendered with the model's chat template).
+    #[arg(long, conflicts_with = "token_ids")]
     prompt: Option<String>,
     /// Render the prompt as a user message with the model's chat template.
     #[arg(long, requires = "prompt")]
@@ -84,9 +78,6 @@ struct GenerateArgs {
     min_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Worker threads for the CPU backend (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
     /// Latent KV cache precision: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     kv_cache: CacheType,
@@ -99,6 +90,18 @@ struct GenerateArgs {
     /// Keep generating after an end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A .gguf file (the first split of a split model) or a Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    p: PromptArgs,
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Backend: `auto` (a hardware GPU through wgpu if there is one, else the CPU; never a
     /// software adapter), `cpu`, or `wgpu`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "wgpu"])]
@@ -193,59 +196,129 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+impl PromptArgs {
+    /// Whether a prompt was given at all.
+    pub fn given(&self) -> bool {
+        self.prompt.is_some() || self.token_ids.is_some()
+    }
+
+    /// The prompt's token ids: `--token-ids` as given, or `--prompt` encoded (after BOS, or
+    /// rendered with the chat template with `--chat`).
+    pub fn prompt_ids(
+        &self,
+        mf: &ModelFile,
+        tokenizer: &engine::tokenizer::Tokenizer,
+    ) -> Result<Vec<u32>> {
+        let prompt: Vec<u32> = match (&self.prompt, &self.token_ids) {
+            (Some(text), None) => {
+                if self.chat {
+                    chat_prompt(mf, tokenizer, self.system.as_deref(), text)?
+                } else {
+                    let mut ids = Vec::new();
+                    if let Some(b) = mf.config.bos_id.or(tokenizer.bos_id()) {
+                        ids.push(b);
+                    }
+                    ids.extend(tokenizer.encode(text, false)?);
+                    ids
+                }
+            }
+            (None, Some(ids)) => ids.clone(),
+            _ => bail!("give --prompt or --token-ids"),
+        };
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        Ok(prompt)
+    }
+
+    /// Positions a sequence needs for `prompt` and the new tokens.
+    pub fn capacity(&self, prompt: &[u32]) -> usize {
+        prompt.len() + self.max_new_tokens + 1
+    }
+
+    /// The engine's request for `prompt` with these options.
+    pub fn request(
+        &self,
+        mf: &ModelFile,
+        tokenizer: &engine::tokenizer::Tokenizer,
+        prompt: Vec<u32>,
+    ) -> GenerateRequest {
+        GenerateRequest {
+            prompt,
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                seed: self.seed,
+            },
+            stop_ids: if self.ignore_eos {
+                vec![]
+            } else {
+                stop_ids(mf, tokenizer)
+            },
+            banned_ids: mf.unused_token_ids(),
+            force: self.force_ids.clone(),
+            keep_logits: self.logits_out.is_some(),
+            cache: self.kv_cache,
+        }
+    }
+
+    /// Runs `req` on `seq` with `routed`, streaming the text to stdout, then prints the timing
+    /// (stderr) and writes `--logits-out`.
+    pub fn run(
+        &self,
+        seq: &mut dyn SequenceModel,
+        routed: &dyn RoutedExperts,
+        tokenizer: &engine::tokenizer::Tokenizer,
+        req: &GenerateRequest,
+    ) -> Result<()> {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let vocab = seq.vocab_size();
+        let g = generate_on(seq, routed, tokenizer, req, |piece| {
+            // A closed stdout (e.g. `| head`) ends the stream quietly.
+            let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+        })?;
+        let _ = writeln!(out);
+        let (p, n) = (req.prompt.len(), g.tokens.len());
+        eprintln!(
+            "[{p} prompt tokens in {:.3}s ({:.1} tok/s); {n} generated in {:.3}s ({:.1} tok/s); finish: {:?}]",
+            g.prefill_secs,
+            p as f64 / g.prefill_secs.max(1e-9),
+            g.decode_secs,
+            n as f64 / g.decode_secs.max(1e-9),
+            g.finish
+        );
+        if let Some(dir) = &self.logits_out {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let logits = g.logits.as_deref().unwrap_or_default();
+            engine::npy::write(
+                &dir.join("logits.npy"),
+                &[logits.len() / vocab, vocab],
+                logits,
+            )?;
+            let ids: Vec<i64> = g.tokens.iter().map(|&t| t as i64).collect();
+            engine::npy::write(&dir.join("gen_ids.npy"), &[ids.len()], &ids)?;
+        }
+        Ok(())
+    }
+}
+
 fn run_generate(a: GenerateArgs) -> Result<()> {
     set_threads(a.threads)?;
     engine::tensor::set_int8_activations(a.int8_activations);
     let mf = ModelFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let tokenizer = mf.tokenizer().context("loading the tokenizer")?;
-    let prompt: Vec<u32> = match (&a.prompt, &a.token_ids) {
-        (Some(text), None) => {
-            if a.chat {
-                chat_prompt(&mf, &tokenizer, a.system.as_deref(), text)?
-            } else {
-                let mut ids = Vec::new();
-                if let Some(b) = mf.config.bos_id.or(tokenizer.bos_id()) {
-                    ids.push(b);
-                }
-                ids.extend(tokenizer.encode(text, false)?);
-                ids
-            }
-        }
-        (None, Some(ids)) => ids.clone(),
-        _ => bail!("give --prompt or --token-ids"),
-    };
-    if prompt.is_empty() {
-        bail!("the prompt is empty");
-    }
+    let prompt = a.p.prompt_ids(&mf, &tokenizer)?;
     let model = mf.load_model().context("loading the model")?;
     let experts = mf
         .load_experts(&ExpertFilter::All)
         .context("loading the experts")?;
-    let capacity = prompt.len() + a.max_new_tokens + 1;
+    let capacity = a.p.capacity(&prompt);
     let mut gpu = open_gpu(&a, &model, &experts, capacity)?;
-    let stop_ids = if a.ignore_eos {
-        vec![]
-    } else {
-        stop_ids(&mf, &tokenizer)
-    };
-    let req = GenerateRequest {
-        prompt: prompt.clone(),
-        max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            min_p: a.min_p,
-            seed: a.seed,
-        },
-        stop_ids,
-        banned_ids: mf.unused_token_ids(),
-        force: a.force_ids.clone(),
-        keep_logits: a.logits_out.is_some(),
-        cache: a.kv_cache,
-    };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    let req = a.p.request(&mf, &tokenizer, prompt);
     let mut cpu_seq;
     let (seq, routed): (&mut dyn SequenceModel, &dyn RoutedExperts) = match &mut gpu {
         Some((gm, ge)) => (
@@ -253,35 +326,11 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             ge.as_ref().map_or(&experts as &dyn RoutedExperts, |g| g),
         ),
         None => {
-            cpu_seq = CpuSequence::new(&model, a.kv_cache, capacity);
+            cpu_seq = CpuSequence::new(&model, a.p.kv_cache, capacity);
             (&mut cpu_seq, &experts)
         }
     };
-    let g = generate_on(seq, routed, &tokenizer, &req, |piece| {
-        // A closed stdout (e.g. `| head`) ends the stream quietly.
-        let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
-    })?;
-    let _ = writeln!(out);
-    let n = g.tokens.len();
-    eprintln!(
-        "[{} prompt tokens in {:.3}s ({:.1} tok/s); {} generated in {:.3}s ({:.1} tok/s); finish: {:?}]",
-        prompt.len(),
-        g.prefill_secs,
-        prompt.len() as f64 / g.prefill_secs.max(1e-9),
-        n,
-        g.decode_secs,
-        n as f64 / g.decode_secs.max(1e-9),
-        g.finish
-    );
-    if let Some(dir) = &a.logits_out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let v = model.cfg.vocab_size;
-        let logits = g.logits.as_deref().unwrap_or_default();
-        engine::npy::write(&dir.join("logits.npy"), &[logits.len() / v, v], logits)?;
-        let ids: Vec<i64> = g.tokens.iter().map(|&t| t as i64).collect();
-        engine::npy::write(&dir.join("gen_ids.npy"), &[ids.len()], &ids)?;
-    }
-    Ok(())
+    a.p.run(seq, routed, &tokenizer, &req)
 }
 
 /// The wgpu backend for `generate`, or `None` for the CPU: `--backend wgpu` opens the chosen
@@ -299,11 +348,11 @@ fn open_gpu(
         "wgpu" => false,
         _ => true,
     };
-    if a.kv_cache != CacheType::F32 {
+    if a.p.kv_cache != CacheType::F32 {
         if auto {
             eprintln!(
                 "[backend: cpu (the wgpu backend keeps an f32 cache; --kv-cache {:?} is CPU only)]",
-                a.kv_cache
+                a.p.kv_cache
             );
             return Ok(None);
         }

@@ -6,13 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use coordinator::server::{Cluster, ClusterOptions, LocalWorker};
-use engine::generate::{generate, GenerateRequest};
-use engine::model::kv_cache::CacheType;
+use engine::generate::CpuSequence;
 use engine::model::ModelFile;
-use engine::sampling::SamplingParams;
 use proto::wire::Dtype;
 
 #[derive(Args)]
@@ -46,11 +44,10 @@ pub struct ServeArgs {
     request_timeout: f64,
     #[arg(long)]
     threads: Option<usize>,
-    /// Once serving, answer this prompt (as a chat message) through the cluster and exit.
-    #[arg(long)]
-    prompt: Option<String>,
-    #[arg(long, default_value_t = 64)]
-    max_new_tokens: usize,
+    /// Once serving, run this prompt (`--prompt` or `--token-ids`, with the same options as
+    /// `generate`) through the cluster, print the text, write `--logits-out`, and exit.
+    #[command(flatten)]
+    p: crate::PromptArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -59,6 +56,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         ModelFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?,
     );
     let tokenizer = mf.tokenizer().context("loading the tokenizer")?;
+    // A bad prompt fails before any worker is waited for.
+    let prompt = match a.p.given() {
+        true => Some(a.p.prompt_ids(&mf, &tokenizer)?),
+        false => None,
+    };
     let model = Arc::new(mf.load_model().context("loading the model")?);
     let layout = mf.expert_layout().context("reading the expert layout")?;
     let total: u64 = layout.iter().map(|&(_, n, b)| n as u64 * b).sum();
@@ -105,6 +107,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     rt.block_on(async move {
         let cluster = Cluster::start(opts).await?;
         println!("join token: {}", cluster.token);
+        eprintln!("listening on {}", cluster.addr);
         eprintln!(
             "start workers with: worker --coordinator {} --join-token {} [--model <the same model file>]",
             cluster.addr, cluster.token
@@ -122,43 +125,20 @@ pub fn run(a: ServeArgs) -> Result<()> {
             );
         }
         eprintln!("serving: every expert is loaded");
-        let Some(prompt) = a.prompt.clone() else {
+        let Some(prompt) = prompt else {
             tokio::signal::ctrl_c().await?;
             return Ok(());
         };
         let experts = cluster.experts();
-        let mf2 = mf.clone();
-        let model2 = model.clone();
-        let max_new = a.max_new_tokens;
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let ids = crate::chat_prompt(&mf2, &tokenizer, None, &prompt)?;
-            if ids.is_empty() {
-                bail!("the prompt is empty");
-            }
-            let stop_ids = crate::stop_ids(&mf2, &tokenizer);
-            let req = GenerateRequest {
-                prompt: ids,
-                max_new_tokens: max_new,
-                sampling: SamplingParams::default(),
-                stop_ids,
-                banned_ids: mf2.unused_token_ids(),
-                force: None,
-                keep_logits: false,
-                cache: CacheType::F16,
-            };
-            let g = generate(&model2, experts.as_ref(), &tokenizer, &req, |piece| {
-                print!("{piece}");
-            })?;
-            println!();
-            eprintln!(
-                "[{} tokens in {:.2}s: {:.1} tok/s through the cluster]",
-                g.tokens.len(),
-                g.decode_secs,
-                g.tokens.len() as f64 / g.decode_secs.max(1e-9)
-            );
-            Ok(())
+        let result = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut seq = CpuSequence::new(&model, a.p.kv_cache, a.p.capacity(&prompt));
+            let req = a.p.request(&mf, &tokenizer, prompt);
+            a.p.run(&mut seq, experts.as_ref(), &tokenizer, &req)
         })
-        .await?
+        .await?;
+        // Keep the cluster up until the generation is over, then stop it.
+        drop(cluster);
+        result
     })
 }
 

@@ -89,6 +89,8 @@ pub struct Routes {
     /// Live data-plane connections of ready workers.
     conns: RwLock<HashMap<WorkerId, (String, quinn::Connection)>>,
     stats: RwLock<HashMap<WorkerId, Arc<WorkerStats>>>,
+    /// Names of the workers ever connected (kept after a disconnect, for error messages).
+    names: RwLock<HashMap<WorkerId, String>>,
 }
 
 impl Routes {
@@ -100,6 +102,10 @@ impl Routes {
     }
 
     pub fn connect(&self, id: WorkerId, name: String, conn: quinn::Connection) {
+        self.names
+            .write()
+            .expect("routes lock")
+            .insert(id, name.clone());
         self.conns
             .write()
             .expect("routes lock")
@@ -137,6 +143,14 @@ impl Routes {
             .expect("routes lock")
             .get(&layer)
             .cloned()
+    }
+
+    /// `worker <id> ("<name>")`, or without the name if it never connected.
+    fn describe(&self, id: WorkerId) -> String {
+        match self.names.read().expect("routes lock").get(&id) {
+            Some(n) => format!("worker {id} ({n:?})"),
+            None => format!("worker {id}"),
+        }
     }
 
     fn conn(&self, id: WorkerId) -> Option<(String, quinn::Connection)> {
@@ -224,7 +238,7 @@ impl RemoteExperts {
                 continue;
             }
             let Some((name, conn)) = self.routes.conn(wid) else {
-                unsent.push((i, format!("worker {wid} is not connected")));
+                unsent.push((i, format!("{} is not connected", self.routes.describe(wid))));
                 continue;
             };
             b.request.request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -242,7 +256,7 @@ impl RemoteExperts {
             let t0 = Instant::now();
             self.rt.spawn(async move {
                 let r = round_trip(&conn, &bytes, id).await;
-                let r = r.map_err(|e| format!("worker {name:?}: {e}"));
+                let r = r.map_err(|e| format!("worker {wid} ({name:?}): {e}"));
                 let dt = t0.elapsed();
                 match &r {
                     Ok(res) => {
@@ -373,7 +387,8 @@ impl RoutedExperts for RemoteExperts {
                             failed.push((
                                 i,
                                 format!(
-                                    "worker {wid} did not answer within {:?}",
+                                    "{} did not answer within {:?}",
+                                    self.routes.describe(wid),
                                     self.cfg.timeout
                                 ),
                             ));

@@ -853,3 +853,162 @@ fn serve_and_three_worker_processes_match_generate_on_a_hugging_face_checkpoint(
         BF16_WIRE_TOLERANCE,
     );
 }
+
+/// Greedy generation of `n` tokens after `prompt` through `experts` on a thread; `progress`
+/// counts the decode steps done (pieces of text streamed).
+fn generate_on_thread(
+    file: &Arc<ModelFile>,
+    model: &Arc<Model>,
+    experts: Arc<dyn RoutedExperts>,
+    prompt: &[u32],
+    n: usize,
+    progress: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::thread::JoinHandle<Result<Vec<u32>, engine::generate::GenerateError>> {
+    let (file, model, prompt) = (file.clone(), model.clone(), prompt.to_vec());
+    std::thread::spawn(move || {
+        let tokenizer = file.tokenizer().unwrap();
+        let req = engine::generate::GenerateRequest {
+            prompt,
+            max_new_tokens: n,
+            sampling: Default::default(),
+            stop_ids: vec![],
+            banned_ids: file.unused_token_ids(),
+            force: None,
+            keep_logits: false,
+            cache: CacheType::F32,
+        };
+        engine::generate::generate(&model, experts.as_ref(), &tokenizer, &req, |_| {
+            progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .map(|g| g.tokens)
+    })
+}
+
+/// A worker killed while a long generation runs through the cluster: the generation fails
+/// within seconds naming the missing experts, the coordinator stays up and shows the worker
+/// offline; the worker restarted from its state directory restores service, with the same
+/// tokens as before.
+#[test]
+fn a_worker_killed_mid_generation_fails_it_quickly_and_its_restart_restores_service() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(&path, &SynthSpec::tiny()).unwrap();
+    let file = Arc::new(ModelFile::open(&path).unwrap());
+    let model = Arc::new(file.load_model().unwrap());
+    let (rt, cluster) = start_cluster(
+        dir.path(),
+        &file,
+        &model.cfg,
+        2,
+        Duration::from_secs(2),
+        Duration::from_secs(3),
+        false,
+    );
+    let (addr, token) = (cluster.addr.to_string(), cluster.token.to_string());
+    let _w1 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w1"),
+        "w1",
+        HALF,
+    );
+    let w2 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w2"),
+        "w2",
+        HALF,
+    );
+    assert!(
+        rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
+        "the cluster never became ready: {:?}",
+        cluster.status()
+    );
+    let experts: Arc<dyn RoutedExperts> = cluster.experts();
+    let prompt = [0u32, 17, 300, 42, 7];
+    let short = |experts: &Arc<dyn RoutedExperts>| {
+        generate_on_thread(
+            &file,
+            &model,
+            experts.clone(),
+            &prompt,
+            24,
+            Default::default(),
+        )
+        .join()
+        .unwrap()
+    };
+    let before = short(&experts).expect("a generation through the cluster");
+    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
+    assert_eq!(
+        before,
+        short(&local).unwrap(),
+        "the cluster's tokens are one process's"
+    );
+
+    // A long generation; once it has produced some text, w2 dies.
+    let progress = Arc::new(AtomicUsize::new(0));
+    let long = generate_on_thread(
+        &file,
+        &model,
+        experts.clone(),
+        &prompt,
+        100_000,
+        progress.clone(),
+    );
+    let t0 = Instant::now();
+    while progress.load(Ordering::Relaxed) < 16 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the generation never got going"
+        );
+        assert!(!long.is_finished(), "the generation ended early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(w2);
+    let killed = Instant::now();
+    let err = long
+        .join()
+        .unwrap()
+        .expect_err("the generation survived the loss of w2");
+    let took = killed.elapsed();
+    eprintln!("generation failed {took:?} after the kill: {err}");
+    assert!(took < Duration::from_secs(15), "the failure took {took:?}");
+    let engine::generate::GenerateError::Forward(ForwardError::Experts(ExpertError::Unavailable {
+        detail,
+        ..
+    })) = &err
+    else {
+        panic!("{err:?}")
+    };
+    assert!(
+        detail.contains("\"w2\"") && detail.contains("experts ["),
+        "{detail}"
+    );
+
+    // The coordinator is up and shows w2 offline; w2 comes back and serving resumes with the
+    // same tokens.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = cluster.status();
+        let w = st.workers.iter().find(|w| w.name == "w2").unwrap();
+        if w.state == proto::control::WorkerState::Offline && !st.all_loaded {
+            break;
+        }
+        assert!(Instant::now() < deadline, "w2 never showed offline: {st:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _w2 = spawn_worker(&addr, None, &path, &dir.path().join("w2"), "w2", HALF);
+    assert!(
+        rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
+        "serving never resumed: {:?}",
+        cluster.status()
+    );
+    assert_eq!(
+        short(&experts).expect("a generation after the restart"),
+        before
+    );
+}

@@ -724,6 +724,7 @@ fn generate_through_processes(
     prompt: &[u32],
     wire: &str,
     stream: bool,
+    force: Option<&[u32]>,
 ) -> (Vec<u32>, Vec<f32>) {
     let file = ModelFile::open(model).unwrap();
     let layout = file.expert_layout().unwrap();
@@ -732,23 +733,24 @@ fn generate_through_processes(
     let expert_bytes = layout.iter().map(|&(_, _, b)| b).max().unwrap();
     let memory = format!("{:.9}", 28.5 * expert_bytes as f64 / (1u64 << 30) as f64);
     let out = dir.join(format!("serve-{wire}"));
-    let mut serve = Serve::start(
-        model,
-        &dir.join(format!("coordinator-{wire}")),
-        &[
-            "--min-workers".into(),
-            "3".into(),
-            "--wire".into(),
-            wire.into(),
-            "--token-ids".into(),
-            ids_arg(prompt),
-            "--max-new-tokens".into(),
-            NEW_TOKENS.to_string(),
-            "--ignore-eos".into(),
-            "--logits-out".into(),
-            out.display().to_string(),
-        ],
-    );
+    let mut args: Vec<String> = match force {
+        Some(ids) => vec!["--force-ids".into(), ids_arg(ids)],
+        None => vec![],
+    };
+    args.extend([
+        "--min-workers".into(),
+        "3".into(),
+        "--wire".into(),
+        wire.into(),
+        "--token-ids".into(),
+        ids_arg(prompt),
+        "--max-new-tokens".into(),
+        NEW_TOKENS.to_string(),
+        "--ignore-eos".into(),
+        "--logits-out".into(),
+        out.display().to_string(),
+    ]);
+    let mut serve = Serve::start(model, &dir.join(format!("coordinator-{wire}")), &args);
     let cache = dir.join(format!("cache-{wire}"));
     let _workers: Vec<Worker> = (1..=3)
         .map(|i| {
@@ -790,15 +792,17 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// f32 on the wire: the same greedy tokens and logits within 1e-3 of one process; bf16 on the
-/// wire: the same greedy tokens and logits within `bf16_tolerance`.
+/// f32 on the wire: the same greedy tokens and logits within 1e-3 of one process. bf16 on the
+/// wire, the decode steps teacher-forced with one process's tokens (so every row follows the
+/// same history): logits within `bf16_tolerance`.
 fn processes_match_one_process(model: &Path, reference: &str, stream: bool, bf16_tolerance: f32) {
     let dir = tempfile::tempdir().unwrap();
     let prompt = common::Reference::load(&common::data_dir().join("oracle").join(reference)).prompt;
     let (want_tokens, want) = generate_in_one_process(model, &prompt, &dir.path().join("one"));
     assert_eq!(want.len() % (prompt.len() + NEW_TOKENS), 0);
+    let vocab = want.len() / (prompt.len() + NEW_TOKENS);
 
-    let (tokens, got) = generate_through_processes(dir.path(), model, &prompt, "f32", stream);
+    let (tokens, got) = generate_through_processes(dir.path(), model, &prompt, "f32", stream, None);
     assert_eq!(
         tokens, want_tokens,
         "greedy tokens through the cluster (f32)"
@@ -810,15 +814,24 @@ fn processes_match_one_process(model: &Path, reference: &str, stream: bool, bf16
     );
     assert!(d < 1e-3, "f32 on the wire: logits differ by {d}");
 
-    let (tokens, got) = generate_through_processes(dir.path(), model, &prompt, "bf16", stream);
-    assert_eq!(
-        tokens, want_tokens,
-        "greedy tokens through the cluster (bf16)"
+    let (_, got) = generate_through_processes(
+        dir.path(),
+        model,
+        &prompt,
+        "bf16",
+        stream,
+        Some(&want_tokens),
     );
     let d = max_diff(&got, &want);
+    let agree = argmax_rows(&got, vocab)
+        .iter()
+        .zip(argmax_rows(&want, vocab))
+        .filter(|(a, b)| **a == *b)
+        .count();
     eprintln!(
-        "{}: bf16 on the wire: max logit difference {d}",
-        model.display()
+        "{}: bf16 on the wire: max logit difference {d}, argmax agrees on {agree} of {} rows",
+        model.display(),
+        want.len() / vocab
     );
     assert!(
         d > 0.0 && d < bf16_tolerance,
@@ -826,12 +839,14 @@ fn processes_match_one_process(model: &Path, reference: &str, stream: bool, bf16
     );
 }
 
-// bf16 on the wire rounds the hidden vectors and partial sums to 8 significant bits (2^-9
-// relative each way). On the `bg03` models (residual branches scaled by 0.3) that moves the
-// logits by 0.025 (Q8_0 GGUF) and 0.018 (HF bf16) at most over the 56 rows, and keeps every
-// greedy token: the bound is 0.05. (The `qlora` models without that scaling amplify any
-// rounding: there bf16 moves logits by about 4, the same order as llama.cpp's own distance to
-// the reference on that file, so they are not used for a tight bound.)
+// bf16 on the wire rounds the hidden vectors and every worker's partial sums to 8 significant
+// bits (2^-9 relative each way), so the result also depends on how the experts are split among
+// the workers (placement follows their measured speed). On the `bg03` models (residual branches
+// scaled by 0.3) that moved the logits by 0.018 to 0.025 at most over the 56 rows in our runs:
+// the bound is 0.05. Greedy tokens can flip where the top two logits are closer than that (one
+// run of the HF model did at step 10), so the bf16 runs are teacher-forced. (The `qlora` models
+// without that scaling amplify any rounding: there bf16 moves logits by about 4, the same order
+// as llama.cpp's own distance to the reference on that file, so they are not used here.)
 const BF16_WIRE_TOLERANCE: f32 = 0.05;
 
 #[test]

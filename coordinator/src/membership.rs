@@ -10,10 +10,22 @@
 //! (repair), so serving resumes without anyone restarting.
 //!
 //! Planning waits for `min_workers`; the first plan covers every expert, later changes only move
-//! the experts of lost workers. The cluster serves when every expert of the plan has a `Ready`
-//! holder.
+//! the experts of lost or drained workers.
+//!
+//! The plan (`owner`: who must hold each expert) and the routes (who answers for it now) differ
+//! while experts move: a worker keeps serving what it has loaded (`held`) while it loads a new
+//! assignment, so an expert is routed to its planned owner once that one holds it, and until
+//! then to another live worker that still holds it (a draining one). The cluster serves when
+//! every expert has a route to a live worker that holds it.
+//!
+//! Draining worker W (`handle_drain`): its experts are re-placed onto live workers with room (the
+//! same allocator as the repair of lost workers; refused, changing nothing, when they do not
+//! fit), those load them while W keeps serving, the routes switch to them as each is loaded,
+//! and once no route points at W (plus `drain_grace`, for requests already on the way) W is
+//! sent an empty assignment. It stays listed as `Draining` with no experts and never gets any
+//! again; when it disconnects or goes silent it leaves the membership.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::placement::{self, LayerExperts, Plan, PlanError, WorkerCapacity};
@@ -77,6 +89,36 @@ pub enum Action {
     PlanFailed(PlanError),
     /// The cluster's readiness changed.
     Serving(bool),
+    /// The routes changed: read them with [`Membership::layer_owners`].
+    Routes,
+    /// A draining worker disconnected or went silent and left the membership.
+    Left { worker: WorkerId, name: String },
+}
+
+/// Why a drain is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DrainError {
+    #[error("no worker {0}")]
+    Unknown(WorkerId),
+    #[error("worker {0:?} is offline: its experts are repaired as for any lost worker")]
+    Lost(String),
+    #[error(
+        "cannot drain worker {name:?}: the other workers lack {:.1} MiB of memory for its \
+         experts ({missing} bytes)",
+        *missing as f64 / (1u64 << 20) as f64
+    )]
+    NoRoom { name: String, missing: u64 },
+}
+
+/// Where a drain stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drain {
+    /// Its experts are loading elsewhere; some routes still point at it.
+    Moving,
+    /// No route points at it since then; it is told to drop its experts after the grace.
+    Released(Instant),
+    /// It was sent an empty assignment.
+    Done,
 }
 
 #[derive(Clone, Debug)]
@@ -91,6 +133,9 @@ pub struct Worker {
     pub generation: u64,
     /// The experts it is assigned, per layer.
     pub experts: Vec<(u32, Vec<u32>)>,
+    /// `(layer, expert)` it has loaded and serves: the experts of the last assignment it
+    /// reported loaded (it keeps serving them while it loads the next one).
+    pub held: BTreeSet<(u32, u32)>,
 }
 
 /// Membership settings.
@@ -100,6 +145,9 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     /// The MoE layers to place.
     pub layers: Vec<LayerExperts>,
+    /// How long a drained worker keeps its experts after no route points at it any more
+    /// (requests sent just before the switch are still answered).
+    pub drain_grace: Duration,
 }
 
 pub struct Membership {
@@ -107,8 +155,11 @@ pub struct Membership {
     workers: BTreeMap<WorkerId, Worker>,
     next_id: WorkerId,
     generation: u64,
-    /// `owner[layer index in cfg.layers][expert]`, once planned.
+    /// The plan: `owner[layer index in cfg.layers][expert]`, once planned.
     owner: Option<Vec<Vec<WorkerId>>>,
+    /// Who answers for each expert now (same shape as `owner`).
+    routes: Option<Vec<Vec<WorkerId>>>,
+    drains: BTreeMap<WorkerId, Drain>,
     serving: bool,
     actions: VecDeque<Action>,
 }
@@ -121,6 +172,8 @@ impl Membership {
             next_id: 1,
             generation: 0,
             owner: None,
+            routes: None,
+            drains: BTreeMap::new(),
             serving: false,
             actions: VecDeque::new(),
         }
@@ -142,16 +195,21 @@ impl Membership {
         self.owner.is_some()
     }
 
-    /// The holder of `expert` of model layer `layer`, if planned.
+    /// The planned holder of `expert` of model layer `layer`, if planned.
     pub fn owner(&self, layer: u32, expert: u32) -> Option<WorkerId> {
         let li = self.cfg.layers.iter().position(|l| l.layer == layer)?;
         self.owner.as_ref()?.get(li)?.get(expert as usize).copied()
     }
 
-    /// Owners of one model layer's experts (indexed by expert), if planned.
+    /// Who answers for each of one model layer's experts now (indexed by expert), if planned.
     pub fn layer_owners(&self, layer: u32) -> Option<&[WorkerId]> {
         let li = self.cfg.layers.iter().position(|l| l.layer == layer)?;
-        self.owner.as_ref().map(|o| o[li].as_slice())
+        self.routes.as_ref().map(|o| o[li].as_slice())
+    }
+
+    /// Whether `id` is draining (or drained).
+    pub fn is_draining(&self, id: WorkerId) -> bool {
+        self.drains.contains_key(&id)
     }
 
     /// A worker connected (first time, or again under the same name). Returns its id.
@@ -175,25 +233,25 @@ impl Membership {
             last_seen: now,
             generation: 0,
             experts: Vec::new(),
+            held: BTreeSet::new(),
         });
         w.memory = hello.memory;
         w.speed = hello.speed;
         w.last_seen = now;
-        w.state = WorkerState::Joining;
         // Whatever it had loaded before is gone from our point of view until it reports again.
-        if !w.experts.is_empty() {
-            self.generation += 1;
-            w.generation = self.generation;
+        w.held.clear();
+        let draining = self.drains.contains_key(&id);
+        w.state = if draining {
+            WorkerState::Draining
+        } else {
+            WorkerState::Joining
+        };
+        if !w.experts.is_empty() || draining {
             let experts = w.experts.clone();
-            w.state = WorkerState::Loading { done: 0, total: 0 };
-            self.actions.push_back(Action::Assign {
-                worker: id,
-                generation: self.generation,
-                experts,
-            });
+            self.send(id, experts);
         }
-        self.update_serving();
         self.maybe_plan();
+        self.settle(now);
         id
     }
 
@@ -203,27 +261,66 @@ impl Membership {
             return;
         };
         w.last_seen = now;
-        if w.state == WorkerState::Lost || w.state == WorkerState::Draining {
+        if w.state == WorkerState::Lost {
             return;
         }
         if w.generation != 0 && r.generation == w.generation {
-            w.state = if r.loaded {
-                WorkerState::Ready
-            } else {
-                WorkerState::Loading {
-                    done: r.done_bytes,
-                    total: r.total_bytes,
-                }
-            };
+            if r.loaded {
+                w.held = flatten(&w.experts);
+            }
+            if w.state != WorkerState::Draining {
+                w.state = if r.loaded {
+                    WorkerState::Ready
+                } else {
+                    WorkerState::Loading {
+                        done: r.done_bytes,
+                        total: r.total_bytes,
+                    }
+                };
+            }
         }
-        self.update_serving();
+        self.settle(now);
+    }
+
+    /// The operator drains `id`: its experts move to other workers with room while it keeps
+    /// serving them (see the module documentation). Refused, changing nothing, when the other
+    /// workers lack the memory; draining a draining worker again is accepted.
+    pub fn handle_drain(&mut self, now: Instant, id: WorkerId) -> Result<(), DrainError> {
+        let w = self.workers.get(&id).ok_or(DrainError::Unknown(id))?;
+        if self.drains.contains_key(&id) {
+            return Ok(());
+        }
+        if w.state == WorkerState::Lost {
+            return Err(DrainError::Lost(w.name.clone()));
+        }
+        let name = w.name.clone();
+        // Draining: so the allocator gives it nothing.
+        let before = std::mem::replace(
+            &mut self.workers.get_mut(&id).expect("known worker").state,
+            WorkerState::Draining,
+        );
+        let moved = self.replace(&BTreeSet::from([id]));
+        if let Some((owner, targets, missing)) = moved {
+            if missing > 0 {
+                self.workers.get_mut(&id).expect("known worker").state = before;
+                return Err(DrainError::NoRoom { name, missing });
+            }
+            self.owner = Some(owner);
+            for t in targets {
+                let experts = self.experts_of(t);
+                self.send(t, experts);
+            }
+        }
+        self.drains.insert(id, Drain::Moving);
+        self.settle(now);
+        Ok(())
     }
 
     /// The worker's connection closed, or the data plane found it unreachable.
-    pub fn handle_disconnect(&mut self, _now: Instant, id: WorkerId) {
+    pub fn handle_disconnect(&mut self, now: Instant, id: WorkerId) {
         self.mark_lost(id);
         self.repair();
-        self.update_serving();
+        self.settle(now);
     }
 
     /// Time passes: workers silent for longer than the timeout are lost.
@@ -241,26 +338,23 @@ impl Membership {
             self.mark_lost(id);
         }
         self.repair();
-        self.update_serving();
+        self.settle(now);
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
 
-    /// Experts of the plan whose holder is not `Ready`, per layer (what a request would miss).
+    /// Experts of the plan without a live worker that holds them, per layer (what a request
+    /// would miss).
     pub fn unavailable(&self) -> Vec<(u32, Vec<u32>)> {
-        let Some(owner) = &self.owner else {
+        let Some(routes) = &self.routes else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for (l, os) in self.cfg.layers.iter().zip(owner) {
-            let missing: Vec<u32> = (0..os.len() as u32)
-                .filter(|&e| {
-                    self.workers
-                        .get(&os[e as usize])
-                        .is_none_or(|w| w.state != WorkerState::Ready)
-                })
+        for (l, rs) in self.cfg.layers.iter().zip(routes) {
+            let missing: Vec<u32> = (0..rs.len() as u32)
+                .filter(|&e| !self.holds(rs[e as usize], l.layer, e))
                 .collect();
             if !missing.is_empty() {
                 out.push((l.layer, missing));
@@ -269,7 +363,24 @@ impl Membership {
         out
     }
 
+    /// Whether `id` is live and serves `expert` of `layer`.
+    fn holds(&self, id: WorkerId, layer: u32, expert: u32) -> bool {
+        self.workers
+            .get(&id)
+            .is_some_and(|w| w.state != WorkerState::Lost && w.held.contains(&(layer, expert)))
+    }
+
     fn mark_lost(&mut self, id: WorkerId) {
+        if self.drains.remove(&id).is_some() {
+            // It was leaving anyway and its experts are planned elsewhere: it leaves now.
+            if let Some(w) = self.workers.remove(&id) {
+                self.actions.push_back(Action::Left {
+                    worker: id,
+                    name: w.name,
+                });
+            }
+            return;
+        }
         if let Some(w) = self.workers.get_mut(&id) {
             if w.state != WorkerState::Lost {
                 w.state = WorkerState::Lost;
@@ -329,8 +440,13 @@ impl Membership {
         self.generation += 1;
         let w = self.workers.get_mut(&id).expect("known worker");
         w.generation = self.generation;
+        // It keeps serving what it holds while it loads, but drops what it is no longer given.
+        let new = flatten(&experts);
+        w.held.retain(|x| new.contains(x));
         w.experts = experts.clone();
-        w.state = WorkerState::Loading { done: 0, total: 0 };
+        if w.state != WorkerState::Draining {
+            w.state = WorkerState::Loading { done: 0, total: 0 };
+        }
         self.actions.push_back(Action::Assign {
             worker: id,
             generation: self.generation,
@@ -340,10 +456,7 @@ impl Membership {
 
     /// Moves the experts of lost workers onto live workers with free memory (by speed).
     fn repair(&mut self) {
-        let Some(owner) = self.owner.as_mut() else {
-            return;
-        };
-        let lost: Vec<WorkerId> = self
+        let lost: BTreeSet<WorkerId> = self
             .workers
             .values()
             .filter(|w| w.state == WorkerState::Lost)
@@ -352,11 +465,37 @@ impl Membership {
         if lost.is_empty() {
             return;
         }
+        let Some((owner, changed, _)) = self.replace(&lost) else {
+            return;
+        };
+        self.owner = Some(owner);
+        for id in changed {
+            let experts = self.experts_of(id);
+            self.send(id, experts);
+        }
+        // Forget the experts of lost workers that were moved away.
+        for id in lost {
+            let experts = self.experts_of(id);
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.experts = experts;
+            }
+        }
+    }
+
+    /// The plan with the experts of `from` moved onto live workers with free memory (the one
+    /// with the most free memory times speed first), the workers that got experts, and the
+    /// bytes of the experts that found no room (they stay where they were); `None` if nothing
+    /// is planned yet.
+    fn replace(
+        &self,
+        from: &BTreeSet<WorkerId>,
+    ) -> Option<(Vec<Vec<WorkerId>>, BTreeSet<WorkerId>, u64)> {
+        let mut owner = self.owner.clone()?;
         // Free memory of the live workers.
         let mut free: Vec<(WorkerId, u64, f64)> = self
-            .workers
-            .values()
-            .filter(|w| !matches!(w.state, WorkerState::Lost | WorkerState::Draining))
+            .live()
+            .iter()
+            .filter(|w| !from.contains(&w.id))
             .map(|w| {
                 let used: u64 = self
                     .cfg
@@ -370,35 +509,28 @@ impl Membership {
                 (w.id, w.memory.saturating_sub(used), w.speed)
             })
             .collect();
-        let mut changed = std::collections::BTreeSet::new();
+        let mut changed = BTreeSet::new();
+        let mut missing = 0;
         for (l, os) in self.cfg.layers.iter().zip(owner.iter_mut()) {
             for o in os.iter_mut() {
-                if !lost.contains(o) {
+                if !from.contains(o) {
                     continue;
                 }
-                // The live worker with room and the most speed per expert already taken.
                 let best = free
                     .iter_mut()
                     .filter(|f| f.1 >= l.expert_bytes)
                     .max_by(|a, b| (a.1 as f64 * a.2).total_cmp(&(b.1 as f64 * b.2)));
-                if let Some(f) = best {
-                    f.1 -= l.expert_bytes;
-                    *o = f.0;
-                    changed.insert(f.0);
+                match best {
+                    Some(f) => {
+                        f.1 -= l.expert_bytes;
+                        *o = f.0;
+                        changed.insert(f.0);
+                    }
+                    None => missing += l.expert_bytes,
                 }
             }
         }
-        for id in changed {
-            let experts = self.experts_of(id);
-            self.send(id, experts);
-        }
-        // Forget the experts of lost workers that were moved away.
-        for id in lost {
-            let experts = self.experts_of(id);
-            if let Some(w) = self.workers.get_mut(&id) {
-                w.experts = experts;
-            }
-        }
+        Some((owner, changed, missing))
     }
 
     fn experts_of(&self, id: WorkerId) -> Vec<(u32, Vec<u32>)> {
@@ -418,13 +550,72 @@ impl Membership {
             .collect()
     }
 
-    fn update_serving(&mut self) {
+    /// After every event: recompute the routes, move drains along, update readiness.
+    fn settle(&mut self, now: Instant) {
+        let routes = self.compute_routes();
+        if routes != self.routes {
+            self.routes = routes;
+            self.actions.push_back(Action::Routes);
+        }
+        let drains: Vec<(WorkerId, Drain)> = self.drains.iter().map(|(&k, &v)| (k, v)).collect();
+        for (id, phase) in drains {
+            let routed = self.routes.iter().flatten().flatten().any(|&r| r == id);
+            let phase = match phase {
+                Drain::Moving if !routed => Drain::Released(now),
+                p => p,
+            };
+            let phase = match phase {
+                Drain::Released(t) if now.saturating_duration_since(t) >= self.cfg.drain_grace => {
+                    self.send(id, Vec::new());
+                    Drain::Done
+                }
+                p => p,
+            };
+            self.drains.insert(id, phase);
+        }
         let serving = self.owner.is_some() && self.unavailable().is_empty();
         if serving != self.serving {
             self.serving = serving;
             self.actions.push_back(Action::Serving(serving));
         }
     }
+
+    /// Each expert's planned owner if it holds the expert, else a live worker that still
+    /// holds it, else the owner (a request fails there, naming it).
+    fn compute_routes(&self) -> Option<Vec<Vec<WorkerId>>> {
+        let owner = self.owner.as_ref()?;
+        Some(
+            self.cfg
+                .layers
+                .iter()
+                .zip(owner)
+                .map(|(l, os)| {
+                    os.iter()
+                        .enumerate()
+                        .map(|(e, &o)| {
+                            let e = e as u32;
+                            if self.holds(o, l.layer, e) {
+                                return o;
+                            }
+                            self.workers
+                                .keys()
+                                .copied()
+                                .find(|&w| self.holds(w, l.layer, e))
+                                .unwrap_or(o)
+                        })
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+}
+
+/// `(layer, expert)` pairs of a per-layer list.
+fn flatten(experts: &[(u32, Vec<u32>)]) -> BTreeSet<(u32, u32)> {
+    experts
+        .iter()
+        .flat_map(|(l, es)| es.iter().map(move |&e| (*l, e)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -443,6 +634,7 @@ mod tests {
                     n_groups: 2,
                 })
                 .collect(),
+            drain_grace: Duration::from_millis(500),
         }
     }
 
@@ -480,7 +672,8 @@ mod tests {
         assert!(drain(&mut m).is_empty(), "one worker of two: no plan yet");
         let b = m.handle_hello(t0, hello("b", 1000));
         let acts = drain(&mut m);
-        assert_eq!(acts.len(), 2);
+        assert_eq!(acts.len(), 3);
+        assert_eq!(acts[2], Action::Routes);
         let Action::Assign {
             worker, experts, ..
         } = &acts[0]
@@ -599,5 +792,193 @@ mod tests {
             "{acts:?}"
         );
         assert!(!m.is_planned());
+    }
+
+    /// Three workers with room for 12 of the 16 experts each, all loaded.
+    fn three_ready(t0: Instant) -> (Membership, [WorkerId; 3]) {
+        let mut m = Membership::new(cfg(3));
+        let ids = ["a", "b", "c"].map(|n| m.handle_hello(t0, hello(n, 120)));
+        for id in ids {
+            ready(&mut m, t0, id);
+        }
+        assert!(m.is_serving());
+        drain(&mut m);
+        (m, ids)
+    }
+
+    fn routed_to(m: &Membership, id: WorkerId) -> usize {
+        [1, 2]
+            .iter()
+            .map(|&l| {
+                m.layer_owners(l)
+                    .unwrap()
+                    .iter()
+                    .filter(|&&o| o == id)
+                    .count()
+            })
+            .sum()
+    }
+
+    fn assigned(acts: &[Action], id: WorkerId) -> Option<Vec<(u32, Vec<u32>)>> {
+        acts.iter().rev().find_map(|a| match a {
+            Action::Assign {
+                worker, experts, ..
+            } if *worker == id => Some(experts.clone()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_drained_worker_keeps_serving_until_its_experts_are_loaded_elsewhere() {
+        let t0 = Instant::now();
+        let (mut m, [a, b, c]) = three_ready(t0);
+        let held_b = routed_to(&m, b);
+        assert!(held_b > 0);
+        m.handle_drain(t0, b).unwrap();
+        assert_eq!(m.worker(b).unwrap().state, WorkerState::Draining);
+        assert!(m.is_draining(b));
+        let acts = drain(&mut m);
+        // The others get bigger assignments (their own experts plus some of b's); b is not
+        // told anything yet and still answers for its experts.
+        let (na, nc) = (assigned(&acts, a).unwrap(), assigned(&acts, c).unwrap());
+        let count = |x: &[(u32, Vec<u32>)]| x.iter().map(|e| e.1.len()).sum::<usize>();
+        assert_eq!(count(&na) + count(&nc), 16);
+        assert!(count(&na) <= 12 && count(&nc) <= 12);
+        assert!(assigned(&acts, b).is_none(), "{acts:?}");
+        assert_eq!(routed_to(&m, b), held_b);
+        assert!(m.is_serving(), "no gap while the others load");
+        assert_eq!(m.owner(1, 0).map(|o| o != b), Some(true));
+        assert_eq!(
+            m.workers()
+                .filter(|w| w.state == WorkerState::Ready)
+                .count(),
+            0,
+            "a and c are loading"
+        );
+
+        // a has loaded: the routes of its new experts switch to it, b keeps c's share.
+        ready(&mut m, t0, a);
+        let acts = drain(&mut m);
+        assert_eq!(acts, vec![Action::Routes]);
+        let left = routed_to(&m, b);
+        assert!(left > 0 && left < held_b);
+        assert!(m.is_serving());
+
+        // c has loaded: nothing routes to b; after the grace b is told it holds nothing.
+        let t1 = t0 + Duration::from_millis(100);
+        ready(&mut m, t1, c);
+        assert_eq!(drain(&mut m), vec![Action::Routes]);
+        assert_eq!(routed_to(&m, b), 0);
+        m.handle_tick(t1 + Duration::from_millis(400));
+        assert!(drain(&mut m).is_empty(), "within the grace");
+        m.handle_tick(t1 + Duration::from_millis(500));
+        let acts = drain(&mut m);
+        assert_eq!(assigned(&acts, b), Some(vec![]), "{acts:?}");
+        assert_eq!(acts.len(), 1);
+        ready(&mut m, t1, b);
+        let w = m.worker(b).unwrap();
+        assert_eq!(w.state, WorkerState::Draining);
+        assert!(w.experts.is_empty() && w.held.is_empty());
+        assert!(m.is_serving());
+        assert!(m.unavailable().is_empty());
+
+        // Draining again is accepted and changes nothing; a hello gives it nothing.
+        m.handle_drain(t1, b).unwrap();
+        m.handle_hello(t1, hello("b", 120));
+        assert_eq!(assigned(&drain(&mut m), b), Some(vec![]));
+        assert_eq!(m.worker(b).unwrap().state, WorkerState::Draining);
+        assert_eq!(routed_to(&m, b), 0);
+
+        // When it goes away it leaves the membership.
+        m.handle_disconnect(t1, b);
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::Left {
+                worker: b,
+                name: "b".into()
+            }]
+        );
+        assert!(m.worker(b).is_none());
+        assert!(m.is_serving());
+    }
+
+    #[test]
+    fn a_drain_without_room_elsewhere_is_refused_and_changes_nothing() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(cfg(2));
+        // a has room for 2 more experts; b's 8 need 80 bytes, 60 are missing.
+        let a = m.handle_hello(t0, hello("a", 100));
+        let b = m.handle_hello(t0, hello("b", 80));
+        ready(&mut m, t0, a);
+        ready(&mut m, t0, b);
+        drain(&mut m);
+        let before: Vec<Vec<WorkerId>> = [1, 2]
+            .iter()
+            .map(|&l| m.layer_owners(l).unwrap().to_vec())
+            .collect();
+        assert_eq!(
+            m.handle_drain(t0, b),
+            Err(DrainError::NoRoom {
+                name: "b".into(),
+                missing: 60
+            })
+        );
+        let msg = m.handle_drain(t0, b).unwrap_err().to_string();
+        assert!(msg.contains("60 bytes"), "{msg}");
+        assert!(drain(&mut m).is_empty());
+        assert_eq!(m.worker(b).unwrap().state, WorkerState::Ready);
+        assert!(!m.is_draining(b));
+        for (i, &l) in [1, 2].iter().enumerate() {
+            assert_eq!(m.layer_owners(l).unwrap(), &before[i][..]);
+            assert!((0..8).all(|e| m.owner(l, e) == Some(before[i][e as usize])));
+        }
+        assert_eq!(m.handle_drain(t0, 99), Err(DrainError::Unknown(99)));
+        m.handle_disconnect(t0, a);
+        assert!(matches!(m.handle_drain(t0, a), Err(DrainError::Lost(_))));
+    }
+
+    #[test]
+    fn a_draining_worker_lost_before_the_others_loaded_leaves_at_once() {
+        let t0 = Instant::now();
+        let (mut m, [a, b, c]) = three_ready(t0);
+        m.handle_drain(t0, b).unwrap();
+        drain(&mut m);
+        m.handle_disconnect(t0, b);
+        let acts = drain(&mut m);
+        assert!(
+            acts.contains(&Action::Left {
+                worker: b,
+                name: "b".into()
+            }) && acts.contains(&Action::Serving(false)),
+            "{acts:?}"
+        );
+        assert!(m.worker(b).is_none());
+        ready(&mut m, t0, a);
+        ready(&mut m, t0, c);
+        assert!(m.is_serving());
+        assert_eq!(routed_to(&m, a) + routed_to(&m, c), 16);
+    }
+
+    #[test]
+    fn a_worker_loading_a_bigger_assignment_still_serves_what_it_holds() {
+        let t0 = Instant::now();
+        let (mut m, [a, b, c]) = three_ready(t0);
+        let held_b = routed_to(&m, b);
+        // b is lost; its experts go to a and c, which keep serving their own meanwhile: only
+        // b's experts are missing.
+        m.handle_disconnect(t0, b);
+        let acts = drain(&mut m);
+        assert!(assigned(&acts, a).is_some() && assigned(&acts, c).is_some());
+        assert!(matches!(
+            m.worker(a).unwrap().state,
+            WorkerState::Loading { .. }
+        ));
+        let missing: usize = m.unavailable().iter().map(|(_, es)| es.len()).sum();
+        assert_eq!(missing, held_b);
+        assert!(!m.is_serving());
+        ready(&mut m, t0, a);
+        ready(&mut m, t0, c);
+        assert!(m.is_serving());
+        assert_eq!(routed_to(&m, b), 0);
     }
 }

@@ -21,12 +21,16 @@ use proto::wire::Dtype;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::membership::{self, Action, Membership, Report, WorkerId};
+use crate::membership::{self, Action, DrainError, Membership, Report, WorkerId};
 use crate::placement::LayerExperts;
 use crate::remote::{RemoteConfig, RemoteExperts, Routes};
 
 /// Heartbeat period asked of workers.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// How long a drained worker keeps its experts after the routes left it (requests already on
+/// their way are still answered).
+pub const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 /// What the cluster side needs to start.
 pub struct ClusterOptions {
@@ -86,7 +90,6 @@ struct Shared {
     membership: Mutex<Membership>,
     info: Mutex<HashMap<WorkerId, WorkerInfo>>,
     assignments: Mutex<HashMap<WorkerId, watch::Sender<Option<control::Assignment>>>>,
-    drain: Mutex<std::collections::HashSet<WorkerId>>,
     routes: Arc<Routes>,
     serving: watch::Sender<bool>,
     data_port: u16,
@@ -156,6 +159,7 @@ impl Cluster {
             min_workers: opts.min_workers,
             heartbeat_timeout: opts.heartbeat_timeout,
             layers,
+            drain_grace: DRAIN_GRACE,
         });
         let local = opts.local.as_ref().map(|l| {
             let id = membership.handle_hello(
@@ -215,7 +219,6 @@ impl Cluster {
             membership: Mutex::new(membership),
             info: Mutex::new(HashMap::new()),
             assignments: Mutex::new(HashMap::new()),
-            drain: Mutex::new(Default::default()),
             routes,
             serving: watch::channel(false).0,
             data_port: addr.port(),
@@ -322,7 +325,6 @@ async fn drive(shared: Arc<Shared>) {
 }
 
 fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
-    let mut replan = false;
     for a in actions {
         match a {
             Action::Assign {
@@ -330,7 +332,6 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
                 generation,
                 experts,
             } => {
-                replan = true;
                 if let Some((id, st)) = &shared.local {
                     if *id == worker {
                         *st.lock().expect("local lock") = (generation, false);
@@ -364,6 +365,25 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
                 tracing::warn!("worker {worker} ({name}) lost: its experts are unavailable");
                 let _ = shared.routes.disconnect(worker, None);
             }
+            Action::Left { worker, name } => {
+                tracing::info!("worker {worker} ({name}) was drained and has left");
+                let _ = shared.routes.disconnect(worker, None);
+                shared.info.lock().expect("info lock").remove(&worker);
+                // Ends its assignment stream.
+                shared
+                    .assignments
+                    .lock()
+                    .expect("assignments lock")
+                    .remove(&worker);
+            }
+            Action::Routes => {
+                let m = shared.membership.lock().expect("membership lock");
+                for &(layer, _, _) in &shared.opts.layout {
+                    if let Some(o) = m.layer_owners(layer as u32) {
+                        shared.routes.set_owners(layer as u32, o.to_vec());
+                    }
+                }
+            }
             Action::PlanFailed(e) => tracing::error!("cannot place the experts: {e}"),
             Action::Serving(s) => {
                 if s {
@@ -372,14 +392,6 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
                     tracing::warn!("some experts are unavailable: requests will fail");
                 }
                 shared.serving.send_replace(s);
-            }
-        }
-    }
-    if replan {
-        let m = shared.membership.lock().expect("membership lock");
-        for &(layer, _, _) in &shared.opts.layout {
-            if let Some(o) = m.layer_owners(layer as u32) {
-                shared.routes.set_owners(layer as u32, o.to_vec());
             }
         }
     }
@@ -668,7 +680,6 @@ impl grpc::Control for Service {
                 served: 0,
             },
         );
-        self.0.drain.lock().expect("drain lock").remove(&id);
         apply(&self.0, actions);
         tracing::info!(
             "worker {id} ({name}) says hello: {:.1} GiB, {:.1} GB/s",
@@ -712,7 +723,7 @@ impl grpc::Control for Service {
         let claimed = req.get_ref().worker_id;
         let id = self.caller(&req, Some(claimed))?;
         let hb = control::Heartbeat::try_from(req.into_inner()).map_err(bad)?;
-        let actions = {
+        let (actions, drain) = {
             let mut m = self.0.membership.lock().expect("membership lock");
             if m.worker(id)
                 .is_some_and(|w| w.state == membership::WorkerState::Lost)
@@ -728,18 +739,22 @@ impl grpc::Control for Service {
                 id,
                 Report {
                     generation: hb.generation,
-                    loaded: hb.state == control::WorkerState::Ready,
+                    // A draining worker reports `Draining` once its assignment is loaded.
+                    loaded: matches!(
+                        hb.state,
+                        control::WorkerState::Ready | control::WorkerState::Draining
+                    ),
                     done_bytes: hb.load_done_bytes,
                     total_bytes: hb.load_total_bytes,
                 },
             );
-            std::iter::from_fn(|| m.poll_action()).collect()
+            let acts: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
+            (acts, m.is_draining(id))
         };
         if let Some(i) = self.0.info.lock().expect("info lock").get_mut(&id) {
             i.served = hb.served_requests;
         }
         apply(&self.0, actions);
-        let drain = self.0.drain.lock().expect("drain lock").contains(&id);
         Ok(Response::new(
             control::HeartbeatReply {
                 interval: HEARTBEAT,
@@ -848,16 +863,23 @@ impl grpc::Control for Service {
             ));
         }
         let id = req.into_inner().worker_id;
-        let known = self
-            .0
-            .membership
-            .lock()
-            .expect("membership lock")
-            .worker(id)
-            .is_some();
-        if known {
-            self.0.drain.lock().expect("drain lock").insert(id);
+        let (result, actions) = {
+            let mut m = self.0.membership.lock().expect("membership lock");
+            let r = m.handle_drain(Instant::now(), id);
+            let acts: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
+            (r, acts)
+        };
+        apply(&self.0, actions);
+        match result {
+            Ok(()) => {
+                tracing::info!("draining worker {id}");
+                Ok(Response::new(pb::DrainReply { accepted: true }))
+            }
+            Err(e @ DrainError::Unknown(_)) => Err(Status::not_found(e.to_string())),
+            Err(e) => {
+                tracing::warn!("refused to drain worker {id}: {e}");
+                Err(Status::failed_precondition(e.to_string()))
+            }
         }
-        Ok(Response::new(pb::DrainReply { accepted: known }))
     }
 }

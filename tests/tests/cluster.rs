@@ -771,7 +771,7 @@ fn generate_through_processes(
     if stream {
         let files = walk_files(&cache);
         assert!(
-            !files.is_empty() && files.len() % 3 == 0,
+            !files.is_empty() && files.len().is_multiple_of(3),
             "the streaming worker cached {files:?}"
         );
     }
@@ -1026,4 +1026,164 @@ fn a_worker_killed_mid_generation_fails_it_quickly_and_its_restart_restores_serv
         short(&experts).expect("a generation after the restart"),
         before
     );
+}
+
+/// A gRPC client of the cluster at `addr` with `identity`.
+async fn client_as(addr: &str, identity: &proto::trust::Identity) -> proto::control::Client {
+    use proto::trust::{self, Trust};
+    let tls = trust::client_config(Some(identity), Trust::Ca(identity.ca_pem.clone())).unwrap();
+    proto::control::Client::new(trust::connect(addr, Arc::new(tls)).await.unwrap())
+}
+
+/// Draining one of three workers while requests keep coming: its experts move to the two
+/// others (room for 40 experts each), every forward pass in the meantime succeeds with the
+/// same logits, and the drained worker ends with no experts and no more requests. Draining
+/// another one then is refused: the last worker lacks the memory.
+#[test]
+fn a_drained_worker_hands_its_experts_over_without_a_gap() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(&path, &SynthSpec::tiny()).unwrap();
+    let file = Arc::new(ModelFile::open(&path).unwrap());
+    let model = Arc::new(file.load_model().unwrap());
+    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
+    let tokens: Vec<u32> = vec![1, 17, 300, 42, 7, 999, 5, 64];
+    let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
+    let (rt, cluster) = start_cluster(
+        dir.path(),
+        &file,
+        &model.cfg,
+        3,
+        Duration::from_secs(3),
+        Duration::from_secs(5),
+        false,
+    );
+    let (addr, token) = (cluster.addr.to_string(), cluster.token.to_string());
+    let room = format!("{:.9}", 40.5 * EXPERT_BYTES as f64 / (1u64 << 30) as f64);
+    let _workers: Vec<Worker> = ["w1", "w2", "w3"]
+        .iter()
+        .map(|n| spawn_worker(&addr, Some(&token), &path, &dir.path().join(n), n, &room))
+        .collect();
+    assert!(
+        rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
+        "the cluster never became ready: {:?}",
+        cluster.status()
+    );
+    let st = cluster.status();
+    let w3 = st.workers.iter().find(|w| w.name == "w3").unwrap().clone();
+    assert!(w3.experts_held > 0, "{st:?}");
+    let experts: Arc<dyn RoutedExperts> = cluster.experts();
+
+    // Forward passes run back to back for the whole drain.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (model, experts, tokens, stop) =
+            (model.clone(), experts.clone(), tokens.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut cache = model.new_cache(CacheType::F32, 64);
+            let mut ws = Workspace::default();
+            let mut outs = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                cache.truncate(0);
+                let r = model.forward(&tokens, &mut cache, experts.as_ref(), &mut ws, Logits::All);
+                outs.push(r.map(|l| l.to_vec()));
+            }
+            outs
+        })
+    };
+
+    // Only the operator may drain: a worker's certificate is refused.
+    let worker_id = proto::trust::Identity::load(&dir.path().join("w1")).unwrap();
+    let operator = proto::trust::ClusterCa::load_or_create(&dir.path().join("coordinator"))
+        .unwrap()
+        .coordinator_identity(&[])
+        .unwrap();
+    let refused = rt.block_on(async {
+        let mut c = client_as(&addr, &worker_id).await;
+        c.drain(w3.id).await.unwrap_err()
+    });
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    std::thread::sleep(Duration::from_millis(200));
+    let accepted = rt.block_on(async {
+        let mut c = client_as(&addr, &operator).await;
+        c.drain(w3.id).await.unwrap()
+    });
+    assert!(accepted);
+
+    // w3 shows draining, then holds nothing.
+    let t0 = Instant::now();
+    let mut seen_draining = false;
+    loop {
+        let st = cluster.status();
+        let w = st.workers.iter().find(|w| w.name == "w3").unwrap();
+        seen_draining |= w.state == proto::control::WorkerState::Draining;
+        if w.experts_held == 0 {
+            assert_eq!(w.state, proto::control::WorkerState::Draining, "{st:?}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the drain never finished: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(seen_draining);
+    // A moment more of traffic after the switch, then stop.
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let outs = load.join().unwrap();
+    assert!(
+        outs.len() >= 2,
+        "{} forward passes during the drain",
+        outs.len()
+    );
+    for (i, r) in outs.iter().enumerate() {
+        let got = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("forward {i} of {} failed: {e}", outs.len()));
+        let d = max_diff(got, &want);
+        assert!(d < 1e-4, "forward {i}: logits differ by {d}");
+    }
+    eprintln!("{} forward passes during the drain, all served", outs.len());
+
+    let st = cluster.status();
+    assert!(st.all_loaded, "{st:?}");
+    let held: u64 = st.workers.iter().map(|w| w.experts_held).sum();
+    assert_eq!(held, 64, "{st:?}");
+    let served = |st: &proto::control::ClusterStatus| {
+        st.workers
+            .iter()
+            .find(|w| w.name == "w3")
+            .unwrap()
+            .requests_served
+    };
+    let before = served(&st);
+    let again = forward_on_thread(model.clone(), experts.clone(), tokens.clone()).unwrap();
+    assert!(max_diff(&again, &want) < 1e-4);
+    assert_eq!(
+        served(&cluster.status()),
+        before,
+        "the drained worker got requests"
+    );
+
+    // w1 and w2 hold all 64 experts with room for 80: w1's share does not fit on w2, by 24
+    // experts whatever the split (w1's k experts against w2's 40 - (64 - k) free).
+    let w1 = st.workers.iter().find(|w| w.name == "w1").unwrap().id;
+    let refused = rt.block_on(async {
+        let mut c = client_as(&addr, &operator).await;
+        c.drain(w1).await.unwrap_err()
+    });
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let missing = 24 * EXPERT_BYTES;
+    let msg = refused.to_string();
+    assert!(msg.contains(&format!("{missing} bytes")), "{msg}");
+    let st = cluster.status();
+    let w1s = st.workers.iter().find(|w| w.id == w1).unwrap();
+    assert_eq!(w1s.state, proto::control::WorkerState::Ready, "{st:?}");
+    assert!(cluster.is_serving());
 }

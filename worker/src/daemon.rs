@@ -57,6 +57,8 @@ struct Progress {
     done: AtomicU64,
     total: AtomicU64,
     experts: AtomicU64,
+    /// The coordinator is draining this worker (from the heartbeat replies).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Loads the identity from `state_dir`, joining with the token first if there is none.
@@ -213,11 +215,19 @@ async fn heartbeats(
     stats: Arc<Stats>,
 ) -> Result<()> {
     loop {
-        let state = progress
+        let state = match progress
             .state
             .lock()
             .expect("progress lock")
-            .unwrap_or(WorkerState::Joining);
+            .unwrap_or(WorkerState::Joining)
+        {
+            // Draining: its assignment is loaded, and shrinks to nothing once the coordinator
+            // has moved every expert elsewhere.
+            WorkerState::Ready if progress.draining.load(Ordering::Relaxed) => {
+                WorkerState::Draining
+            }
+            s => s,
+        };
         let reply = client
             .heartbeat(Heartbeat {
                 worker_id,
@@ -230,8 +240,8 @@ async fn heartbeats(
             })
             .await
             .map_err(|e| anyhow!("heartbeat refused: {e}"))?;
-        if reply.drain {
-            *progress.state.lock().expect("progress lock") = Some(WorkerState::Draining);
+        if reply.drain != progress.draining.swap(reply.drain, Ordering::Relaxed) && reply.drain {
+            tracing::info!("the coordinator is draining this worker");
         }
         tokio::time::sleep(reply.interval).await;
     }
@@ -278,7 +288,11 @@ async fn follow_assignments(
         );
         progress.generation.store(a.generation, Ordering::Relaxed);
         *progress.state.lock().expect("progress lock") = Some(WorkerState::Ready);
-        tracing::info!("assignment {} loaded; serving", a.generation);
+        if want.is_empty() && progress.draining.load(Ordering::Relaxed) {
+            tracing::info!("drained: this worker holds no experts and may be stopped");
+        } else {
+            tracing::info!("assignment {} loaded; serving", a.generation);
+        }
     }
     bail!("the assignment stream ended")
 }
@@ -425,7 +439,7 @@ async fn load(
 
 /// Where the loaded experts are computed: uploaded to the GPU when the worker has one.
 async fn on_device(opts: &Arc<Options>, local: LocalExperts) -> Result<Compute> {
-    let Some(ctx) = opts.gpu.clone() else {
+    let Some(ctx) = opts.gpu.clone().filter(|_| local.held().next().is_some()) else {
         return Ok(Compute::Cpu(Arc::new(local)));
     };
     let held = local.held().map(|(l, e)| (l as u32, e as u32)).collect();

@@ -3,6 +3,7 @@
 
 pub mod dispatch;
 pub mod membership;
+pub mod meter;
 pub mod placement;
 pub mod remote;
 pub mod server;

@@ -1,6 +1,7 @@
 //! The coordinator: membership, expert placement, scheduling, the generation loop over the
 //! always-active part of the model, the OpenAI-compatible API and the cluster status.
 
+pub mod cli;
 pub mod dispatch;
 pub mod membership;
 pub mod meter;

@@ -23,7 +23,8 @@ pub struct StatusArgs {
     /// coordinator's state directory: for watching from another machine.
     #[arg(long, conflicts_with = "state_dir")]
     pub join_token: Option<JoinToken>,
-    /// Print JSON (see `StatusJson`) instead of the table.
+    /// Print JSON instead of the table (a stable shape: snake_case fields, units in their
+    /// names, a "format" version).
     #[arg(long)]
     pub json: bool,
     /// Redraw every second until Ctrl-C (with --json: one JSON document per line).

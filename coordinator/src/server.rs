@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::membership::{self, Action, DrainError, Membership, Report, WorkerId};
+use crate::meter::TokenMeter;
 use crate::placement::LayerExperts;
 use crate::remote::{RemoteConfig, RemoteExperts, Routes};
 
@@ -102,6 +103,8 @@ struct Shared {
     no_streams: Option<String>,
     /// Bytes of weights sent to workers by `FetchWeights`.
     fetched: AtomicU64,
+    /// Tokens generated, for the status's tokens per second.
+    tokens: Mutex<TokenMeter>,
 }
 
 /// A running cluster front: control plane, data plane, membership.
@@ -227,6 +230,7 @@ impl Cluster {
             streams,
             no_streams,
             fetched: AtomicU64::new(0),
+            tokens: Mutex::new(TokenMeter::new(Instant::now())),
         });
         apply(&shared, first);
 
@@ -288,6 +292,16 @@ impl Cluster {
     /// Bytes of weights streamed to workers so far (`FetchWeights`).
     pub fn weight_bytes_served(&self) -> u64 {
         self.shared.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` generated tokens for the status's tokens per second (a short lock; callable
+    /// from the generation thread once per decode step).
+    pub fn record_tokens(&self, n: u64) {
+        self.shared
+            .tokens
+            .lock()
+            .expect("token meter lock")
+            .record(Instant::now(), n);
     }
 
     /// The cluster as `cluster status` shows it.
@@ -536,7 +550,11 @@ fn status(shared: &Shared) -> control::ClusterStatus {
         all_placed: m.is_planned(),
         all_loaded: m.is_serving(),
         workers,
-        tokens_per_second: 0.0,
+        tokens_per_second: shared
+            .tokens
+            .lock()
+            .expect("token meter lock")
+            .rate(Instant::now()),
     }
 }
 
@@ -607,7 +625,9 @@ type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> +
 #[tonic::async_trait]
 impl grpc::Control for Service {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
-        let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let from = trust::peer_addr(&req)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let r = control::JoinRequest::try_from(req.into_inner()).map_err(bad)?;
         match self.0.ca.handle_join(&r) {
             Ok(reply) => {
@@ -627,7 +647,9 @@ impl grpc::Control for Service {
     ) -> Result<Response<pb::HelloReply>, Status> {
         let name = trust::peer_worker_name(&req)
             .ok_or_else(|| Status::unauthenticated("a worker certificate is required"))?;
-        let address = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let address = trust::peer_addr(&req)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let h = control::Hello::try_from(req.into_inner()).map_err(bad)?;
         if h.name != name {
             return Err(Status::permission_denied(format!(

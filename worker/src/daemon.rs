@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,29 +73,56 @@ pub async fn ensure_identity(opts: &Options) -> Result<Identity> {
             opts.state_dir.display()
         )
     })?;
-    let key = WorkerKey::generate(&opts.name)?;
+    join(
+        &opts.coordinator,
+        token,
+        &opts.name,
+        &opts.state_dir,
+        JoinRetry::Wait,
+    )
+    .await
+}
+
+/// What [`join`] does while the coordinator cannot be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinRetry {
+    /// Retry with backoff (0.5 s doubling to 10 s): a daemon started before its coordinator.
+    Wait,
+    /// Fail at once (a command a person is waiting for).
+    Fail,
+}
+
+/// Joins the cluster at `coordinator` (`host:port`) as `name`: a fresh key and CSR, trusting
+/// only the CA that `token` names; saves the identity in `state_dir`. A coordinator with
+/// another CA or a refused join is an error at once.
+pub async fn join(
+    coordinator: &str,
+    token: &JoinToken,
+    name: &str,
+    state_dir: &Path,
+    retry: JoinRetry,
+) -> Result<Identity> {
+    let key = WorkerKey::generate(name)?;
     let tls = Arc::new(trust::client_config(
         None,
         Trust::Fingerprint(token.ca_fingerprint),
     )?);
-    // The coordinator may not be up yet: retry plain connection failures with backoff; a
-    // coordinator with the wrong CA is an error at once.
     let mut backoff = Duration::from_millis(500);
     let channel = loop {
-        match trust::connect(&opts.coordinator, tls.clone()).await {
+        match trust::connect(coordinator, tls.clone()).await {
             Ok(c) => break c,
             Err(
                 e @ (trust::ConnectError::UntrustedCa(_)
                 | trust::ConnectError::Tls(_)
                 | trust::ConnectError::Address(_)),
             ) => {
-                return Err(anyhow!(e).context(format!("joining {}", opts.coordinator)));
+                return Err(anyhow!(e).context(format!("joining {coordinator}")));
+            }
+            Err(e) if retry == JoinRetry::Fail => {
+                return Err(anyhow!(e).context(format!("joining {coordinator}")));
             }
             Err(e) => {
-                tracing::warn!(
-                    "cannot reach {} yet ({e}); retrying in {backoff:?}",
-                    opts.coordinator
-                );
+                tracing::warn!("cannot reach {coordinator} yet ({e}); retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
@@ -105,17 +132,16 @@ pub async fn ensure_identity(opts: &Options) -> Result<Identity> {
     let reply = client
         .join(JoinRequest {
             token_secret: token.secret,
-            name: opts.name.clone(),
+            name: name.to_string(),
             csr_der: key.csr_der().to_vec(),
         })
         .await
-        .map_err(|e| anyhow!("the coordinator refused to let this worker join: {e}"))?;
+        .map_err(|e| anyhow!("the coordinator refused the join: {e}"))?;
     let identity = key.into_identity(&reply, token)?;
-    identity.save(&opts.state_dir)?;
+    identity.save(state_dir)?;
     tracing::info!(
-        "joined the cluster at {}; identity saved in {}",
-        opts.coordinator,
-        opts.state_dir.display()
+        "joined the cluster at {coordinator}; identity saved in {}",
+        state_dir.display()
     );
     Ok(identity)
 }

@@ -431,12 +431,26 @@ impl ClusterCa {
     /// The key and the secret are written with mode 0600, the directory with 0700.
     pub fn load_or_create(state_dir: &Path) -> Result<ClusterCa, TrustError> {
         create_dir(state_dir)?;
+        Self::open(state_dir, true)
+    }
+
+    /// Loads the CA and join secret that a coordinator saved in `state_dir`, creating nothing
+    /// (the `cluster` CLI acting as the operator). A directory without them is
+    /// [`TrustError::NoClusterState`].
+    pub fn load(state_dir: &Path) -> Result<ClusterCa, TrustError> {
+        Self::open(state_dir, false)
+    }
+
+    fn open(state_dir: &Path, create: bool) -> Result<ClusterCa, TrustError> {
         let cert_path = state_dir.join(CA_CERT_FILE);
         let key_path = state_dir.join(CA_KEY_FILE);
         let (cert_pem, key) = match (cert_path.exists(), key_path.exists()) {
             (true, true) => {
                 let key = KeyPair::from_pem(&read(&key_path)?)?;
                 (read(&cert_path)?, key)
+            }
+            (false, false) if !create => {
+                return Err(TrustError::NoClusterState(state_dir.to_path_buf()))
             }
             (false, false) => {
                 let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -481,6 +495,11 @@ impl ClusterCa {
                     secret_path.display()
                 ))
             })?
+        } else if !create {
+            return Err(TrustError::Invalid(format!(
+                "{}: {SECRET_FILE} is missing",
+                state_dir.display()
+            )));
         } else {
             let secret = random_bytes::<SECRET_LEN>()?;
             write_file(
@@ -740,7 +759,20 @@ mod tests {
         assert_ne!(new, ca.join_token());
         assert_eq!(ClusterCa::load_or_create(&dir).unwrap().join_token(), new);
 
+        // Load-only: the same CA, nothing created where there is none.
+        assert_eq!(
+            ClusterCa::load(&dir).unwrap().fingerprint(),
+            ca.fingerprint()
+        );
+        let empty = dir.join("empty");
+        assert!(matches!(
+            ClusterCa::load(&empty),
+            Err(TrustError::NoClusterState(d)) if d == empty
+        ));
+        assert!(!empty.exists());
+
         fs::remove_file(dir.join(CA_KEY_FILE)).unwrap();
+        assert!(ClusterCa::load(&dir).is_err());
         assert!(ClusterCa::load_or_create(&dir).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -214,6 +214,15 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<PeerIdentity> {
         .and_then(|p| p.identity.clone())
 }
 
+/// The address the request's connection came from (tonic's own `remote_addr` does not know
+/// [`TlsIncoming`]'s connections).
+pub fn peer_addr<T>(request: &tonic::Request<T>) -> Option<SocketAddr> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .map(|p| p.remote_addr)
+}
+
 /// The name of the worker on the other side, when it presented a valid worker certificate.
 /// Every RPC but `Join` starts with this (or [`peer_identity`] for the CLI's coordinator role):
 ///

@@ -38,7 +38,7 @@ pub use ca::{
     WORKER_CERT_DAYS,
 };
 pub use grpc::{
-    connect, peer_identity, peer_worker_name, PeerInfo, TlsIncoming, TlsServerStream,
+    connect, peer_addr, peer_identity, peer_worker_name, PeerInfo, TlsIncoming, TlsServerStream,
     HANDSHAKE_TIMEOUT,
 };
 pub use tls::{
@@ -93,6 +93,8 @@ pub enum TrustError {
     Token(#[from] TokenError),
     #[error("{0}")]
     Invalid(String),
+    #[error("no cluster state in {}: start the coordinator there first, or pass the --state-dir it uses", .0.display())]
+    NoClusterState(PathBuf),
 }
 
 impl TrustError {

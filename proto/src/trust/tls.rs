@@ -266,6 +266,15 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// The coordinator's certificate did not verify: another cluster's CA (or, with a join
+    /// token, not the CA it names), a wrong name, outside its validity.
+    pub fn is_bad_server_certificate(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::UntrustedCa(_) | ConnectError::Tls(rustls::Error::InvalidCertificate(_))
+        )
+    }
+
     /// The most specific error in `err`'s source chain.
     pub(super) fn classify(err: tonic::transport::Error) -> ConnectError {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);

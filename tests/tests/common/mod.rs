@@ -2,6 +2,8 @@
 //! oracle reference, and comparing logits.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 
 use engine::model::kv_cache::CacheType;

@@ -32,8 +32,8 @@ pub struct SynthArgs {
     /// `general.name` (default: the preset's).
     #[arg(long)]
     name: Option<String>,
-    /// The chat template the file carries: v3, or r1 (answers start in a `<think>` part).
-    #[arg(long, default_value = "v3")]
+    /// The chat template the file carries: r1 (answers start in a `<think>` part) or v3.
+    #[arg(long, default_value = "r1")]
     chat: ChatStyle,
 }
 

@@ -85,12 +85,12 @@ impl std::str::FromStr for SynthType {
     }
 }
 
-/// Which chat template the file carries: DeepSeek-V3's, or R1's (whose generation prompt opens
-/// the thinking part with `<think>`).
+/// Which chat template the file carries: R1's (the embedded tokenizer's own; its generation
+/// prompt opens the thinking part with `<think>`), or DeepSeek-V3's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ChatStyle {
-    #[default]
     V3,
+    #[default]
     R1,
 }
 
@@ -196,7 +196,7 @@ impl SynthSpec {
             rms_eps: 1e-6,
             branch_gain: 1.0,
             lm_head_gain: 3.0,
-            chat: ChatStyle::V3,
+            chat: ChatStyle::R1,
         }
     }
 

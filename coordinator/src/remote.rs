@@ -19,12 +19,13 @@ use proto::wire::{Dtype, ExpertResult, Frame};
 
 use crate::dispatch::{self, Batch};
 use crate::membership::WorkerId;
+use crate::metrics::Histogram;
 
 /// Round-trip samples kept per worker for percentiles.
 const RTT_SAMPLES: usize = 1024;
 
 /// Per-worker data-plane counters.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct WorkerStats {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
@@ -34,6 +35,22 @@ pub struct WorkerStats {
     rtt: Mutex<(Vec<u32>, usize)>,
     /// The worker's own compute time of the same requests (microseconds).
     compute: Mutex<(Vec<u32>, usize)>,
+    /// Every round trip since the start, for `/metrics`.
+    pub rtt_histogram: Histogram,
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        WorkerStats {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            rtt: Mutex::default(),
+            compute: Mutex::default(),
+            rtt_histogram: Histogram::new(crate::metrics::RTT_BOUNDS),
+        }
+    }
 }
 
 fn push_sample(ring: &Mutex<(Vec<u32>, usize)>, us: u32) {
@@ -60,6 +77,7 @@ fn percentiles(ring: &Mutex<(Vec<u32>, usize)>) -> Option<(u32, u32)> {
 impl WorkerStats {
     fn record(&self, rtt: Duration, compute_us: u32) {
         push_sample(&self.rtt, rtt.as_micros().min(u32::MAX as u128) as u32);
+        self.rtt_histogram.observe(rtt);
         push_sample(&self.compute, compute_us);
     }
 

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use coordinator::api::{Api, ClusterView};
+use coordinator::metrics::{CountingExperts, ExpertHits, Metrics};
+use coordinator::scheduler::{Scheduler, SchedulerConfig, TokenRules};
 use coordinator::server::{Cluster, ClusterOptions, LocalWorker};
 use engine::generate::CpuSequence;
 use engine::model::ModelFile;
@@ -48,6 +51,24 @@ pub struct ServeArgs {
     /// `generate`) through the cluster, print the text, write `--logits-out`, and exit.
     #[command(flatten)]
     p: crate::PromptArgs,
+    /// Address of the OpenAI-compatible HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Require `Authorization: Bearer <KEY>` on the API.
+    #[arg(long, env = "DSV3_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model name the API lists (default: the model's own name).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Sequences decoded together (continuous batching).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Requests that may wait for a batch slot; past it the API answers 503.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Positions per sequence (prompt and answer).
+    #[arg(long, default_value_t = 4096)]
+    ctx_size: usize,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -105,30 +126,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let cluster = Cluster::start(opts).await?;
+        let cluster = Arc::new(Cluster::start(opts).await?);
         println!("join token: {}", cluster.token);
         eprintln!("listening on {}", cluster.addr);
         eprintln!(
             "start workers with: worker --coordinator {} --join-token {} [--model <the same model file>]",
             cluster.addr, cluster.token
         );
-        loop {
-            if cluster.wait_serving(Duration::from_secs(10)).await {
-                break;
-            }
-            let st = cluster.status();
-            eprintln!(
-                "waiting: {} worker(s), placed: {}, loaded: {}",
-                st.workers.len(),
-                st.all_placed,
-                st.all_loaded
-            );
-        }
-        eprintln!("serving: every expert is loaded");
         let Some(prompt) = prompt else {
-            tokio::signal::ctrl_c().await?;
-            return Ok(());
+            return serve_api(&a, cluster, &mf, model, tokenizer).await;
         };
+        wait_serving(&cluster).await;
+        eprintln!("serving: every expert is loaded");
         let experts = cluster.experts();
         let result = tokio::task::spawn_blocking(move || -> Result<()> {
             let mut seq = CpuSequence::new(&model, a.p.kv_cache, a.p.capacity(&prompt));
@@ -140,6 +149,106 @@ pub fn run(a: ServeArgs) -> Result<()> {
         drop(cluster);
         result
     })
+}
+
+/// Serves the OpenAI-compatible API until Ctrl-C (it answers 503 until every expert is
+/// loaded).
+async fn serve_api(
+    a: &ServeArgs,
+    cluster: Arc<Cluster>,
+    mf: &ModelFile,
+    model: Arc<engine::model::Model>,
+    tokenizer: engine::tokenizer::Tokenizer,
+) -> Result<()> {
+    let api = api(a, &cluster, mf, model, tokenizer)?;
+    let listener = tokio::net::TcpListener::bind(a.http)
+        .await
+        .with_context(|| format!("binding the API to {}", a.http))?;
+    if a.api_key.is_none() && !a.http.ip().is_loopback() {
+        eprintln!(
+            "warning: the API listens on {} without --api-key: anyone who can reach it can use it",
+            a.http
+        );
+    }
+    eprintln!(
+        "API: http://{}/v1 (OpenAI-compatible)",
+        listener.local_addr()?
+    );
+    let server = tokio::spawn(coordinator::api::serve(listener, api, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }));
+    wait_serving(&cluster).await;
+    eprintln!("serving: every expert is loaded");
+    server.await??;
+    Ok(())
+}
+
+async fn wait_serving(cluster: &Cluster) {
+    while !cluster.wait_serving(Duration::from_secs(10)).await {
+        let st = cluster.status();
+        eprintln!(
+            "waiting: {} worker(s), placed: {}, loaded: {}",
+            st.workers.len(),
+            st.all_placed,
+            st.all_loaded
+        );
+    }
+}
+
+/// The API in front of the cluster: the scheduler with its metrics, the tokenizer and the
+/// model's chat template.
+fn api(
+    a: &ServeArgs,
+    cluster: &Arc<Cluster>,
+    mf: &ModelFile,
+    model: Arc<engine::model::Model>,
+    tokenizer: engine::tokenizer::Tokenizer,
+) -> Result<Arc<Api>> {
+    let hits = Arc::new(ExpertHits::new(&mf.expert_layout()?));
+    let metrics = Arc::new(Metrics::new(hits.clone()));
+    let experts = Arc::new(CountingExperts {
+        inner: cluster.experts(),
+        hits,
+    });
+    let rules = TokenRules {
+        stop_ids: crate::stop_ids(mf, &tokenizer),
+        banned_from: tokenizer.vocab_size().min(model.cfg.vocab_size) as u32,
+        banned_ids: mf.unused_token_ids(),
+    };
+    let cfg = SchedulerConfig {
+        max_batch: a.max_batch,
+        max_queue: a.max_queue,
+        max_context: a.ctx_size,
+        ..SchedulerConfig::default()
+    };
+    let meter = cluster.clone();
+    let scheduler = Scheduler::start(
+        model,
+        experts,
+        cfg,
+        rules,
+        metrics.clone(),
+        Box::new(move |n| meter.record_tokens(n)),
+    )?;
+    let template = mf
+        .chat_template(&tokenizer)
+        .context("compiling the chat template")?;
+    if template.is_none() {
+        eprintln!("warning: the model carries no chat template; only /v1/completions works");
+    }
+    let model_id = a
+        .model_id
+        .clone()
+        .unwrap_or_else(|| model_name(mf, &a.model));
+    Ok(Arc::new(Api::new(
+        scheduler,
+        Arc::new(tokenizer),
+        template,
+        model_id,
+        a.api_key.clone(),
+        metrics,
+        Some(cluster.clone() as Arc<dyn ClusterView>),
+    )))
 }
 
 fn model_name(mf: &ModelFile, path: &std::path::Path) -> String {

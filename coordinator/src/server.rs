@@ -308,6 +308,28 @@ impl Cluster {
     pub fn status(&self) -> control::ClusterStatus {
         status(&self.shared)
     }
+
+    /// Data-plane statistics of every worker that has any, by name.
+    pub fn worker_stats(&self) -> Vec<(String, Arc<crate::remote::WorkerStats>)> {
+        let m = self.shared.membership.lock().expect("membership lock");
+        m.workers()
+            .filter_map(|w| Some((w.name.clone(), self.shared.routes.stats(w.id)?)))
+            .collect()
+    }
+}
+
+impl crate::api::ClusterView for Cluster {
+    fn is_serving(&self) -> bool {
+        Cluster::is_serving(self)
+    }
+
+    fn tokens_per_second(&self) -> f64 {
+        self.status().tokens_per_second
+    }
+
+    fn worker_stats(&self) -> Vec<(String, Arc<crate::remote::WorkerStats>)> {
+        Cluster::worker_stats(self)
+    }
 }
 
 /// Turns membership actions into messages, and keeps the data plane's routes current.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use engine::synth::{self, SynthSpec, SynthType};
+use engine::synth::{self, ChatStyle, SynthSpec, SynthType};
 
 #[derive(Args)]
 pub struct SynthArgs {
@@ -32,6 +32,9 @@ pub struct SynthArgs {
     /// `general.name` (default: the preset's).
     #[arg(long)]
     name: Option<String>,
+    /// The chat template the file carries: r1 (answers start in a `<think>` part) or v3.
+    #[arg(long, default_value = "r1")]
+    chat: ChatStyle,
 }
 
 pub fn run(a: SynthArgs) -> Result<()> {
@@ -43,6 +46,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         )
     })?;
     spec.dtype = a.dtype;
+    spec.chat = a.chat;
     if let Some(s) = a.seed {
         spec.seed = s;
     }

@@ -85,6 +85,31 @@ impl std::str::FromStr for SynthType {
     }
 }
 
+/// Which chat template the file carries: R1's (the embedded tokenizer's own; its generation
+/// prompt opens the thinking part with `<think>`), or DeepSeek-V3's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChatStyle {
+    V3,
+    #[default]
+    R1,
+}
+
+impl std::str::FromStr for ChatStyle {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "v3" => Ok(ChatStyle::V3),
+            "r1" => Ok(ChatStyle::R1),
+            other => Err(format!("unknown chat template `{other}` (v3 or r1)")),
+        }
+    }
+}
+
+/// DeepSeek-V3's `tokenizer_config.json` (its chat template; the embedded tokenizer carries
+/// R1's).
+const V3_TOKENIZER_CONFIG: &str =
+    include_str!("../tests/data/text/deepseek-v3_tokenizer_config.json");
+
 /// The shape, seed and storage of a synthetic model. Field names follow [`ModelConfig`]
 /// (`crate::config::ModelConfig`); the Hugging Face names are in the comments.
 #[derive(Clone, Debug, PartialEq)]
@@ -131,6 +156,7 @@ pub struct SynthSpec {
     pub branch_gain: f32,
     /// Standard deviation of the logits, roughly.
     pub lm_head_gain: f32,
+    pub chat: ChatStyle,
 }
 
 impl SynthSpec {
@@ -170,6 +196,7 @@ impl SynthSpec {
             rms_eps: 1e-6,
             branch_gain: 1.0,
             lm_head_gain: 3.0,
+            chat: ChatStyle::R1,
         }
     }
 
@@ -371,6 +398,21 @@ fn embedded_vocab() -> Result<EmbeddedVocab, SynthError> {
     Ok(v)
 }
 
+fn chat_template(style: ChatStyle, v: &EmbeddedVocab) -> Result<String, SynthError> {
+    Ok(match style {
+        ChatStyle::R1 => v.chat_template.clone(),
+        ChatStyle::V3 => {
+            let cfg: serde_json::Value = serde_json::from_str(V3_TOKENIZER_CONFIG)?;
+            cfg["chat_template"]
+                .as_str()
+                .ok_or_else(|| {
+                    SynthError::Invalid("V3 tokenizer config without a chat template".into())
+                })?
+                .to_string()
+        }
+    })
+}
+
 fn add_metadata(w: &mut GgufWriter, s: &SynthSpec) -> Result<(), SynthError> {
     let u32_of = |v: usize| MetaValue::U32(u32::try_from(v).unwrap_or(u32::MAX));
     let qk_head = s.qk_nope + s.qk_rope;
@@ -451,6 +493,7 @@ fn add_metadata(w: &mut GgufWriter, s: &SynthSpec) -> Result<(), SynthError> {
         ("deepseek2.expert_gating_func", MetaValue::U32(2)),
     ];
     let v = embedded_vocab()?;
+    let template = chat_template(s.chat, &v)?;
     let mut tokens = v.tokens.clone();
     let mut types = v.token_types.clone();
     for id in tokens.len()..s.vocab_size {
@@ -475,7 +518,7 @@ fn add_metadata(w: &mut GgufWriter, s: &SynthSpec) -> Result<(), SynthError> {
         ),
         ("tokenizer.ggml.add_bos_token", MetaValue::Bool(v.add_bos)),
         ("tokenizer.ggml.add_eos_token", MetaValue::Bool(false)),
-        ("tokenizer.chat_template", v.chat_template.as_str().into()),
+        ("tokenizer.chat_template", template.as_str().into()),
     ]);
     for (k, val) in kv {
         w.add_meta(k, val)?;

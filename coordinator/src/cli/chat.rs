@@ -28,6 +28,9 @@ pub struct ChatArgs {
     /// A system message at the start of the conversation.
     #[arg(long)]
     pub system: Option<String>,
+    /// Longest answer, in tokens (default: the server's limit).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
 }
 
 /// Longest SSE line or event accepted.
@@ -323,6 +326,8 @@ struct Request<'a> {
     model: Option<&'a str>,
     messages: &'a [Message],
     stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<usize>,
 }
 
 /// A finished answer.
@@ -337,6 +342,8 @@ pub struct Api {
     http: reqwest::Client,
     base: String,
     key: Option<String>,
+    /// `max_tokens` of each request, when set.
+    pub max_tokens: Option<usize>,
 }
 
 impl Api {
@@ -348,7 +355,12 @@ impl Api {
         if let Some(b) = base.strip_suffix("/v1") {
             base = b.to_string();
         }
-        Ok(Api { http, base, key })
+        Ok(Api {
+            http,
+            base,
+            key,
+            max_tokens: None,
+        })
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -398,6 +410,7 @@ impl Api {
                 model,
                 messages,
                 stream: true,
+                max_tokens: self.max_tokens,
             })
             .send()
             .await?;
@@ -525,7 +538,8 @@ fn start(system: &Option<String>) -> Vec<Message> {
 /// The chat loop over stdin. Exit code 1 when a turn failed.
 pub fn run(a: ChatArgs) -> Result<ExitCode> {
     let rt = super::runtime()?;
-    let api = Api::new(&a.api, a.api_key.clone())?;
+    let mut api = Api::new(&a.api, a.api_key.clone())?;
+    api.max_tokens = a.max_tokens;
     let model = match &a.model {
         Some(m) => Some(m.clone()),
         None => rt

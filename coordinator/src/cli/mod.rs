@@ -5,6 +5,8 @@
 //! - `cluster drain NAME`: the `Drain` RPC for the worker of that name.
 //! - `cluster chat`: a conversation with the coordinator's OpenAI-compatible HTTP API
 //!   ([`chat`]).
+//! - `cluster demo`: a coordinator and two workers on loopback with a tiny built-in model, one
+//!   question through the API, then the status ([`demo`]).
 //!
 //! The control plane is reached with mutual TLS like everything else: as the operator with the
 //! coordinator's state directory (its CA signs a fresh coordinator-role certificate for each
@@ -12,6 +14,7 @@
 //! token as `cli-<host>` (the identity is kept in a per-user directory, one per cluster CA).
 
 pub mod chat;
+pub mod demo;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +49,9 @@ pub enum Command {
     Drain(DrainArgs),
     /// Chat with the model through the coordinator's OpenAI-compatible API.
     Chat(chat::ChatArgs),
+    /// Start a coordinator and two workers on this machine with a tiny built-in model, ask
+    /// it one question through the API, and show the cluster's status.
+    Demo(demo::DemoArgs),
 }
 
 /// Where the control plane is and how to prove the caller is the operator.
@@ -85,6 +91,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status(a) => status::run(a),
         Command::Drain(a) => runtime()?.block_on(drain(a)),
         Command::Chat(a) => chat::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 

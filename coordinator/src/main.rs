@@ -15,6 +15,7 @@ use engine::model::weights::ExpertFilter;
 use engine::model::{Model, ModelFile};
 use engine::sampling::SamplingParams;
 
+mod apibench;
 mod bench;
 mod netbench;
 mod serve;
@@ -47,6 +48,9 @@ enum Command {
     /// Measure the cluster's data plane (a MoE layer's round trip) and decode through a
     /// loopback cluster against one process.
     BenchCluster(netbench::ClusterBenchArgs),
+    /// Load on a running API: aggregate tokens/s and time to first token at several
+    /// concurrency levels.
+    BenchApi(apibench::BenchApiArgs),
 }
 
 /// What to generate and what to write out: `generate` and `serve --prompt` share these.
@@ -138,6 +142,7 @@ fn main() -> Result<()> {
         Some(Command::Synth(a)) => synth::run(a),
         Some(Command::Serve(a)) => serve::run(a),
         Some(Command::BenchCluster(a)) => netbench::run(a),
+        Some(Command::BenchApi(a)) => apibench::run(a),
         None => bail!("no command given (see --help)"),
     }
 }

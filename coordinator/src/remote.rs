@@ -382,6 +382,9 @@ impl RoutedExperts for RemoteExperts {
         }
         let deadline = p.started + self.cfg.timeout;
         let mut failed = Vec::new();
+        // Answers are kept until all are in and then added in batch order (by worker), not in
+        // arrival order: a token's sum is then the same on every run and in every batch.
+        let mut answers: Vec<Option<ExpertResult>> = p.batches.iter().map(|_| None).collect();
         let mut answered = vec![false; p.batches.len()];
         let mut got = 0;
         while got < p.sent {
@@ -390,10 +393,9 @@ impl RoutedExperts for RemoteExperts {
                 Ok((i, r, _)) => {
                     got += 1;
                     answered[i] = true;
-                    let r = r
-                        .and_then(|res| p.batches[i].combine(&res, out).map_err(|e| e.to_string()));
-                    if let Err(e) = r {
-                        failed.push((i, e));
+                    match r {
+                        Ok(res) => answers[i] = Some(res),
+                        Err(e) => failed.push((i, e)),
                     }
                 }
                 Err(_) => {
@@ -413,6 +415,15 @@ impl RoutedExperts for RemoteExperts {
                         }
                     }
                     break;
+                }
+            }
+        }
+        if failed.is_empty() {
+            for (i, res) in answers.iter().enumerate() {
+                if let Some(res) = res {
+                    if let Err(e) = p.batches[i].combine(res, out) {
+                        failed.push((i, e.to_string()));
+                    }
                 }
             }
         }

@@ -402,19 +402,74 @@ mod tests {
                     for t in 0..n {
                         let mut one = vec![f32::NAN; rows];
                         matvec(&w, &xq[t * arb..(t + 1) * arb], &mut one);
-                        // The multi-token kernels sum in another order: equal up to rounding.
-                        for (a, b) in out[t * rows..(t + 1) * rows].iter().zip(&one) {
-                            assert!(
-                                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                                "{ty} token {t}: {a} vs {b}"
-                            );
-                        }
+                        assert_eq!(bits(&out[t * rows..(t + 1) * rows]), bits(&one), "{ty} {t}");
                     }
                     let mut single = vec![f32::NAN; rows];
                     matmul(&w, &xq[..arb], 1, &mut single);
                     let mut one = vec![f32::NAN; rows];
                     matvec(&w, &xq[..arb], &mut one);
                     assert_eq!(single, one, "matmul with one token is matvec");
+                });
+            }
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Batch invariance: each token's rows of a `matmul` are bit for bit its own `matvec`, for
+    /// every weight type, in batches of 1 to 9 tokens (tiles of up to `MULTI_MAX` and a
+    /// remainder) with every token at every position, on one thread and several.
+    #[test]
+    fn matmul_rows_are_batch_invariant() {
+        use QuantType::*;
+        let (rows, cols) = (48, 512);
+        let fp8 = {
+            let data: Vec<u8> = (0..rows * cols)
+                .map(|i| crate::bench::splitmix(i as u64) as u8 & 0x77)
+                .collect();
+            let scales: Vec<f32> = (0..4).map(|k| 0.5 + k as f32).collect();
+            Matrix::new_fp8(rows, cols, Bytes::from_vec(data), scales).unwrap()
+        };
+        let types = [
+            Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, F32, F16, BF16,
+        ];
+        let mats = types
+            .iter()
+            .enumerate()
+            .map(|(i, &ty)| matrix(ty, rows, cols, 20 + i as u64))
+            .chain([fp8]);
+        let xs: Vec<Vec<f32>> = (0..9).map(|t| random_f32(cols, 40 + t)).collect();
+        for w in mats {
+            assert_eq!(w.act_type(), QuantType::F32);
+            let want: Vec<Vec<f32>> = xs
+                .iter()
+                .map(|x| {
+                    let mut o = vec![f32::NAN; rows];
+                    matvec(&w, bytemuck::cast_slice(x), &mut o);
+                    o
+                })
+                .collect();
+            for threads in [1, 3] {
+                with_threads(threads, || {
+                    for n in 1..=xs.len() {
+                        for shift in 0..n {
+                            let order: Vec<usize> = (0..n).map(|i| (i + shift) % n).collect();
+                            let batch: Vec<f32> =
+                                order.iter().flat_map(|&k| xs[k].iter().copied()).collect();
+                            let mut out = vec![f32::NAN; n * rows];
+                            matmul(&w, bytemuck::cast_slice(&batch), n, &mut out);
+                            for (p, &k) in order.iter().enumerate() {
+                                assert_eq!(
+                                    bits(&out[p * rows..(p + 1) * rows]),
+                                    bits(&want[k]),
+                                    "{} token {k} at {p} of {n}, {threads} threads",
+                                    w.ty
+                                );
+                            }
+                        }
+                    }
                 });
             }
         }

@@ -1,4 +1,5 @@
-//! Multi-head latent attention in the absorbed form, for a batch of consecutive positions.
+//! Multi-head latent attention in the absorbed form, for a batch of sequences, each with a
+//! run of consecutive positions in its own cache.
 //!
 //! Per token: the latent `c = RMSNorm(kv_a x)[..lora]` and the rotated shared key `k_pe` are
 //! cached; per head, `q̃ = W_UKᵀ q_nope`, `score(t) = scale (q̃·c_t + q_pe·k_pe_t)`,
@@ -8,10 +9,10 @@
 use std::cell::RefCell;
 
 use crate::config::ModelConfig;
-use crate::model::kv_cache::KvCache;
 use crate::model::ops;
 use crate::model::rope::RopeTable;
 use crate::model::weights::{AttnWeights, QProj};
+use crate::model::BatchSeq;
 use crate::quant;
 use crate::tensor::{ActBuf, GroupBuf, Matrix};
 
@@ -21,10 +22,15 @@ pub struct AttnScratch {
     q_lora: Vec<f32>,
     q: Vec<f32>,
     kv: Vec<f32>,
-    /// Cached rows converted to f32 when the cache stores f16/bf16.
+    /// Cached rows converted to f32 when a cache stores f16/bf16, sequence after sequence.
     rows: Vec<f32>,
     /// `n x heads x v_head`: concatenated head outputs.
     heads_out: Vec<f32>,
+    /// Per row of the batch: its sequence and position.
+    spans: Vec<(u32, u32)>,
+    /// Per sequence: `usize::MAX` when its cache is read in place (f32), else the offset of
+    /// its converted rows in `rows`.
+    conv: Vec<usize>,
     act: ActBuf,
     group: GroupBuf,
 }
@@ -42,8 +48,11 @@ struct HeadScratch {
     latent: Vec<f32>,
 }
 
-/// Runs attention for `n` tokens at positions `pos0..pos0 + n` (their cache rows are written
-/// here), reading `xs` (`n x hidden`, normalised) and writing `out` (`n x hidden`).
+/// Runs attention for the tokens of several sequences, `xs` (`rows x hidden`, normalised)
+/// holding each sequence's tokens back to back in `seqs` order: sequence `i`'s tokens take
+/// positions `len..len + tokens.len()` of its own cache (their rows are written here) and
+/// attend to that cache only. Writes `out` (`rows x hidden`). The projections run over all
+/// rows together; the (token, head) pairs of all sequences run in one pool dispatch.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     cfg: &ModelConfig,
@@ -52,9 +61,7 @@ pub fn forward(
     rope: &RopeTable,
     scale: f32,
     xs: &[f32],
-    n: usize,
-    pos0: usize,
-    cache: &mut KvCache,
+    seqs: &mut [BatchSeq<'_>],
     out: &mut [f32],
     s: &mut AttnScratch,
 ) {
@@ -62,6 +69,7 @@ pub fn forward(
     let (nope, rd, lora, vh) = (cfg.qk_nope, cfg.qk_rope, cfg.kv_lora_rank, cfg.v_head);
     let qk = cfg.qk_head();
     let row = cfg.cache_row();
+    let n: usize = seqs.iter().map(|q| q.tokens.len()).sum();
 
     // Queries (the low-rank projection together with kv_a: one dispatch for both).
     s.q.resize(n * heads * qk, 0.0);
@@ -84,47 +92,59 @@ pub fn forward(
         }
     }
 
-    // Latent and shared rotary key of every new token, into the cache.
-    for (t, r) in s.kv.chunks_exact_mut(row).enumerate() {
-        let (c, kpe) = r.split_at_mut(lora);
-        ops::rms_norm_rows(c, &w.kv_norm, cfg.rms_eps);
-        rope.apply(kpe, pos0 + t);
-        cache.write(layer, pos0 + t, r);
+    // Latent and shared rotary key of every new token, into its sequence's cache; per row of
+    // the batch, its sequence and position (`spans`), and per sequence where its cached rows
+    // are read from (`conv`: an offset into `rows` when they need converting to f32).
+    s.spans.clear();
+    s.conv.clear();
+    let mut kv_rows = s.kv.chunks_exact_mut(row);
+    let mut converted = 0;
+    for (i, q) in seqs.iter_mut().enumerate() {
+        let pos0 = q.cache.len();
+        for (t, r) in kv_rows.by_ref().take(q.tokens.len()).enumerate() {
+            let (c, kpe) = r.split_at_mut(lora);
+            ops::rms_norm_rows(c, &w.kv_norm, cfg.rms_eps);
+            rope.apply(kpe, pos0 + t);
+            q.cache.write(layer, pos0 + t, r);
+            s.spans.push((i as u32, (pos0 + t) as u32));
+        }
+        let ctx = pos0 + q.tokens.len();
+        if q.cache.f32_rows(layer, ctx).is_some() {
+            s.conv.push(usize::MAX);
+        } else {
+            s.conv.push(converted);
+            converted += ctx * row;
+        }
+    }
+    s.rows.resize(converted, 0.0);
+    for (q, &at) in seqs.iter().zip(&s.conv) {
+        if at != usize::MAX {
+            let ctx = q.cache.len() + q.tokens.len();
+            for (p, dst) in s.rows[at..at + ctx * row].chunks_exact_mut(row).enumerate() {
+                q.cache.read(layer, p, dst);
+            }
+        }
     }
 
     // Attention per (token, head), in parallel on the kernels' pool.
-    let ctx = pos0 + n;
-    let rows: &[f32] = match cache.f32_rows(layer, ctx) {
-        Some(r) => r,
-        None => {
-            s.rows.resize(ctx * row, 0.0);
-            for (p, dst) in s.rows.chunks_exact_mut(row).enumerate() {
-                cache.read(layer, p, dst);
-            }
-            &s.rows
-        }
-    };
     s.heads_out.resize(n * heads * vh, 0.0);
-    let q = &s.q;
+    let (q, spans, conv, converted) = (&s.q, &s.spans, &s.conv, &s.rows);
+    let seqs = &*seqs;
     crate::cpu::pool::global().for_each_chunk_mut(&mut s.heads_out, vh, |th, o| {
         let (t, h) = (th / heads, th % heads);
+        let (i, pos) = (spans[t].0 as usize, spans[t].1 as usize);
+        let rows = match conv[i] {
+            usize::MAX => seqs[i]
+                .cache
+                .f32_rows(layer, pos + 1)
+                .expect("an f32 cache"),
+            at => &converted[at..at + (pos + 1) * row],
+        };
         let qh = &q[(t * heads + h) * qk..(t * heads + h + 1) * qk];
         HEAD_SCRATCH.with(|hs| {
             let hs = &mut *hs.borrow_mut();
             one_head(
-                &w.k_b[h],
-                &w.v_b[h],
-                rope,
-                scale,
-                qh,
-                nope,
-                rd,
-                lora,
-                row,
-                rows,
-                pos0 + t,
-                o,
-                hs,
+                &w.k_b[h], &w.v_b[h], rope, scale, qh, nope, rd, lora, row, rows, pos, o, hs,
             );
         });
     });

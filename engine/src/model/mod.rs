@@ -3,6 +3,8 @@
 //! through a [`moe::RoutedExperts`] so that they can live in this process or on other machines.
 
 pub mod attention;
+#[cfg(test)]
+mod batch_tests;
 pub mod kv_cache;
 pub mod moe;
 pub mod ops;
@@ -341,6 +343,12 @@ pub struct Model {
     scale: f32,
 }
 
+/// One sequence's part of a batched forward pass.
+pub struct BatchSeq<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
 /// Which logits a forward pass produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -397,7 +405,7 @@ impl Model {
 
     /// Runs `tokens` at positions `cache.len()..`, appending them to the cache, and returns the
     /// requested logits. On error the cache keeps its length: rows written past it are ignored
-    /// and overwritten by the next call.
+    /// and overwritten by the next call. (A batch of one sequence: see [`Model::forward_batch`].)
     pub fn forward<'w>(
         &self,
         tokens: &[u32],
@@ -406,26 +414,61 @@ impl Model {
         ws: &'w mut Workspace,
         which: Logits,
     ) -> Result<&'w [f32], ForwardError> {
-        let n = tokens.len();
-        if n == 0 {
+        self.run(&mut [BatchSeq { tokens, cache }], experts, ws, which)
+    }
+
+    /// Runs several independent sequences in one pass: each sequence's `tokens` at its own
+    /// cache's next positions (prefill chunks and single decode tokens may be mixed). Dense
+    /// products, the router and the routed experts (one `RoutedExperts::begin`/`eval` per
+    /// MoE layer for all rows of all sequences) run over all rows together; attention runs per
+    /// sequence against its own cache. Returns the logits of each sequence's last token,
+    /// `seqs.len() x vocab`, row i for seqs[i]. On error no cache changes its length.
+    ///
+    /// A sequence's logits are bit for bit the same alone (here or in [`Model::forward`] with
+    /// [`Logits::Last`]) as beside any other sequences in any order: every step that mixes
+    /// rows (the CPU kernels, the routed experts' sums) computes each row in an order that
+    /// does not depend on the others.
+    pub fn forward_batch<'w>(
+        &self,
+        seqs: &mut [BatchSeq<'_>],
+        experts: &dyn RoutedExperts,
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32], ForwardError> {
+        self.run(seqs, experts, ws, Logits::Last)
+    }
+
+    /// The forward pass of [`Model::forward_batch`]; `Logits::All` gives every row of every
+    /// sequence, `Logits::Last` each sequence's last.
+    fn run<'w>(
+        &self,
+        seqs: &mut [BatchSeq<'_>],
+        experts: &dyn RoutedExperts,
+        ws: &'w mut Workspace,
+        which: Logits,
+    ) -> Result<&'w [f32], ForwardError> {
+        let c = &self.cfg;
+        // Everything is checked before any cache is touched.
+        if seqs.is_empty() || seqs.iter().any(|q| q.tokens.is_empty()) {
             return Err(ForwardError::Empty);
         }
-        let c = &self.cfg;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ForwardError::UnknownToken {
-                id,
-                vocab: c.vocab_size,
-            });
+        for q in seqs.iter() {
+            if let Some(&id) = q.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(ForwardError::UnknownToken {
+                    id,
+                    vocab: c.vocab_size,
+                });
+            }
+            q.cache.reserve(q.tokens.len())?;
         }
-        cache.reserve(n)?;
-        let pos0 = cache.len();
+        let n: usize = seqs.iter().map(|q| q.tokens.len()).sum();
         let h = c.hidden;
 
         ws.x.resize(n * h, 0.0);
-        for (t, &tok) in tokens.iter().enumerate() {
+        let tokens = seqs.iter().flat_map(|q| q.tokens);
+        for (&tok, x) in tokens.zip(ws.x.chunks_exact_mut(h)) {
             self.w
                 .embed
-                .dequantize_row(tok as usize, &mut ws.x[t * h..(t + 1) * h])
+                .dequantize_row(tok as usize, x)
                 .expect("embedding type checked at load");
         }
         ws.xn.resize(n * h, 0.0);
@@ -441,9 +484,7 @@ impl Model {
                 &self.rope,
                 self.scale,
                 &ws.xn,
-                n,
-                pos0,
-                cache,
+                seqs,
                 &mut ws.branch,
                 &mut ws.attn,
             );
@@ -497,14 +538,27 @@ impl Model {
                 tr.push(ws.x.clone());
             }
         }
-        cache.set_len(pos0 + n);
+        for q in seqs.iter_mut() {
+            let len = q.cache.len() + q.tokens.len();
+            q.cache.set_len(len);
+        }
 
-        let (first, rows) = match which {
-            Logits::All => (0, n),
-            Logits::Last => (n - 1, 1),
+        // The rows whose logits are wanted, normalised into `xn`.
+        let rows = match which {
+            Logits::All => {
+                norm_rows(&ws.x, &self.w.out_norm, c.rms_eps, &mut ws.xn);
+                n
+            }
+            Logits::Last => {
+                let mut end = 0;
+                for (q, dst) in seqs.iter().zip(ws.xn.chunks_exact_mut(h)) {
+                    end += q.tokens.len();
+                    let src = &ws.x[(end - 1) * h..end * h];
+                    ops::rms_norm(src, &self.w.out_norm, c.rms_eps, dst);
+                }
+                seqs.len()
+            }
         };
-        let xs = &ws.x[first * h..n * h];
-        norm_rows(xs, &self.w.out_norm, c.rms_eps, &mut ws.xn[..rows * h]);
         ws.logits.resize(rows * c.vocab_size, 0.0);
         self.w
             .head

@@ -20,28 +20,7 @@ use std::time::{Duration, Instant};
 
 use engine::model::kv_cache::{CacheType, KvCache};
 use engine::model::moe::RoutedExperts;
-use engine::model::{Logits, Model, Workspace};
-
-// TEMP until the engine's batched forward lands.
-pub struct BatchSeq<'a> {
-    pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
-}
-fn forward_batch_tmp<'w>(
-    m: &Model,
-    seqs: &mut [BatchSeq<'_>],
-    e: &dyn RoutedExperts,
-    ws: &mut Workspace,
-    out: &'w mut Vec<f32>,
-) -> Result<&'w [f32], engine::model::ForwardError> {
-    out.clear();
-    for s in seqs.iter_mut() {
-        let r = m.forward(s.tokens, s.cache, e, ws, Logits::Last)?;
-        out.extend_from_slice(r);
-    }
-    Ok(out)
-}
-
+use engine::model::{BatchSeq, Model, Workspace};
 use engine::sampling::{Sampler, SamplingParams};
 use tokio::sync::mpsc;
 
@@ -239,6 +218,8 @@ struct Active {
     queued_at: Instant,
     /// Tokens this step feeds (a prompt chunk or `next`); 0 when it sits this step out.
     step_tokens: usize,
+    /// Sampled a token this step (sent once the step's counters are updated).
+    sampled: bool,
     ended: bool,
 }
 
@@ -324,6 +305,7 @@ impl Loop {
             generated: 0,
             queued_at: q.at,
             step_tokens: 0,
+            sampled: false,
             ended: false,
             job: q.job,
         });
@@ -361,14 +343,9 @@ impl Loop {
                 cache: &mut s.cache,
             })
             .collect();
-        let mut tmp = Vec::new();
-        let result = forward_batch_tmp(
-            &self.model,
-            &mut seqs,
-            self.experts.as_ref(),
-            &mut self.ws,
-            &mut tmp,
-        );
+        let result = self
+            .model
+            .forward_batch(&mut seqs, self.experts.as_ref(), &mut self.ws);
         drop(seqs);
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
@@ -412,25 +389,30 @@ impl Loop {
                 self.metrics.ttft.observe(s.queued_at.elapsed());
             }
             s.generated += 1;
+            s.next = [tok];
+            s.sampled = true;
             generated += 1;
-            if s.job.events.send(Event::Token(tok)).is_err() {
-                s.ended = true;
-            } else if self.rules.stop_ids.contains(&tok) {
-                s.finish(Finish::Stop);
-            } else if s.generated >= s.job.max_new_tokens || s.cache.len() >= s.cache.capacity() {
-                s.finish(Finish::Length);
-            } else {
-                s.next = [tok];
-            }
         }
-        // In admission order still: earlier requests keep their prefill priority.
-        self.active.retain(|s| !s.ended);
+        // Counted before anyone hears of the tokens, so the metrics never lag the answers.
         self.metrics
             .generated_tokens
             .fetch_add(generated, Ordering::Relaxed);
         self.metrics
             .prompt_tokens
             .fetch_add(prompt, Ordering::Relaxed);
+        for s in self.active.iter_mut().filter(|s| s.sampled) {
+            s.sampled = false;
+            let tok = s.next[0];
+            if s.job.events.send(Event::Token(tok)).is_err() {
+                s.ended = true;
+            } else if self.rules.stop_ids.contains(&tok) {
+                s.finish(Finish::Stop);
+            } else if s.generated >= s.job.max_new_tokens || s.cache.len() >= s.cache.capacity() {
+                s.finish(Finish::Length);
+            }
+        }
+        // In admission order still: earlier requests keep their prefill priority.
+        self.active.retain(|s| !s.ended);
         if generated > 0 {
             (self.on_tokens)(generated);
         }

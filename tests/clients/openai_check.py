@@ -40,6 +40,7 @@ def main():
     )
     msg = whole.choices[0].message
     check(whole.object == "chat.completion", "chat object")
+    check(whole.model == model, f"the response names the listed model: {whole.model}")
     check(whole.choices[0].finish_reason in ("stop", "length"), "finish reason")
     check(whole.usage.completion_tokens >= 1, "usage counts the answer")
     check(
@@ -64,14 +65,16 @@ def main():
         stream=True,
         stream_options={"include_usage": True},
     )
-    s_content, s_reasoning, finish, usage = "", "", None, None
+    s_content, s_reasoning, finish, usage, ids = "", "", None, None, set()
     for chunk in stream:
+        ids.add(chunk.id)
         if chunk.usage is not None:
             usage = chunk.usage
         for c in chunk.choices:
             s_content += c.delta.content or ""
             s_reasoning += getattr(c.delta, "reasoning_content", None) or ""
             finish = c.finish_reason or finish
+    check(len(ids) == 1, f"one id for all chunks: {ids}")
     check(s_content == (msg.content or ""), "streamed content equals the whole answer")
     check(s_reasoning == (reasoning or ""), "streamed reasoning equals the whole answer's")
     check(finish == whole.choices[0].finish_reason, "streamed finish reason")

@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::cluster::{cluster_bin, spawn, start_cluster};
+use common::cluster::{cluster_bin, output_within, spawn, start_cluster};
 use engine::model::ModelFile;
 use engine::synth::{write_model, SynthSpec};
 use serde_json::{json, Value};
@@ -18,31 +17,11 @@ use serde_json::{json, Value};
 /// Runs the CLI with `args` (and `stdin`), failing the test if it takes longer than `limit`.
 fn cli(args: &[&str], env: &[(&str, &Path)], stdin: &str, limit: Duration) -> Output {
     let mut cmd = Command::new(cluster_bin());
-    cmd.args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let started = Instant::now();
-    let mut child = cmd.spawn().expect("starting cluster");
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.as_bytes()).unwrap();
-    drop(input);
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        let out = child.wait_with_output().unwrap();
-        (out, started.elapsed())
-    });
-    while !watchdog.is_finished() {
-        if started.elapsed() > limit {
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-            panic!("cluster {args:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    watchdog.join().unwrap().0
+    output_within(&mut cmd, stdin, limit)
 }
 
 fn text(b: &[u8]) -> String {

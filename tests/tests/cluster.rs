@@ -11,11 +11,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{coordinator_bin, spawn, start_cluster, worker_bin, Worker};
+use common::cluster::{coordinator_bin, spawn, start_cluster, worker_bin, Serve, Worker, HALF};
 use coordinator::server::Cluster;
 use engine::model::kv_cache::CacheType;
 use engine::model::moe::{ExpertError, RoutedExperts};
@@ -23,10 +23,6 @@ use engine::model::weights::ExpertFilter;
 use engine::model::{ForwardError, Logits, Model, ModelFile, Workspace};
 use engine::synth::{write_model, SynthSpec};
 use proto::wire::Dtype;
-
-/// Memory for exactly 32 of the tiny model's experts (196,608 bytes each in BF16), so that two
-/// workers split the 64 experts evenly and neither can take over the other's share.
-const HALF: &str = "0.00586";
 
 fn spawn_worker(
     addr: &str,
@@ -492,94 +488,6 @@ fn a_gpu_worker_serves_the_same_logits() {
 // ---------------------------------------------------------------------------------------------
 // Everything as processes: `coordinator serve --prompt` and three `worker`s on an oracle model
 // against `coordinator generate` in one process.
-
-/// `coordinator serve` as a child process; its stderr is collected on a thread.
-struct Serve {
-    child: Child,
-    addr: String,
-    token: String,
-    log: Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Serve {
-    /// Starts `coordinator serve` on an ephemeral port with `args` and waits for the line that
-    /// gives its address and join token.
-    fn start(model: &Path, state: &Path, args: &[String]) -> Serve {
-        use std::io::BufRead;
-        let mut child = Command::new(coordinator_bin())
-            .arg("serve")
-            .arg("--model")
-            .arg(model)
-            .arg("--state-dir")
-            .arg(state)
-            .args(["--listen", "127.0.0.1:0", "--threads", "1"])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting coordinator serve");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("start workers with: worker --coordinator ") {
-                    let mut words = rest.split_whitespace();
-                    let addr = words.next().unwrap_or_default().to_string();
-                    let token = words.nth(1).unwrap_or_default().to_string();
-                    let _ = tx.send((addr, token));
-                }
-                log2.lock().unwrap().push(line);
-            }
-        });
-        let Ok((addr, token)) = rx.recv_timeout(Duration::from_secs(60)) else {
-            panic!(
-                "serve never said where it listens: {:?}",
-                log.lock().unwrap()
-            );
-        };
-        Serve {
-            child,
-            addr,
-            token,
-            log,
-        }
-    }
-
-    /// Waits for the process to end (it does after `--prompt`); panics with its log if it
-    /// fails or takes longer than `timeout`.
-    fn wait(&mut self, timeout: Duration) {
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                // Give the reader thread a moment to collect the last lines.
-                std::thread::sleep(Duration::from_millis(100));
-                assert!(
-                    st.success(),
-                    "serve failed: {:#?}",
-                    self.log.lock().unwrap()
-                );
-                return;
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "serve did not finish within {timeout:?}: {:#?}",
-                self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
 
 /// `gen_ids.npy` and `logits.npy` as `--logits-out` writes them: tokens, rows, vocab.
 fn read_outputs(dir: &Path) -> (Vec<u32>, Vec<f32>, usize) {

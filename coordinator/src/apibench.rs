@@ -99,12 +99,11 @@ pub fn run(a: BenchApiArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let url = format!("{}/chat/completions", a.api.trim_end_matches('/'));
-    let url = if url.contains("/v1/") {
-        url
-    } else {
-        format!("{}/v1/chat/completions", a.api.trim_end_matches('/'))
-    };
+    let base = a.api.trim_end_matches('/');
+    let url = format!(
+        "{}/v1/chat/completions",
+        base.strip_suffix("/v1").unwrap_or(base)
+    );
     let http = reqwest::Client::new();
     rt.block_on(async {
         // Warm-up: the first request pays for page faults and lazy allocations.

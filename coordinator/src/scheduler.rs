@@ -292,8 +292,8 @@ impl Loop {
     }
 
     fn admit(&mut self, q: Queued) {
-        let n = q.job.prompt.len();
-        let capacity = (n + q.job.max_new_tokens).min(self.cfg.max_context);
+        // Prompt and answer fit the context (`submit` capped the answer).
+        let capacity = q.job.prompt.len() + q.job.max_new_tokens;
         let sampler = Sampler::new(q.job.sampling)
             .with_banned_from(self.rules.banned_from)
             .with_banned_ids(self.rules.banned_ids.iter().copied());
@@ -407,7 +407,8 @@ impl Loop {
                 s.ended = true;
             } else if self.rules.stop_ids.contains(&tok) {
                 s.finish(Finish::Stop);
-            } else if s.generated >= s.job.max_new_tokens || s.cache.len() >= s.cache.capacity() {
+            } else if s.generated >= s.job.max_new_tokens {
+                // `submit` capped the answer to the context, so the cache never runs out.
                 s.finish(Finish::Length);
             }
         }

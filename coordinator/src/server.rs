@@ -324,7 +324,7 @@ impl crate::api::ClusterView for Cluster {
     }
 
     fn tokens_per_second(&self) -> f64 {
-        self.status().tokens_per_second
+        tokens_per_second(&self.shared)
     }
 
     fn worker_stats(&self) -> Vec<(String, Arc<crate::remote::WorkerStats>)> {
@@ -572,12 +572,16 @@ fn status(shared: &Shared) -> control::ClusterStatus {
         all_placed: m.is_planned(),
         all_loaded: m.is_serving(),
         workers,
-        tokens_per_second: shared
-            .tokens
-            .lock()
-            .expect("token meter lock")
-            .rate(Instant::now()),
+        tokens_per_second: tokens_per_second(shared),
     }
+}
+
+fn tokens_per_second(shared: &Shared) -> f64 {
+    shared
+        .tokens
+        .lock()
+        .expect("token meter lock")
+        .rate(Instant::now())
 }
 
 struct Service(Arc<Shared>);

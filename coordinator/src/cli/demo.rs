@@ -104,7 +104,11 @@ fn wait_line(
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => children.check(logs)?,
-            Err(mpsc::RecvTimeoutError::Disconnected) => children.check(logs)?,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // Its stderr closed: it is exiting.
+                children.check(logs)?;
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
     }
     bail!(

@@ -35,6 +35,22 @@ fn spawn_worker(
     spawn(addr, token, Some(model), None, state, name, memory_gib)
 }
 
+/// The tiny synthetic model, written into `dir` and loaded.
+fn tiny_model(dir: &Path) -> (PathBuf, Arc<ModelFile>, Arc<Model>) {
+    let path = dir.join("tiny.gguf");
+    write_model(&path, &SynthSpec::tiny()).unwrap();
+    let file = Arc::new(ModelFile::open(&path).unwrap());
+    let model = Arc::new(file.load_model().unwrap());
+    (path, file, model)
+}
+
+/// Logits of `tokens` (every row) with every expert in this process: what the cluster must
+/// reproduce.
+fn reference(file: &ModelFile, model: &Arc<Model>, tokens: &[u32]) -> Vec<f32> {
+    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
+    forward_on_thread(model.clone(), local, tokens.to_vec()).unwrap()
+}
+
 fn forward_on_thread(
     model: Arc<Model>,
     experts: Arc<dyn RoutedExperts>,
@@ -74,14 +90,10 @@ fn argmax_rows(l: &[f32], vocab: usize) -> Vec<usize> {
 #[test]
 fn two_workers_serve_the_experts_survive_a_loss_and_refuse_a_wrong_token() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_model(&path, &SynthSpec::tiny()).unwrap();
-    let file = Arc::new(ModelFile::open(&path).unwrap());
-    let model = Arc::new(file.load_model().unwrap());
-    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
+    let (path, file, model) = tiny_model(dir.path());
     let vocab = model.cfg.vocab_size;
     let tokens: Vec<u32> = vec![1, 17, 300, 42, 7, 999, 5, 64];
-    let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
+    let want = reference(&file, &model, &tokens);
 
     let (rt, cluster) = start_cluster(
         dir.path(),
@@ -252,18 +264,14 @@ const EXPERT_BYTES: u64 = 196_608;
 #[test]
 fn a_worker_without_the_model_streams_its_experts_then_reuses_its_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_model(&path, &SynthSpec::tiny()).unwrap();
-    let file = Arc::new(ModelFile::open(&path).unwrap());
-    let model = Arc::new(file.load_model().unwrap());
+    let (path, file, model) = tiny_model(dir.path());
     assert!(file
         .expert_layout()
         .unwrap()
         .iter()
         .all(|&(_, _, b)| b == EXPERT_BYTES));
-    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
     let tokens: Vec<u32> = vec![3, 77, 512, 9, 1000, 2];
-    let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
+    let want = reference(&file, &model, &tokens);
 
     let (rt, cluster) = start_cluster(
         dir.path(),
@@ -440,13 +448,9 @@ fn a_gpu_worker_serves_the_same_logits() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_model(&path, &SynthSpec::tiny()).unwrap();
-    let file = Arc::new(ModelFile::open(&path).unwrap());
-    let model = Arc::new(file.load_model().unwrap());
-    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
+    let (path, file, model) = tiny_model(dir.path());
     let tokens: Vec<u32> = vec![1, 17, 300, 42, 7, 999, 5, 64];
-    let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
+    let want = reference(&file, &model, &tokens);
     let (rt, cluster) = start_cluster(
         dir.path(),
         &file,
@@ -717,10 +721,7 @@ fn generate_on_thread(
 fn a_worker_killed_mid_generation_fails_it_quickly_and_its_restart_restores_service() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_model(&path, &SynthSpec::tiny()).unwrap();
-    let file = Arc::new(ModelFile::open(&path).unwrap());
-    let model = Arc::new(file.load_model().unwrap());
+    let (path, file, model) = tiny_model(dir.path());
     let (rt, cluster) = start_cluster(
         dir.path(),
         &file,
@@ -853,13 +854,9 @@ async fn client_as(addr: &str, identity: &proto::trust::Identity) -> proto::cont
 fn a_drained_worker_hands_its_experts_over_without_a_gap() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_model(&path, &SynthSpec::tiny()).unwrap();
-    let file = Arc::new(ModelFile::open(&path).unwrap());
-    let model = Arc::new(file.load_model().unwrap());
-    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
+    let (path, file, model) = tiny_model(dir.path());
     let tokens: Vec<u32> = vec![1, 17, 300, 42, 7, 999, 5, 64];
-    let want = forward_on_thread(model.clone(), local, tokens.clone()).unwrap();
+    let want = reference(&file, &model, &tokens);
     let (rt, cluster) = start_cluster(
         dir.path(),
         &file,

@@ -19,6 +19,13 @@ use crate::quant::{self, QuantType};
 
 /// A row kernel: `(n, weight row bytes, activation row bytes) -> dot`.
 type DotFn = fn(usize, &[u8], &[u8]) -> f32;
+/// A multi-token row kernel (see `quant::avx2::MultiDotFn`).
+type MultiDotFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
+/// Tokens per pass of a multi-token integer kernel.
+#[cfg(target_arch = "x86_64")]
+const MULTI_I8: usize = quant::avx2::MULTI;
+#[cfg(not(target_arch = "x86_64"))]
+const MULTI_I8: usize = 4;
 use crate::tensor::Matrix;
 
 /// Rows per chunk are a multiple of this (64 bytes of f32 output: no false sharing).
@@ -197,6 +204,23 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
             r0 = r1;
             continue;
         }
+        if let Some(multi) = dot.multi {
+            // Integer kernels: each weight block is unpacked once for up to MULTI tokens.
+            let mut t0 = 0;
+            while t0 < n {
+                let g = (n - t0).min(MULTI_I8);
+                let mut res = [0f32; MULTI_I8];
+                for r in r0..r1 {
+                    multi(w.cols, w.row(r), &xq[t0 * arb..], arb, &mut res[..g]);
+                    for (i, &v) in res[..g].iter().enumerate() {
+                        out.slice((t0 + i) * w.rows + r, 1)[0] = v;
+                    }
+                }
+                t0 += g;
+            }
+            r0 = r1;
+            continue;
+        }
         for t in 0..n {
             let x = &xq[t * arb..(t + 1) * arb];
             let o = out.slice(t * w.rows + r0, r1 - r0);
@@ -237,6 +261,8 @@ struct RowDot<'a> {
     w: &'a Matrix,
     data: &'a [u8],
     kind: Kind,
+    /// With int8 activations: the kernel that takes several tokens per weight pass.
+    multi: Option<MultiDotFn>,
 }
 
 enum Kind {
@@ -271,10 +297,15 @@ impl<'a> RowDot<'a> {
                 None => Kind::PortableInt8(w.ty),
             }
         };
+        let multi = match kind {
+            Kind::Fast(_) if w.act_type() != QuantType::F32 => fast_kernel_multi(w.ty),
+            _ => None,
+        };
         RowDot {
             w,
             data: &w.data,
             kind,
+            multi,
         }
     }
 
@@ -318,6 +349,16 @@ fn fast_kernel(ty: QuantType) -> Option<DotFn> {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn fast_kernel(_ty: QuantType) -> Option<DotFn> {
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fast_kernel_multi(ty: QuantType) -> Option<MultiDotFn> {
+    quant::avx2::kernel_multi(ty)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fast_kernel_multi(_ty: QuantType) -> Option<MultiDotFn> {
     None
 }
 

@@ -57,6 +57,34 @@ pub fn kernel(ty: QuantType) -> Option<DotFn> {
     Some(f)
 }
 
+/// Tokens a multi-token kernel takes at once.
+pub const MULTI: usize = 4;
+
+/// A multi-token kernel: `(n, weight row, activation rows, stride, out)` sets `out[t]` to the
+/// dot of the weight row with the activation row at byte `t * stride`, for `t < out.len()`
+/// (at most [`MULTI`]). Each token's result is bit for bit what the one-token kernel gives:
+/// the same operations in the same order, only the weight unpacking is shared.
+pub type MultiDotFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
+
+/// The multi-token kernel for weights of type `ty`, where there is one (the common K-quant and
+/// legacy types; prefill's batched products use it).
+pub fn kernel_multi(ty: QuantType) -> Option<MultiDotFn> {
+    if !full() {
+        return None;
+    }
+    use QuantType::*;
+    let f: MultiDotFn = match ty {
+        Q4_K => q4_k_multi,
+        Q5_K => q5_k_multi,
+        Q6_K => q6_k_multi,
+        Q8_0 => q8_0_multi,
+        Q4_0 => q4_0_multi,
+        Q5_0 => q5_0_multi,
+        _ => return None,
+    };
+    Some(f)
+}
+
 /// `Some(dot)` when an AVX2 kernel exists for `ty`, `None` to fall back to the portable one.
 #[inline]
 pub fn vec_dot(ty: QuantType, n: usize, w: &[u8], a: &[u8]) -> Option<f32> {
@@ -114,6 +142,36 @@ wrapper!(q5_1, q5_1_avx2, 32, 24, 36);
 wrapper!(f32_row, f32_avx2, 1, 4, 4);
 wrapper!(f16_row, f16_avx2, 1, 2, 4);
 wrapper!(bf16_row, bf16_avx2, 1, 2, 4);
+
+macro_rules! wrapper_multi {
+    ($name:ident, $kern:ident, $be:expr, $wb:expr, $ab:expr) => {
+        fn $name(n: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
+            let t = out.len();
+            assert!((1..=MULTI).contains(&t), "1 to {MULTI} tokens, not {t}");
+            let nb = check(n, w, &a[(t - 1) * stride..], $be, $wb, $ab);
+            assert!(stride >= nb * $ab, "activation rows overlap");
+            let p = |k: usize| a[k * stride..].as_ptr();
+            let w = w.as_ptr();
+            // SAFETY: as in `wrapper!`; the last row is checked above and the earlier ones lie
+            // before it, `stride` apart and no shorter.
+            unsafe {
+                match t {
+                    1 => out.copy_from_slice(&$kern::<1>(nb, w, [p(0)])),
+                    2 => out.copy_from_slice(&$kern::<2>(nb, w, [p(0), p(1)])),
+                    3 => out.copy_from_slice(&$kern::<3>(nb, w, [p(0), p(1), p(2)])),
+                    _ => out.copy_from_slice(&$kern::<4>(nb, w, [p(0), p(1), p(2), p(3)])),
+                }
+            }
+        }
+    };
+}
+
+wrapper_multi!(q4_k_multi, q4_k_n, QK_K, 144, 292);
+wrapper_multi!(q5_k_multi, q5_k_n, QK_K, 176, 292);
+wrapper_multi!(q6_k_multi, q6_k_n, QK_K, 210, 292);
+wrapper_multi!(q8_0_multi, q8_0_n, 32, 34, 34);
+wrapper_multi!(q4_0_multi, q4_0_n, 32, 18, 34);
+wrapper_multi!(q5_0_multi, q5_0_n, 32, 22, 34);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -176,12 +234,11 @@ unsafe fn hsum_ps128(s: __m128) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Signed 8-bit `x · y`, summed in groups of four into 8 i32. `y` must not hold -128
-/// (activations never do: they are quantised to ±127).
+/// Signed 8-bit `x · y`, summed in groups of four into 8 i32, given `ax = |x|` (shared by
+/// several `y`). `y` must not hold -128 (activations never do: they are quantised to ±127).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
-    let ax = _mm256_sign_epi8(x, x);
+unsafe fn dot_i8_split(ax: __m256i, x: __m256i, y: __m256i) -> __m256i {
     let sy = _mm256_sign_epi8(y, x);
     _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
 }
@@ -237,56 +294,115 @@ unsafe fn pair_scales(sc: __m128i, i: usize) -> __m256i {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
+    q8_0_n::<1>(nb, w, [a])[0]
+}
+
+/// Q8_0 rows against `T` activation rows: each weight block is loaded and its sign split
+/// once for all of them. Two accumulator chains per token (even and odd blocks).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    let mut acc0 = [_mm256_setzero_ps(); T];
+    let mut acc1 = [_mm256_setzero_ps(); T];
     let mut i = 0;
     while i + 2 <= nb {
-        let (x0, y0) = (w.add(i * 34), a.add(i * 34));
-        let (x1, y1) = (x0.add(34), y0.add(34));
-        let p0 = dot_i8(ld(x0.add(2)), ld(y0.add(2)));
-        let p1 = dot_i8(ld(x1.add(2)), ld(y1.add(2)));
-        let d0 = _mm256_mul_ps(f16x8(x0), f16x8(y0));
-        let d1 = _mm256_mul_ps(f16x8(x1), f16x8(y1));
-        acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+        let (x0, x1) = (w.add(i * 34), w.add(i * 34 + 34));
+        let (q0, q1) = (ld(x0.add(2)), ld(x1.add(2)));
+        let (a0, a1) = (_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(q1, q1));
+        let (dx0, dx1) = (f16x8(x0), f16x8(x1));
+        for t in 0..T {
+            let (y0, y1) = (a[t].add(i * 34), a[t].add(i * 34 + 34));
+            let p0 = dot_i8_split(a0, q0, ld(y0.add(2)));
+            let p1 = dot_i8_split(a1, q1, ld(y1.add(2)));
+            let d0 = _mm256_mul_ps(dx0, f16x8(y0));
+            let d1 = _mm256_mul_ps(dx1, f16x8(y1));
+            acc0[t] = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0[t]);
+            acc1[t] = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1[t]);
+        }
         i += 2;
     }
     if i < nb {
-        let (x, y) = (w.add(i * 34), a.add(i * 34));
-        let p = dot_i8(ld(x.add(2)), ld(y.add(2)));
-        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
-        acc0 = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc0);
+        let x = w.add(i * 34);
+        let q = ld(x.add(2));
+        let aq = _mm256_sign_epi8(q, q);
+        let dx = f16x8(x);
+        for t in 0..T {
+            let y = a[t].add(i * 34);
+            let p = dot_i8_split(aq, q, ld(y.add(2)));
+            let d = _mm256_mul_ps(dx, f16x8(y));
+            acc0[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc0[t]);
+        }
     }
-    hsum_ps(_mm256_add_ps(acc0, acc1))
+    let mut out = [0f32; T];
+    for t in 0..T {
+        out[t] = hsum_ps(_mm256_add_ps(acc0[t], acc1[t]));
+    }
+    out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
+    q4_0_n::<1>(nb, w, [a])[0]
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
-        let (x, y) = (w.add(i * 18), a.add(i * 34));
+        let x = w.add(i * 18);
         let q = _mm256_sub_epi8(nibbles_32(x.add(2)), _mm256_set1_epi8(8));
-        let p = dot_i8(q, ld(y.add(2)));
-        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        legacy_block_i8(&mut acc, q, f16x8(x), a, i * 34);
     }
-    hsum_ps(acc)
+    hsums(acc)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_0_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
+    q5_0_n::<1>(nb, w, [a])[0]
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
-        let (x, y) = (w.add(i * 22), a.add(i * 34));
+        let x = w.add(i * 22);
         // q - 16: a clear fifth bit means the value is nibble - 16, i.e. the nibble with its
         // top four bits set (two's complement).
         let hi = _mm256_andnot_si256(bits_32(x.add(2)), _mm256_set1_epi8(0xf0u8 as i8));
         let q = _mm256_or_si256(nibbles_32(x.add(6)), hi);
-        let p = dot_i8(q, ld(y.add(2)));
-        let d = _mm256_mul_ps(f16x8(x), f16x8(y));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        legacy_block_i8(&mut acc, q, f16x8(x), a, i * 34);
     }
-    hsum_ps(acc)
+    hsums(acc)
+}
+
+/// One signed 32-value weight block `q` (scale `dx`) against the Q8_0 block at byte `off` of
+/// each of `T` activation rows, into their accumulators.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy_block_i8<const T: usize>(
+    acc: &mut [__m256; T],
+    q: __m256i,
+    dx: __m256,
+    a: [*const u8; T],
+    off: usize,
+) {
+    let aq = _mm256_sign_epi8(q, q);
+    for t in 0..T {
+        let y = a[t].add(off);
+        let p = dot_i8_split(aq, q, ld(y.add(2)));
+        let d = _mm256_mul_ps(dx, f16x8(y));
+        acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[t]);
+    }
+}
+
+/// Each accumulator's horizontal sum.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsums<const T: usize>(acc: [__m256; T]) -> [f32; T] {
+    let mut out = [0f32; T];
+    for t in 0..T {
+        out[t] = hsum_ps(acc[t]);
+    }
+    out
 }
 
 /// `Σ (d·q + m)·dy·qy = d·dy·Σ q·qy + m·s` where Q8_1's `s = dy·Σ qy`.
@@ -362,56 +478,76 @@ unsafe fn k4_mins_dot(mn: __m128i, y: *const u8) -> __m256i {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm256_setzero_ps();
-    for i in 0..nb {
-        let (x, y) = (w.add(i * 144), a.add(i * 292));
-        let yd = f32x8(y);
-        let d = _mm256_mul_ps(yd, f16x8(x));
-        let dmin = _mm256_mul_ps(yd, f16x8(x.add(2)));
-        let (sc, mn) = k4_scales_mins_split(x.add(4));
-        acc_m = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(k4_mins_dot(mn, y)), acc_m);
-        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
+    q4_k_n::<1>(nb, w, [a])[0]
+}
 
+/// Q4_K rows against `T` Q8_K rows: each block's nibbles and scales are unpacked once for
+/// all of them.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for i in 0..nb {
+        let x = w.add(i * 144);
+        let (sc, mn) = k4_scales_mins_split(x.add(4));
+        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
         let qs = x.add(16);
-        let q8 = y.add(Y_QS);
-        let mut sum_l = _mm256_setzero_si256();
-        let mut sum_h = _mm256_setzero_si256();
+        let mut sumi = [_mm256_setzero_si256(); T];
         for j in 0..4 {
             let bits = ld(qs.add(32 * j));
             let lo = _mm256_and_si256(bits, m4);
             let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-            let pl = _mm256_maddubs_epi16(lo, ld(q8.add(64 * j)));
-            let ph = _mm256_maddubs_epi16(hi, ld(q8.add(64 * j + 32)));
-            sum_l = _mm256_add_epi32(sum_l, _mm256_madd_epi16(scale_k(sc, 2 * j), pl));
-            sum_h = _mm256_add_epi32(sum_h, _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph));
+            let (sl, sh) = (scale_k(sc, 2 * j), scale_k(sc, 2 * j + 1));
+            for t in 0..T {
+                let q8 = a[t].add(i * 292 + Y_QS);
+                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, ld(q8.add(64 * j))));
+                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, ld(q8.add(64 * j + 32))));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
+            }
         }
-        let sumi = _mm256_add_epi32(sum_l, sum_h);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        k4_block_end(&mut acc, &sumi, x, mn, a, i * 292);
     }
-    hsum_ps(_mm256_add_ps(acc, acc_m))
+    hsums(acc)
+}
+
+/// The float part of a Q4_K/Q5_K block for `T` tokens: `acc += d·dy·Σ sc·q·y − dmin·dy·Σ m·bsum`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_block_end<const T: usize>(
+    acc: &mut [__m256; T],
+    sumi: &[__m256i; T],
+    x: *const u8,
+    mn: __m128i,
+    a: [*const u8; T],
+    off: usize,
+) {
+    let (dx, dminx) = (f16x8(x), f16x8(x.add(2)));
+    for t in 0..T {
+        let y = a[t].add(off);
+        let yd = f32x8(y);
+        let mins = _mm256_cvtepi32_ps(k4_mins_dot(mn, y));
+        acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(yd, dminx), mins, acc[t]);
+        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(yd, dx), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    q5_k_n::<1>(nb, w, [a])[0]
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
     let m4 = _mm256_set1_epi8(0x0f);
     let one = _mm256_set1_epi8(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
-        let (x, y) = (w.add(i * 176), a.add(i * 292));
-        let yd = f32x8(y);
-        let d = _mm256_mul_ps(yd, f16x8(x));
-        let dmin = _mm256_mul_ps(yd, f16x8(x.add(2)));
+        let x = w.add(i * 176);
         let (sc, mn) = k4_scales_mins_split(x.add(4));
-        acc_m = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(k4_mins_dot(mn, y)), acc_m);
         let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
-
         let mut hbits = ld(x.add(16));
         let qs = x.add(48);
-        let q8 = y.add(Y_QS);
-        let mut sumi = _mm256_setzero_si256();
+        let mut sumi = [_mm256_setzero_si256(); T];
         for j in 0..4 {
             let bits = ld(qs.add(32 * j));
             // Bit 2j of qh[l] is the fifth bit of the low-nibble value l, bit 2j+1 of the high.
@@ -420,15 +556,17 @@ unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
             hbits = _mm256_srli_epi16(hbits, 2);
             let lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h_lo);
             let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h_hi);
-            let pl = _mm256_maddubs_epi16(lo, ld(q8.add(64 * j)));
-            let ph = _mm256_maddubs_epi16(hi, ld(q8.add(64 * j + 32)));
-            let pl = _mm256_madd_epi16(scale_k(sc, 2 * j), pl);
-            let ph = _mm256_madd_epi16(scale_k(sc, 2 * j + 1), ph);
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            let (sl, sh) = (scale_k(sc, 2 * j), scale_k(sc, 2 * j + 1));
+            for t in 0..T {
+                let q8 = a[t].add(i * 292 + Y_QS);
+                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, ld(q8.add(64 * j))));
+                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, ld(q8.add(64 * j + 32))));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
+            }
         }
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        k4_block_end(&mut acc, &sumi, x, mn, a, i * 292);
     }
-    hsum_ps(_mm256_add_ps(acc, acc_m))
+    hsums(acc)
 }
 
 /// `Σ_k sc_k · bsum_k` over the 16 per-16 scales (i8) of a Q2_K/Q3_K/Q6_K block, as 8 i32.
@@ -440,16 +578,22 @@ unsafe fn scaled_bsums(sc: __m128i, y: *const u8) -> __m256i {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
+    q6_k_n::<1>(nb, w, [a])[0]
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
     let m4 = _mm256_set1_epi8(0x0f);
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
-        let (x, y) = (w.add(i * 210), a.add(i * 292));
-        let d = _mm256_mul_ps(f32x8(y), f16x8(x.add(208)));
+        let x = w.add(i * 210);
         let sc = ld128(x.add(192));
-        let q8 = y.add(Y_QS);
         // Values are stored as q + 32 (unsigned 0..63): subtract 32·Σ sc·bsum once.
-        let mut sumi = _mm256_slli_epi32(scaled_bsums(sc, y), 5);
-        sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+        let mut sumi = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            let sb = _mm256_slli_epi32(scaled_bsums(sc, a[t].add(i * 292)), 5);
+            sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(), sb);
+        }
         for h in 0..2 {
             let ql = x.add(64 * h);
             let qh = ld(x.add(128 + 32 * h));
@@ -474,15 +618,22 @@ unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
                     _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xc0u8 as i8)), 2),
                 ),
             ];
-            for (t, &qt) in q.iter().enumerate() {
-                let p = _mm256_maddubs_epi16(qt, ld(q8.add(128 * h + 32 * t)));
-                let p = _mm256_madd_epi16(pair_scales(sc, 4 * h + t), p);
-                sumi = _mm256_add_epi32(sumi, p);
+            for (k, &qk) in q.iter().enumerate() {
+                let s = pair_scales(sc, 4 * h + k);
+                for t in 0..T {
+                    let y = a[t].add(i * 292 + Y_QS + 128 * h + 32 * k);
+                    let p = _mm256_madd_epi16(s, _mm256_maddubs_epi16(qk, ld(y)));
+                    sumi[t] = _mm256_add_epi32(sumi[t], p);
+                }
             }
         }
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        let dx = f16x8(x.add(208));
+        for t in 0..T {
+            let d = _mm256_mul_ps(f32x8(a[t].add(i * 292)), dx);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        }
     }
-    hsum_ps(acc)
+    hsums(acc)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -783,6 +934,49 @@ mod tests {
                 as_.extend_from_slice(&a);
                 let got = kernel(ty).unwrap()(n, &ws[off..], &as_[off + 3..]);
                 assert_eq!(got.to_bits(), want.to_bits(), "{ty} offset {off}");
+            }
+        }
+    }
+
+    /// The multi-token kernels give each token exactly the one-token kernel's bits.
+    #[test]
+    fn multi_token_kernels_equal_the_one_token_kernel() {
+        if !full() {
+            return;
+        }
+        for ty in [
+            QuantType::Q4_K,
+            QuantType::Q5_K,
+            QuantType::Q6_K,
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q5_0,
+        ] {
+            let multi = kernel_multi(ty).expect("multi kernel");
+            let one = kernel(ty).unwrap();
+            for (k, n) in [256usize, 512, 768, 2048].into_iter().enumerate() {
+                let w = random_weights(ty, n, 7 + k as u64);
+                let at = ty.vec_dot_type();
+                let rb = at.row_bytes(n).unwrap();
+                // Rows with a gap between them: the stride need not be the row size.
+                let stride = rb + 3;
+                let mut a = vec![0u8; MULTI * stride];
+                for t in 0..MULTI {
+                    let row = random_activation(at, n, 50 + t as u64);
+                    a[t * stride..t * stride + rb].copy_from_slice(&row);
+                }
+                for count in 1..=MULTI {
+                    let mut out = vec![f32::NAN; count];
+                    multi(n, &w, &a, stride, &mut out);
+                    for (t, &o) in out.iter().enumerate() {
+                        let want = one(n, &w, &a[t * stride..t * stride + rb]);
+                        assert_eq!(
+                            o.to_bits(),
+                            want.to_bits(),
+                            "{ty} n={n} token {t} of {count}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -14,6 +14,7 @@ use crate::model::rope::RopeTable;
 use crate::model::weights::{AttnWeights, QProj};
 use crate::model::BatchSeq;
 use crate::quant;
+use crate::quant::f32dot::MULTI_MAX;
 use crate::tensor::{ActBuf, GroupBuf, Matrix};
 
 /// Reusable buffers of the attention block.
@@ -24,7 +25,11 @@ pub struct AttnScratch {
     kv: Vec<f32>,
     /// Cached rows converted to f32 when a cache stores f16/bf16, sequence after sequence.
     rows: Vec<f32>,
-    /// `n x heads x v_head`: concatenated head outputs.
+    /// `heads x n_pad x kv_lora`: absorbed queries, then attended latents.
+    q_abs: Vec<f32>,
+    latent: Vec<f32>,
+    /// `heads x n_pad x v_head`: head outputs, then `heads_out`: the same `n x heads x v_head`.
+    v_out: Vec<f32>,
     heads_out: Vec<f32>,
     /// Per row of the batch: its sequence and position.
     spans: Vec<(u32, u32)>,
@@ -41,18 +46,15 @@ thread_local! {
 
 #[derive(Default)]
 struct HeadScratch {
-    q_nope: Vec<f32>,
     q_pe: Vec<f32>,
-    q_abs: Vec<f32>,
     scores: Vec<f32>,
-    latent: Vec<f32>,
 }
 
 /// Runs attention for the tokens of several sequences, `xs` (`rows x hidden`, normalised)
 /// holding each sequence's tokens back to back in `seqs` order: sequence `i`'s tokens take
 /// positions `len..len + tokens.len()` of its own cache (their rows are written here) and
 /// attend to that cache only. Writes `out` (`rows x hidden`). The projections run over all
-/// rows together; the (token, head) pairs of all sequences run in one pool dispatch.
+/// rows together; the per-head work of all sequences runs in three pool dispatches.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     cfg: &ModelConfig,
@@ -66,7 +68,7 @@ pub fn forward(
     s: &mut AttnScratch,
 ) {
     let heads = cfg.n_heads;
-    let (nope, rd, lora, vh) = (cfg.qk_nope, cfg.qk_rope, cfg.kv_lora_rank, cfg.v_head);
+    let (nope, lora, vh) = (cfg.qk_nope, cfg.kv_lora_rank, cfg.v_head);
     let qk = cfg.qk_head();
     let row = cfg.cache_row();
     let n: usize = seqs.iter().map(|q| q.tokens.len()).sum();
@@ -126,12 +128,29 @@ pub fn forward(
         }
     }
 
-    // Attention per (token, head), in parallel on the kernels' pool.
-    s.heads_out.resize(n * heads * vh, 0.0);
-    let (q, spans, conv, converted) = (&s.q, &s.spans, &s.conv, &s.rows);
+    // Attention in three passes on the kernels' pool. The two per-head products run per head
+    // over groups of tokens (each weight block unpacked once per group); the scores and the
+    // attended latent per (token, head). Buffers are head-major (`heads x n_pad x width`), so
+    // every task writes one contiguous piece; `n_pad` rounds `n` up to whole groups.
+    let n_pad = n.next_multiple_of(MULTI_MAX);
+    let groups = n_pad / MULTI_MAX;
+    let pool = crate::cpu::pool::global();
+    let q = &s.q;
+    s.q_abs.resize(heads * n_pad * lora, 0.0);
+    pool.for_each_chunk_mut(&mut s.q_abs, MULTI_MAX * lora, |c, dst| {
+        let (h, t0) = (c / groups, (c % groups) * MULTI_MAX);
+        let xs = |t: usize| &q[(t * heads + h) * qk..(t * heads + h) * qk + nope];
+        head_products(&w.k_b[h], t0..n.min(t0 + MULTI_MAX), xs, dst);
+    });
+
+    s.latent.resize(heads * n_pad * lora, 0.0);
+    let (q_abs, spans, conv, converted) = (&s.q_abs, &s.spans, &s.conv, &s.rows);
     let seqs = &*seqs;
-    crate::cpu::pool::global().for_each_chunk_mut(&mut s.heads_out, vh, |th, o| {
-        let (t, h) = (th / heads, th % heads);
+    pool.for_each_chunk_mut(&mut s.latent, lora, |c, latent| {
+        let (h, t) = (c / n_pad, c % n_pad);
+        if t >= n {
+            return;
+        }
         let (i, pos) = (spans[t].0 as usize, spans[t].1 as usize);
         let rows = match conv[i] {
             usize::MAX => seqs[i]
@@ -140,64 +159,87 @@ pub fn forward(
                 .expect("an f32 cache"),
             at => &converted[at..at + (pos + 1) * row],
         };
-        let qh = &q[(t * heads + h) * qk..(t * heads + h + 1) * qk];
+        let q_pe = &q[(t * heads + h) * qk + nope..(t * heads + h + 1) * qk];
+        let q_abs = &q_abs[c * lora..(c + 1) * lora];
         HEAD_SCRATCH.with(|hs| {
             let hs = &mut *hs.borrow_mut();
-            one_head(
-                &w.k_b[h], &w.v_b[h], rope, scale, qh, nope, rd, lora, row, rows, pos, o, hs,
-            );
+            attend(rope, scale, q_abs, q_pe, lora, row, rows, pos, latent, hs);
         });
     });
+
+    s.v_out.resize(heads * n_pad * vh, 0.0);
+    let latent = &s.latent;
+    pool.for_each_chunk_mut(&mut s.v_out, MULTI_MAX * vh, |c, dst| {
+        let (h, t0) = (c / groups, (c % groups) * MULTI_MAX);
+        let xs = |t: usize| &latent[(h * n_pad + t) * lora..(h * n_pad + t + 1) * lora];
+        head_products(&w.v_b[h], t0..n.min(t0 + MULTI_MAX), xs, dst);
+    });
+    // Token-major for the output projection.
+    s.heads_out.resize(n * heads * vh, 0.0);
+    for (t, o) in s.heads_out.chunks_exact_mut(heads * vh).enumerate() {
+        for (h, oh) in o.chunks_exact_mut(vh).enumerate() {
+            oh.copy_from_slice(&s.v_out[(h * n_pad + t) * vh..(h * n_pad + t + 1) * vh]);
+        }
+    }
 
     w.o.matmul(&s.heads_out, n, out, &mut s.act);
 }
 
-/// One head of one token at position `pos` (attends to positions `0..=pos`).
+/// `dst[(t - t0) * rows + r] = m[r] · xs(t)` for the tokens `t` of `ts` (at most
+/// `MULTI_MAX`), single-threaded (already inside a parallel loop), with f32 activations: these
+/// are the small per-head matrices, where quantising the query or the attended latent to
+/// 8 bits would cost accuracy where the scores are most sensitive. Each token's result is the
+/// one-token dot's, bit for bit, whatever the group.
+fn head_products<'x>(
+    m: &Matrix,
+    ts: std::ops::Range<usize>,
+    xs: impl Fn(usize) -> &'x [f32],
+    dst: &mut [f32],
+) {
+    let t0 = ts.start;
+    let g = ts.len();
+    if g == 0 {
+        return;
+    }
+    let xs: [&[f32]; MULTI_MAX] = std::array::from_fn(|i| if i < g { xs(t0 + i) } else { &[] });
+    let mut res = [0f32; MULTI_MAX];
+    for r in 0..m.rows {
+        quant::f32dot::vec_dot_f32_multi(m.ty, m.row(r), &xs[..g], &mut res[..g]);
+        for (i, &v) in res[..g].iter().enumerate() {
+            dst[i * m.rows + r] = v;
+        }
+    }
+}
+
+/// One head of one token at position `pos` (attends to positions `0..=pos`): the scores of
+/// the absorbed query `q_abs` and the rotary part `q_pe` (rotated here) against the cached
+/// rows, and the attended latent `Σ_t p(t) c_t` into `latent`.
 #[allow(clippy::too_many_arguments)]
-fn one_head(
-    k_b: &Matrix,
-    v_b: &Matrix,
+fn attend(
     rope: &RopeTable,
     scale: f32,
-    qh: &[f32],
-    nope: usize,
-    rd: usize,
+    q_abs: &[f32],
+    q_pe: &[f32],
     lora: usize,
     row: usize,
     rows: &[f32],
     pos: usize,
-    out: &mut [f32],
+    latent: &mut [f32],
     hs: &mut HeadScratch,
 ) {
-    hs.q_nope.clear();
-    hs.q_nope.extend_from_slice(&qh[..nope]);
     hs.q_pe.clear();
-    hs.q_pe.extend_from_slice(&qh[nope..nope + rd]);
+    hs.q_pe.extend_from_slice(q_pe);
     rope.apply(&mut hs.q_pe, pos);
-
-    hs.q_abs.resize(lora, 0.0);
-    serial_matvec(k_b, &hs.q_nope, &mut hs.q_abs);
 
     hs.scores.resize(pos + 1, 0.0);
     for (p, sc) in hs.scores.iter_mut().enumerate() {
         let r = &rows[p * row..(p + 1) * row];
-        *sc = scale * (ops::dot(&hs.q_abs, &r[..lora]) + ops::dot(&hs.q_pe, &r[lora..]));
+        *sc = scale * (ops::dot(q_abs, &r[..lora]) + ops::dot(&hs.q_pe, &r[lora..]));
     }
     ops::softmax(&mut hs.scores);
 
-    hs.latent.clear();
-    hs.latent.resize(lora, 0.0);
+    latent.fill(0.0);
     for (p, &pr) in hs.scores.iter().enumerate() {
-        ops::axpy(&mut hs.latent, pr, &rows[p * row..p * row + lora]);
-    }
-    serial_matvec(v_b, &hs.latent, out);
-}
-
-/// Single-threaded matvec with f32 activations for the small per-head matrices (already inside
-/// a parallel loop): quantising `q_nope` or the attended latent to 8 bits would cost accuracy
-/// where the scores are most sensitive, and these products are a negligible share of the work.
-fn serial_matvec(m: &Matrix, x: &[f32], out: &mut [f32]) {
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = quant::vec_dot_f32(m.ty, m.row(r), x);
+        ops::axpy(latent, pr, &rows[p * row..p * row + lora]);
     }
 }

@@ -135,7 +135,9 @@ pub struct MatmulResult {
 pub struct CeilingResult {
     pub ty: QuantType,
     pub cols: usize,
-    /// Weight GB per second of CPU time.
+    /// Activation rows per weight pass: 1 (decode's kernel) or the multi-token kernel's width.
+    pub tokens: usize,
+    /// Weight GB per second of CPU time (each pass counted once, however many tokens).
     pub gb_per_cpu_s: f64,
     /// CPU time over wall time during the measurement (below 1: the core was shared).
     pub cpu_share: f64,
@@ -163,11 +165,14 @@ impl fmt::Display for BenchLine {
             ),
             BenchLine::Ceiling(c) => write!(
                 f,
-                "kernel      1 thr  {:<5} cols {:<5} in cache: {:6.2} GB per CPU-second \
-                 (had {:3.0}% of a core)",
+                "kernel      1 thr  {:<5} cols {:<5} {} tok in cache: {:6.2} GB per CPU-second \
+                 = {:6.1} GFLOP per CPU-second (had {:3.0}% of a core)",
                 c.ty.name(),
                 c.cols,
+                c.tokens,
                 c.gb_per_cpu_s,
+                c.gb_per_cpu_s * c.tokens as f64 * 2.0 * c.ty.block_elems() as f64
+                    / c.ty.block_bytes() as f64,
                 c.cpu_share * 100.0
             ),
             BenchLine::Matvec(m) => write!(
@@ -226,6 +231,14 @@ pub fn run_kernel_bench_with(threads: usize, cfg: &BenchConfig) -> Vec<BenchLine
             7168,
             cfg.ceiling_time,
         )));
+        #[cfg(target_arch = "x86_64")]
+        if crate::quant::avx2::kernel_multi(ty).is_some() && crate::tensor::int8_activations() {
+            lines.push(BenchLine::Ceiling(kernel_ceiling_multi(
+                ty,
+                7168,
+                cfg.ceiling_time,
+            )));
+        }
     }
     for &ty in &cfg.types {
         for &(rows, cols) in &cfg.shapes {
@@ -508,6 +521,46 @@ pub fn kernel_ceiling(ty: QuantType, cols: usize, time: Duration) -> CeilingResu
     CeilingResult {
         ty,
         cols,
+        tokens: 1,
+        gb_per_cpu_s: bytes as f64 / cpu as f64,
+        cpu_share: cpu as f64 / wall.max(1) as f64,
+    }
+}
+
+/// [`kernel_ceiling`] for the multi-token integer kernel (prefill's), at its full width.
+#[cfg(target_arch = "x86_64")]
+pub fn kernel_ceiling_multi(ty: QuantType, cols: usize, time: Duration) -> CeilingResult {
+    use crate::quant::avx2::MULTI;
+    let multi = crate::quant::avx2::kernel_multi(ty).expect("a multi-token kernel");
+    let rows = 64;
+    let w = random_weights(ty, rows * cols, 1);
+    let rb = ty.row_bytes(cols).expect("whole blocks");
+    let at = ty.vec_dot_type();
+    let arb = at.row_bytes(cols).expect("whole blocks");
+    let a: Vec<u8> = (0..MULTI)
+        .flat_map(|t| random_activation(at, cols, 2 + t as u64))
+        .collect();
+    let mut out = [0f32; MULTI];
+    let mut sink = 0f32;
+    let mut bytes = 0usize;
+    let (cpu0, start) = (thread_cpu_ns(), Instant::now());
+    while bytes == 0 || start.elapsed() < time {
+        for r in w.chunks_exact(rb) {
+            multi(cols, r, &a, arb, &mut out);
+            sink += out[0];
+        }
+        bytes += w.len();
+    }
+    std::hint::black_box(sink);
+    let wall = start.elapsed().as_nanos() as u64;
+    let cpu = match (cpu0, thread_cpu_ns()) {
+        (Some(a), Some(b)) if b > a => b - a,
+        _ => wall,
+    };
+    CeilingResult {
+        ty,
+        cols,
+        tokens: MULTI,
         gb_per_cpu_s: bytes as f64 / cpu as f64,
         cpu_share: cpu as f64 / wall.max(1) as f64,
     }

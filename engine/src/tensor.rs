@@ -16,6 +16,11 @@ pub fn set_int8_activations(on: bool) {
     INT8_ACTIVATIONS.store(on, Ordering::Relaxed);
 }
 
+/// Whether [`set_int8_activations`] turned int8 activations on.
+pub fn int8_activations() -> bool {
+    INT8_ACTIVATIONS.load(Ordering::Relaxed)
+}
+
 /// Block edge of the official FP8 checkpoint's `weight_scale_inv` grid.
 pub const FP8_BLOCK: usize = 128;
 

@@ -387,6 +387,11 @@ impl RoutedExperts for RemoteExperts {
         let mut answers: Vec<Option<ExpertResult>> = p.batches.iter().map(|_| None).collect();
         let mut answered = vec![false; p.batches.len()];
         let mut got = 0;
+        if got < p.sent {
+            // The answers are a network round trip away: the kernels' idle threads park rather
+            // than spin on the cores the runtime needs to receive them.
+            engine::cpu::pool::global().rest();
+        }
         while got < p.sent {
             let left = deadline.saturating_duration_since(Instant::now());
             match p.rx.recv_timeout(left) {

@@ -78,7 +78,21 @@ impl Executor {
             .spawn(move || {
                 let mut scratch = MoeScratch::default();
                 let mut pairs = Vec::new();
-                while let Some((req, reply)) = rx.blocking_recv() {
+                loop {
+                    let (req, reply) = match rx.try_recv() {
+                        Ok(job) => job,
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            // Nothing queued: the next request is a network round trip away,
+                            // so the kernels' idle threads park instead of spinning on the
+                            // cores the data plane needs meanwhile.
+                            engine::cpu::pool::global().rest();
+                            match rx.blocking_recv() {
+                                Some(job) => job,
+                                None => break,
+                            }
+                        }
+                    };
                     let r = compute(&experts, &req, &mut pairs, &mut scratch);
                     let _ = reply.send(r);
                 }

@@ -41,6 +41,8 @@ struct Shared {
     lock: Mutex<()>,
     wake: Condvar,
     shutdown: AtomicBool,
+    /// Set by [`Pool::rest`]: idle workers park now instead of spinning. Cleared by the next job.
+    rest: AtomicBool,
 }
 
 // SAFETY: `job` is written only by the one caller holding `Pool::busy`, while no worker can be
@@ -69,6 +71,7 @@ impl Pool {
             lock: Mutex::new(()),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
+            rest: AtomicBool::new(false),
         });
         let workers = (1..threads.max(1))
             .map(|i| {
@@ -84,6 +87,13 @@ impl Pool {
             workers,
             busy: Mutex::new(()),
         }
+    }
+
+    /// Tells idle workers to park now rather than spin for the next job: for a caller about to
+    /// wait on something slow (the network), so spinning threads do not take the cores that
+    /// the wait's own threads need. The next job wakes them as usual.
+    pub fn rest(&self) {
+        self.shared.rest.store(true, Ordering::Relaxed);
     }
 
     /// Threads that can work on a job, the caller included.
@@ -146,6 +156,7 @@ impl Pool {
         // SAFETY: no worker reads `job` now (see `Shared`).
         unsafe { *s.job.get() = Some(job) };
         s.done.store(0, Ordering::Relaxed);
+        s.rest.store(false, Ordering::Relaxed);
         let epoch = ((s.gate.load(Ordering::Relaxed) >> 32) + 1) & 0xffff_ffff;
         s.gate.store(epoch << 32, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
@@ -235,7 +246,7 @@ fn wait_for_job(s: &Shared, seen: u64) {
     while s.gate.load(Ordering::Acquire) >> 32 == seen && !s.shutdown.load(Ordering::Relaxed) {
         std::hint::spin_loop();
         spins += 1;
-        if spins.is_multiple_of(256) && start.elapsed() > SPIN {
+        if spins.is_multiple_of(256) && (start.elapsed() > SPIN || s.rest.load(Ordering::Relaxed)) {
             let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.sleepers.fetch_add(1, Ordering::SeqCst);
             while s.gate.load(Ordering::SeqCst) >> 32 == seen && !s.shutdown.load(Ordering::SeqCst)
@@ -295,6 +306,28 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n}");
         }
+    }
+
+    /// After `rest`, idle workers park at once (long before `SPIN`), and the next job still
+    /// runs on all of them.
+    #[test]
+    fn rest_parks_idle_workers_and_jobs_still_run() {
+        let pool = Pool::new(3);
+        pool.for_each(4, |_| {});
+        pool.rest();
+        let t0 = Instant::now();
+        while pool.shared.sleepers.load(Ordering::SeqCst) < 2 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "workers did not park"
+            );
+            std::thread::yield_now();
+        }
+        let hits: Vec<AtomicUsize> = (0..64).map(|_| AtomicUsize::new(0)).collect();
+        pool.for_each(64, |i| {
+            hits[i].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 
     #[test]

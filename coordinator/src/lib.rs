@@ -11,3 +11,4 @@ pub mod placement;
 pub mod remote;
 pub mod scheduler;
 pub mod server;
+pub mod streaming;

@@ -25,6 +25,7 @@ use crate::membership::{self, Action, DrainError, Membership, Report, WorkerId};
 use crate::meter::TokenMeter;
 use crate::placement::LayerExperts;
 use crate::remote::{RemoteConfig, RemoteExperts, Routes};
+use crate::streaming::{Refusal, Streamable};
 
 /// Heartbeat period asked of workers.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -55,7 +56,7 @@ pub struct ClusterOptions {
     pub names: Vec<String>,
     /// Experts held by this process too (an in-process worker: no network hop).
     pub local: Option<LocalWorker>,
-    /// The model, to stream routed experts to workers that have no copy of it (GGUF only);
+    /// The model, to stream routed experts to workers that have no copy of it;
     /// `None`: every worker needs its own copy (`--model`).
     pub model: Option<Arc<engine::model::ModelFile>>,
 }
@@ -97,8 +98,8 @@ struct Shared {
     experts: Arc<RemoteExperts>,
     /// The in-process worker: its id and `(generation, loaded)` of its assignment.
     local: Option<(WorkerId, Mutex<(u64, bool)>)>,
-    /// The routed-expert tensors that may be streamed, by name (empty when none may).
-    streams: HashMap<String, control::TensorInfo>,
+    /// The routed experts' pieces that may be streamed (none when none may).
+    streams: Streamable,
     /// Why experts cannot be streamed, when they cannot.
     no_streams: Option<String>,
     /// Bytes of weights sent to workers by `FetchWeights`.
@@ -178,30 +179,18 @@ impl Cluster {
         let first: Vec<Action> = std::iter::from_fn(|| membership.poll_action()).collect();
         let (streams, no_streams) = match &opts.model {
             None => (
-                HashMap::new(),
+                Streamable::default(),
                 Some("the coordinator does not stream weights (started without its model)".into()),
             ),
-            Some(m) => match m.expert_tensors() {
-                Ok(ts) => (
-                    ts.into_iter()
-                        .map(|t| {
-                            let info = control::TensorInfo {
-                                name: t.info.name.clone(),
-                                ggml_type: t.info.ty.ggml_id().unwrap_or(u32::MAX),
-                                shape: t.info.shape.iter().map(|&d| d as u64).collect(),
-                                file_index: t.info.split as u32,
-                                offset: t.info.offset,
-                                size: t.info.size,
-                                expert_stride: Some(t.expert_bytes),
-                            };
-                            (t.info.name, info)
-                        })
-                        .collect(),
-                    None,
-                ),
+            Some(m) => match m
+                .expert_pieces()
+                .map_err(|e| e.to_string())
+                .and_then(|p| Streamable::new(&p))
+            {
+                Ok(s) => (s, None),
                 Err(e) => {
                     tracing::warn!("workers without a copy of the model cannot join: {e}");
-                    (HashMap::new(), Some(e.to_string()))
+                    (Streamable::default(), Some(e))
                 }
             },
         };
@@ -375,22 +364,30 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
                         continue;
                     }
                 }
-                let tensors = experts
+                let pieces = experts
                     .iter()
-                    .flat_map(|(layer, _)| {
-                        engine::model::weights::ExpertMatrix::ALL
-                            .map(|m| m.gguf_name(*layer as usize))
-                    })
-                    .filter_map(|name| shared.streams.get(&name).cloned())
+                    .flat_map(|(layer, es)| shared.streams.pieces(*layer, es))
                     .collect();
+                let n_experts = |layer: u32| {
+                    shared
+                        .opts
+                        .layout
+                        .iter()
+                        .find(|&&(l, _, _)| l as u32 == layer)
+                        .map_or(0, |&(_, n, _)| n as u32)
+                };
                 let assignment = control::Assignment {
                     generation,
                     model_fingerprint: shared.opts.model_fingerprint.clone(),
                     experts: experts
                         .into_iter()
-                        .map(|(layer, experts)| control::LayerExperts { layer, experts })
+                        .map(|(layer, experts)| control::LayerExperts {
+                            layer,
+                            experts,
+                            n_experts: n_experts(layer),
+                        })
                         .collect(),
-                    tensors,
+                    pieces,
                 };
                 let mut g = shared.assignments.lock().expect("assignments lock");
                 g.entry(worker)
@@ -610,42 +607,6 @@ impl Service {
     }
 }
 
-impl Service {
-    /// Whether bytes `offset..end` of stacked expert tensor `name` lie within experts assigned
-    /// to worker `id` (its layer from the `blk.<layer>.` prefix).
-    fn assigned_range(
-        &self,
-        id: WorkerId,
-        name: &str,
-        t: &control::TensorInfo,
-        offset: u64,
-        end: u64,
-    ) -> Result<(), String> {
-        let layer: u32 = name
-            .strip_prefix("blk.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|l| l.parse().ok())
-            .ok_or_else(|| format!("{name:?} names no layer"))?;
-        let stride = t
-            .expert_stride
-            .filter(|&s| s > 0)
-            .ok_or_else(|| format!("{name:?} is not a stacked expert tensor"))?;
-        let m = self.0.membership.lock().expect("membership lock");
-        let held: &[u32] = m
-            .worker(id)
-            .and_then(|w| w.experts.iter().find(|(l, _)| *l == layer))
-            .map(|(_, es)| es.as_slice())
-            .unwrap_or(&[]);
-        let (first, last) = (offset / stride, (end.max(offset + 1) - 1) / stride);
-        match (first..=last).find(|e| !held.contains(&(*e as u32))) {
-            Some(e) => Err(format!(
-                "expert {e} of layer {layer} is not assigned to this worker"
-            )),
-            None => Ok(()),
-        }
-    }
-}
-
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -831,36 +792,49 @@ impl grpc::Control for Service {
                 self.0.no_streams.clone().unwrap_or_default(),
             ));
         };
-        let Some(t) = self.0.streams.get(&r.tensor) else {
-            tracing::warn!("worker {id} asked for tensor {:?}, refused", r.tensor);
-            return Err(Status::permission_denied(format!(
-                "{:?} is not a routed-expert tensor of this model; only those are served",
-                r.tensor
-            )));
+        let served = |why: Refusal| {
+            tracing::warn!("worker {id}: {why}");
+            Status::permission_denied(why.to_string())
         };
+        if !self.0.streams.serves(&r.tensor) {
+            return Err(served(Refusal::NotServed(r.tensor)));
+        }
         if r.length > MAX_FETCH {
             return Err(Status::invalid_argument(format!(
                 "{} bytes asked, at most {MAX_FETCH} per call",
                 r.length
             )));
         }
-        let end = r.offset + r.length; // checked by the conversion
-        if end > t.size {
-            return Err(Status::out_of_range(format!(
-                "bytes {}..{end} of {}: the tensor has {} bytes",
-                r.offset, r.tensor, t.size
-            )));
-        }
-        // Only the caller's own experts: every expert the range touches must be assigned to it.
-        if let Err(why) = self.assigned_range(id, &r.tensor, t, r.offset, end) {
-            tracing::warn!("worker {id}: {why}");
-            return Err(Status::permission_denied(why));
-        }
-        let data = model
+        let tensor = model
             .source
             .tensor(&r.tensor)
             .map_err(|e| Status::internal(e.to_string()))?
-            .data
+            .data;
+        let end = r.offset + r.length; // checked by the conversion
+        if end > tensor.len() as u64 {
+            return Err(Status::out_of_range(format!(
+                "bytes {}..{end} of {}: the tensor has {} bytes",
+                r.offset,
+                r.tensor,
+                tensor.len()
+            )));
+        }
+        // Only the caller's own experts: every byte must belong to an expert assigned to it.
+        {
+            let m = self.0.membership.lock().expect("membership lock");
+            let held = |layer: u32, expert: u32| {
+                m.worker(id).is_some_and(|w| {
+                    w.experts
+                        .iter()
+                        .any(|(l, es)| *l == layer && es.contains(&expert))
+                })
+            };
+            self.0
+                .streams
+                .check(&r.tensor, r.offset..end, held)
+                .map_err(served)?;
+        }
+        let data = tensor
             .slice(r.offset as usize..end as usize)
             .ok_or_else(|| Status::internal("tensor data shorter than its table entry"))?;
         // Read, hash and send one chunk at a time from the mapping; the bounded channel keeps

@@ -29,14 +29,15 @@ pub const MAX_LAYERS: usize = 256;
 pub const MAX_EXPERT_ID: u32 = 1 << 16;
 /// Most experts of one layer in one assignment.
 pub const MAX_EXPERTS_PER_LAYER: usize = 4096;
-/// Most tensors described in one assignment.
-pub const MAX_TENSORS: usize = 65_536;
+/// Most expert pieces described in one assignment (DeepSeek-V3 in FP8 has 58 x 256 x 6 in
+/// all; the message-size limit bounds the bytes).
+pub const MAX_PIECES: usize = 1 << 18;
 /// Longest tensor name.
 pub const MAX_TENSOR_NAME_LEN: usize = 256;
-/// Most dimensions of a tensor.
+/// Most dimensions of a piece.
 pub const MAX_DIMS: usize = 8;
-/// Largest ggml type id accepted (the table itself lives in `engine`).
-pub const MAX_GGML_TYPE: u32 = 255;
+/// Longest element type name (the table itself lives in `engine`).
+pub const MAX_DTYPE_LEN: usize = 16;
 /// Largest chunk of weights in one `Chunk` message.
 pub const MAX_CHUNK: usize = 1 << 20;
 /// The most bytes one `FetchWeights` call may ask for (the coordinator refuses more).
@@ -459,8 +460,10 @@ impl TryFrom<pb::HelloReply> for HelloReply {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerExperts {
     pub layer: u32,
-    /// Distinct expert ids, each below [`MAX_EXPERT_ID`].
+    /// Distinct expert ids, each below `n_experts`.
     pub experts: Vec<u32>,
+    /// Routed experts of the layer, at most [`MAX_EXPERT_ID`].
+    pub n_experts: u32,
 }
 
 impl From<LayerExperts> for pb::LayerExperts {
@@ -468,6 +471,7 @@ impl From<LayerExperts> for pb::LayerExperts {
         pb::LayerExperts {
             layer: l.layer,
             experts: l.experts,
+            n_experts: l.n_experts,
         }
     }
 }
@@ -476,14 +480,23 @@ impl TryFrom<pb::LayerExperts> for LayerExperts {
     type Error = ConvertError;
     fn try_from(l: pb::LayerExperts) -> Result<Self, ConvertError> {
         count("experts.experts", &l.experts, MAX_EXPERTS_PER_LAYER)?;
+        if l.n_experts == 0 || l.n_experts > MAX_EXPERT_ID {
+            return Err(ConvertError::invalid(
+                "experts.n_experts",
+                format!(
+                    "layer {}: {} experts is not within 1..={MAX_EXPERT_ID}",
+                    l.layer, l.n_experts
+                ),
+            ));
+        }
         let mut seen = HashSet::with_capacity(l.experts.len());
         for &e in &l.experts {
-            if e >= MAX_EXPERT_ID {
+            if e >= l.n_experts {
                 return Err(ConvertError::invalid(
                     "experts.experts",
                     format!(
-                        "layer {}: expert id {e} is not below {MAX_EXPERT_ID}",
-                        l.layer
+                        "layer {}: expert id {e} is not below its {} experts",
+                        l.layer, l.n_experts
                     ),
                 ));
             }
@@ -497,97 +510,189 @@ impl TryFrom<pb::LayerExperts> for LayerExperts {
         Ok(LayerExperts {
             layer: l.layer,
             experts: l.experts,
+            n_experts: l.n_experts,
         })
     }
 }
 
-/// Where a tensor's bytes are in the model, for reading or streaming a worker's experts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TensorInfo {
-    pub name: String,
-    /// The ggml type id (see `engine::quant`).
-    pub ggml_type: u32,
-    /// Outermost dimension first; for stacked experts `[n_experts, ...]`.
-    pub shape: Vec<u64>,
-    /// Which file of a split model.
-    pub file_index: u32,
-    /// Offset of the tensor's data in that file.
-    pub offset: u64,
-    /// Bytes of the whole tensor.
-    pub size: u64,
-    /// Bytes of one expert when the tensor stacks experts (`shape[0]` of them): expert `e` is
-    /// `offset + e * stride .. + stride`.
-    pub expert_stride: Option<u64>,
+/// What a piece of an expert is: one of its three matrices, or the FP8 block scales of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PieceKind {
+    Gate,
+    Up,
+    Down,
+    GateScales,
+    UpScales,
+    DownScales,
 }
 
-impl TensorInfo {
-    /// The byte range of expert `e` within the tensor's data, for a stacked tensor.
-    pub fn expert_range(&self, e: u32) -> Option<std::ops::Range<u64>> {
-        let stride = self.expert_stride?;
-        let n = *self.shape.first()?;
-        (u64::from(e) < n).then(|| u64::from(e) * stride..(u64::from(e) + 1) * stride)
+impl PieceKind {
+    pub const ALL: [PieceKind; 6] = [
+        PieceKind::Gate,
+        PieceKind::Up,
+        PieceKind::Down,
+        PieceKind::GateScales,
+        PieceKind::UpScales,
+        PieceKind::DownScales,
+    ];
+
+    /// A short name (also the suffix of a worker's cache file).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PieceKind::Gate => "gate",
+            PieceKind::Up => "up",
+            PieceKind::Down => "down",
+            PieceKind::GateScales => "gate_scales",
+            PieceKind::UpScales => "up_scales",
+            PieceKind::DownScales => "down_scales",
+        }
+    }
+
+    /// 0, 1, 2 for gate, up, down (weights or scales).
+    pub fn matrix(self) -> usize {
+        self as usize % 3
+    }
+
+    pub fn is_scales(self) -> bool {
+        self as usize >= 3
+    }
+
+    /// The kind for matrix `0..3` (gate, up, down), its weights or its scales.
+    pub fn of(matrix: usize, scales: bool) -> Option<PieceKind> {
+        (matrix < 3).then(|| PieceKind::ALL[matrix + if scales { 3 } else { 0 }])
+    }
+
+    fn from_pb(value: i32) -> Result<Self, ConvertError> {
+        let bad = || ConvertError::BadEnum {
+            field: "pieces.kind",
+            value,
+        };
+        Ok(match pb::PieceKind::try_from(value).map_err(|_| bad())? {
+            pb::PieceKind::Unspecified => return Err(bad()),
+            pb::PieceKind::Gate => PieceKind::Gate,
+            pb::PieceKind::Up => PieceKind::Up,
+            pb::PieceKind::Down => PieceKind::Down,
+            pb::PieceKind::GateScales => PieceKind::GateScales,
+            pb::PieceKind::UpScales => PieceKind::UpScales,
+            pb::PieceKind::DownScales => PieceKind::DownScales,
+        })
     }
 }
 
-impl From<TensorInfo> for pb::TensorInfo {
-    fn from(t: TensorInfo) -> Self {
-        pb::TensorInfo {
-            name: t.name,
-            ggml_type: t.ggml_type,
-            shape: t.shape,
-            file_index: t.file_index,
-            offset: t.offset,
-            size: t.size,
-            expert_stride: t.expert_stride.unwrap_or(0),
+impl From<PieceKind> for pb::PieceKind {
+    fn from(k: PieceKind) -> Self {
+        match k {
+            PieceKind::Gate => pb::PieceKind::Gate,
+            PieceKind::Up => pb::PieceKind::Up,
+            PieceKind::Down => pb::PieceKind::Down,
+            PieceKind::GateScales => pb::PieceKind::GateScales,
+            PieceKind::UpScales => pb::PieceKind::UpScales,
+            PieceKind::DownScales => pb::PieceKind::DownScales,
         }
     }
 }
 
-impl TryFrom<pb::TensorInfo> for TensorInfo {
+impl std::fmt::Display for PieceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One piece of one routed expert's weights: bytes `offset..offset + length` of tensor
+/// `tensor` (a slice of a stacked GGUF tensor, or a whole per-expert Hugging Face tensor or
+/// its FP8 scales), holding `shape` elements of `dtype`. Whether the length matches the type
+/// and shape is for the engine to say (the type table lives there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpertPiece {
+    pub layer: u32,
+    pub expert: u32,
+    pub kind: PieceKind,
+    pub tensor: String,
+    /// Within the tensor's data.
+    pub offset: u64,
+    /// Not zero; `offset + length` does not overflow.
+    pub length: u64,
+    /// The element type by the engine's name (`"BF16"`, `"Q4_K"`, `"F8_E4M3"`, ...).
+    pub dtype: String,
+    /// Outermost first, 1 to [`MAX_DIMS`] dimensions.
+    pub shape: Vec<u64>,
+}
+
+impl ExpertPiece {
+    /// The byte range within the tensor's data.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + self.length
+    }
+}
+
+impl From<ExpertPiece> for pb::ExpertPiece {
+    fn from(p: ExpertPiece) -> Self {
+        pb::ExpertPiece {
+            layer: p.layer,
+            expert: p.expert,
+            kind: pb::PieceKind::from(p.kind) as i32,
+            tensor: p.tensor,
+            offset: p.offset,
+            length: p.length,
+            dtype: p.dtype,
+            shape: p.shape,
+        }
+    }
+}
+
+impl TryFrom<pb::ExpertPiece> for ExpertPiece {
     type Error = ConvertError;
-    fn try_from(t: pb::TensorInfo) -> Result<Self, ConvertError> {
-        let name = nonempty("tensors.name", t.name, MAX_TENSOR_NAME_LEN)?;
-        if t.ggml_type > MAX_GGML_TYPE {
+    fn try_from(p: pb::ExpertPiece) -> Result<Self, ConvertError> {
+        let kind = PieceKind::from_pb(p.kind)?;
+        let tensor = nonempty("pieces.tensor", p.tensor, MAX_TENSOR_NAME_LEN)?;
+        if p.expert >= MAX_EXPERT_ID {
             return Err(ConvertError::invalid(
-                "tensors.ggml_type",
-                format!("{name}: type {} is out of range", t.ggml_type),
+                "pieces.expert",
+                format!(
+                    "{tensor}: expert id {} is not below {MAX_EXPERT_ID}",
+                    p.expert
+                ),
             ));
         }
-        if t.shape.is_empty() {
+        if p.length == 0 {
             return Err(ConvertError::Empty {
-                field: "tensors.shape",
+                field: "pieces.length",
             });
         }
-        count("tensors.shape", &t.shape, MAX_DIMS)?;
-        if t.offset.checked_add(t.size).is_none() {
+        if p.offset.checked_add(p.length).is_none() {
             return Err(ConvertError::invalid(
-                "tensors.size",
-                format!("{name}: offset {} + size {} overflows", t.offset, t.size),
+                "pieces.length",
+                format!(
+                    "{tensor}: offset {} + length {} overflows",
+                    p.offset, p.length
+                ),
             ));
         }
-        let expert_stride = match t.expert_stride {
-            0 => None,
-            s => {
-                if t.shape[0].checked_mul(s) != Some(t.size) {
-                    return Err(ConvertError::invalid(
-                        "tensors.expert_stride",
-                        format!(
-                            "{name}: {} experts of {s} bytes do not make {} bytes",
-                            t.shape[0], t.size
-                        ),
-                    ));
-                }
-                Some(s)
-            }
-        };
-        Ok(TensorInfo {
-            name,
-            ggml_type: t.ggml_type,
-            shape: t.shape,
-            file_index: t.file_index,
-            offset: t.offset,
-            size: t.size,
-            expert_stride,
+        let dtype = nonempty("pieces.dtype", p.dtype, MAX_DTYPE_LEN)?;
+        if !dtype
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(ConvertError::invalid(
+                "pieces.dtype",
+                format!("{tensor}: {dtype:?} is not a type name"),
+            ));
+        }
+        if p.shape.is_empty() {
+            return Err(ConvertError::Empty {
+                field: "pieces.shape",
+            });
+        }
+        count("pieces.shape", &p.shape, MAX_DIMS)?;
+        Ok(ExpertPiece {
+            layer: p.layer,
+            expert: p.expert,
+            kind,
+            tensor,
+            offset: p.offset,
+            length: p.length,
+            dtype,
+            shape: p.shape,
         })
     }
 }
@@ -600,8 +705,10 @@ pub struct Assignment {
     pub model_fingerprint: String,
     /// One entry per layer, layers distinct.
     pub experts: Vec<LayerExperts>,
-    /// The tensors the worker needs to read or stream its experts.
-    pub tensors: Vec<TensorInfo>,
+    /// Where the assigned experts' bytes are, for a worker that streams them (empty when the
+    /// coordinator does not stream). Each piece belongs to an assigned expert, each
+    /// (layer, expert, kind) at most once.
+    pub pieces: Vec<ExpertPiece>,
 }
 
 impl From<Assignment> for pb::Assignment {
@@ -610,7 +717,7 @@ impl From<Assignment> for pb::Assignment {
             generation: a.generation,
             model_fingerprint: a.model_fingerprint,
             experts: a.experts.into_iter().map(Into::into).collect(),
-            tensors: a.tensors.into_iter().map(Into::into).collect(),
+            pieces: a.pieces.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -619,7 +726,7 @@ impl TryFrom<pb::Assignment> for Assignment {
     type Error = ConvertError;
     fn try_from(a: pb::Assignment) -> Result<Self, ConvertError> {
         count("experts", &a.experts, MAX_LAYERS)?;
-        count("tensors", &a.tensors, MAX_TENSORS)?;
+        count("pieces", &a.pieces, MAX_PIECES)?;
         let experts: Vec<LayerExperts> = a
             .experts
             .into_iter()
@@ -632,23 +739,41 @@ impl TryFrom<pb::Assignment> for Assignment {
                 format!("layer {} listed twice", l.layer),
             ));
         }
-        let tensors: Vec<TensorInfo> = a
-            .tensors
+        let assigned: HashSet<(u32, u32)> = experts
+            .iter()
+            .flat_map(|l| l.experts.iter().map(|&e| (l.layer, e)))
+            .collect();
+        let pieces: Vec<ExpertPiece> = a
+            .pieces
             .into_iter()
-            .map(TensorInfo::try_from)
+            .map(ExpertPiece::try_from)
             .collect::<Result<_, _>>()?;
-        let mut names = HashSet::with_capacity(tensors.len());
-        if let Some(t) = tensors.iter().find(|t| !names.insert(t.name.as_str())) {
-            return Err(ConvertError::invalid(
-                "tensors.name",
-                format!("tensor {} listed twice", t.name),
-            ));
+        let mut seen = HashSet::with_capacity(pieces.len());
+        for p in &pieces {
+            if !assigned.contains(&(p.layer, p.expert)) {
+                return Err(ConvertError::invalid(
+                    "pieces.expert",
+                    format!(
+                        "{}: expert {} of layer {} is not assigned",
+                        p.tensor, p.expert, p.layer
+                    ),
+                ));
+            }
+            if !seen.insert((p.layer, p.expert, p.kind)) {
+                return Err(ConvertError::invalid(
+                    "pieces.kind",
+                    format!(
+                        "expert {} of layer {}: {} listed twice",
+                        p.expert, p.layer, p.kind
+                    ),
+                ));
+            }
         }
         Ok(Assignment {
             generation: a.generation,
             model_fingerprint: nonempty("model_fingerprint", a.model_fingerprint, MAX_TEXT_LEN)?,
             experts,
-            tensors,
+            pieces,
         })
     }
 }
@@ -1110,21 +1235,36 @@ mod tests {
                 LayerExperts {
                     layer: 3,
                     experts: vec![0, 5, 255],
+                    n_experts: 256,
                 },
                 LayerExperts {
                     layer: 4,
                     experts: vec![1],
+                    n_experts: 256,
                 },
             ],
-            tensors: vec![TensorInfo {
-                name: "blk.3.ffn_up_exps.weight".into(),
-                ggml_type: 12,
-                shape: vec![256, 2048, 7168],
-                file_index: 1,
-                offset: 4096,
-                size: 256 * 1000,
-                expert_stride: Some(1000),
-            }],
+            pieces: vec![
+                ExpertPiece {
+                    layer: 3,
+                    expert: 5,
+                    kind: PieceKind::Up,
+                    tensor: "blk.3.ffn_up_exps.weight".into(),
+                    offset: 5 * 1000,
+                    length: 1000,
+                    dtype: "Q4_K".into(),
+                    shape: vec![2048, 7168],
+                },
+                ExpertPiece {
+                    layer: 4,
+                    expert: 1,
+                    kind: PieceKind::DownScales,
+                    tensor: "model.layers.4.mlp.experts.1.down_proj.weight_scale_inv".into(),
+                    offset: 0,
+                    length: 56 * 16 * 4,
+                    dtype: "F32".into(),
+                    shape: vec![56, 16],
+                },
+            ],
         }
     }
 
@@ -1140,8 +1280,10 @@ mod tests {
             Assignment::try_from(pb::Assignment::from(a.clone())).unwrap(),
             a
         );
-        assert_eq!(a.tensors[0].expert_range(2), Some(2000..3000));
-        assert_eq!(a.tensors[0].expert_range(256), None);
+        assert_eq!(a.pieces[0].range(), 5000..6000);
+        for k in PieceKind::ALL {
+            assert_eq!(PieceKind::of(k.matrix(), k.is_scales()), Some(k));
+        }
         let hb = Heartbeat {
             worker_id: 7,
             state: WorkerState::Loading,
@@ -1341,29 +1483,93 @@ mod tests {
                 ..
             })
         ));
-        a.experts.truncate(1);
-        a.tensors[0].expert_stride = 999;
+        a.experts[1].layer = 4;
+        a.experts[0].n_experts = 0;
         assert!(matches!(
             Assignment::try_from(a.clone()),
             Err(ConvertError::Invalid {
-                field: "tensors.expert_stride",
+                field: "experts.n_experts",
                 ..
             })
         ));
-        a.tensors[0].expert_stride = 0;
-        a.tensors[0].shape = vec![1; MAX_DIMS + 1];
+        a.experts[0].n_experts = 4;
+        a.experts[0].experts = vec![4];
         assert!(matches!(
             Assignment::try_from(a.clone()),
-            Err(ConvertError::TooLong { .. })
-        ));
-        a.tensors[0].shape = vec![1];
-        a.tensors[0].offset = u64::MAX;
-        assert!(matches!(
-            Assignment::try_from(a),
             Err(ConvertError::Invalid {
-                field: "tensors.size",
+                field: "experts.experts",
                 ..
             })
+        ));
+        let good = pb::Assignment::from(assignment());
+        let piece_err = |f: &dyn Fn(&mut pb::ExpertPiece)| {
+            let mut a = good.clone();
+            f(&mut a.pieces[1]);
+            Assignment::try_from(a).unwrap_err()
+        };
+        // A piece of an expert that is not assigned, and one listed twice.
+        assert!(matches!(
+            piece_err(&|p| p.expert = 2),
+            ConvertError::Invalid {
+                field: "pieces.expert",
+                ..
+            }
+        ));
+        let mut twice = good.clone();
+        twice.pieces.push(twice.pieces[1].clone());
+        assert!(matches!(
+            Assignment::try_from(twice),
+            Err(ConvertError::Invalid {
+                field: "pieces.kind",
+                ..
+            })
+        ));
+        assert!(matches!(
+            piece_err(&|p| p.kind = 0),
+            ConvertError::BadEnum {
+                field: "pieces.kind",
+                value: 0
+            }
+        ));
+        assert!(matches!(
+            piece_err(&|p| p.kind = 7),
+            ConvertError::BadEnum { .. }
+        ));
+        assert!(matches!(
+            piece_err(&|p| p.shape = vec![1; MAX_DIMS + 1]),
+            ConvertError::TooLong { .. }
+        ));
+        assert!(matches!(
+            piece_err(&|p| p.shape.clear()),
+            ConvertError::Empty {
+                field: "pieces.shape"
+            }
+        ));
+        assert!(matches!(
+            piece_err(&|p| p.offset = u64::MAX),
+            ConvertError::Invalid {
+                field: "pieces.length",
+                ..
+            }
+        ));
+        assert!(matches!(
+            piece_err(&|p| p.length = 0),
+            ConvertError::Empty {
+                field: "pieces.length"
+            }
+        ));
+        assert!(matches!(
+            piece_err(&|p| p.dtype = "F8/E4M3".into()),
+            ConvertError::Invalid {
+                field: "pieces.dtype",
+                ..
+            }
+        ));
+        assert!(matches!(
+            piece_err(&|p| p.tensor.clear()),
+            ConvertError::Empty {
+                field: "pieces.tensor"
+            }
         ));
 
         assert!(HeartbeatReply::try_from(pb::HeartbeatReply {

@@ -84,8 +84,9 @@ impl Control for TestControl {
             experts: vec![LayerExperts {
                 layer: 3,
                 experts: vec![1, 2],
+                n_experts: 4,
             }],
-            tensors: vec![],
+            pieces: vec![],
         };
         Ok(Response::new(Box::pin(tokio_stream::iter([Ok(a.into())]))))
     }

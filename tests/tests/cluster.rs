@@ -270,11 +270,49 @@ fn a_worker_without_the_model_streams_its_experts_then_reuses_its_cache() {
         .unwrap()
         .iter()
         .all(|&(_, _, b)| b == EXPERT_BYTES));
+    stream_then_restart(dir.path(), &path, file, model, Refusals::Gguf);
+}
+
+#[test]
+fn a_worker_without_the_model_streams_fp8_experts_with_their_scales_then_reuses_its_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::data_dir().join("oracle/fp8/hf");
+    let file = Arc::new(ModelFile::open(&path).unwrap());
+    let model = Arc::new(file.load_model().unwrap());
+    stream_then_restart(dir.path(), &path, file, model, Refusals::Hf);
+}
+
+/// The `FetchWeights` refusals to try, by the model's tensor names.
+enum Refusals {
+    Gguf,
+    Hf,
+}
+
+/// Two workers, `w1` with the model and `w2` without, split the 64 experts of a tiny model:
+/// `w2`'s come over the control plane, each byte once, into its cache; the logits through the
+/// cluster are those of one process; `FetchWeights` refuses what is not `w2`'s; and a restart
+/// of `w2` loads everything from its cache, fetching nothing.
+fn stream_then_restart(
+    dir: &Path,
+    path: &Path,
+    file: Arc<ModelFile>,
+    model: Arc<Model>,
+    refusals: Refusals,
+) {
     let tokens: Vec<u32> = vec![3, 77, 512, 9, 1000, 2];
     let want = reference(&file, &model, &tokens);
+    // Every expert's pieces (weights, and scales for FP8) and their bytes.
+    let pieces = file.expert_pieces().unwrap();
+    let n_experts: usize = file.expert_layout().unwrap().iter().map(|l| l.1).sum();
+    assert_eq!(n_experts, 64);
+    let piece_bytes: u64 = pieces.iter().map(|p| p.range.end - p.range.start).sum();
+    let (per_expert, pieces_per_expert) = (piece_bytes / 64, pieces.len() / 64);
+    // Memory for 32 experts and a bit: both workers hold exactly half.
+    let expert_bytes = file.expert_layout().unwrap()[0].2;
+    let half = format!("{:.9}", 32.2 * expert_bytes as f64 / (1u64 << 30) as f64);
 
     let (rt, cluster) = start_cluster(
-        dir.path(),
+        dir,
         &file,
         &model.cfg,
         2,
@@ -284,24 +322,17 @@ fn a_worker_without_the_model_streams_its_experts_then_reuses_its_cache() {
     );
     let addr = cluster.addr.to_string();
     let token = cluster.token.to_string();
-    let cache = dir.path().join("cache");
+    let cache = dir.join("cache");
 
-    let _w1 = spawn_worker(
-        &addr,
-        Some(&token),
-        &path,
-        &dir.path().join("w1"),
-        "w1",
-        HALF,
-    );
+    let _w1 = spawn_worker(&addr, Some(&token), path, &dir.join("w1"), "w1", &half);
     let w2 = spawn(
         &addr,
         Some(&token),
         None,
         Some(&cache),
-        &dir.path().join("w2"),
+        &dir.join("w2"),
         "w2",
-        HALF,
+        &half,
     );
     assert!(
         rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
@@ -313,26 +344,15 @@ fn a_worker_without_the_model_streams_its_experts_then_reuses_its_cache() {
 
     // w2's 32 experts came over the control plane, each byte once.
     let served = cluster.weight_bytes_served();
-    assert_eq!(served, 32 * EXPERT_BYTES);
-    let fp_dir = std::fs::read_dir(&cache)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let mut files = 0;
-    for t in std::fs::read_dir(&fp_dir).unwrap() {
-        for f in std::fs::read_dir(t.unwrap().path()).unwrap() {
-            let f = f.unwrap().path();
-            assert_ne!(
-                f.extension().and_then(|e| e.to_str()),
-                Some("part"),
-                "{f:?}"
-            );
-            files += 1;
-        }
-    }
-    assert_eq!(files, 32 * 3, "one file per expert and matrix");
+    assert_eq!(served, 32 * per_expert);
+    let files = walk_files(&cache);
+    assert!(
+        files
+            .iter()
+            .all(|f| f.extension().and_then(|e| e.to_str()) != Some("part")),
+        "{files:?}"
+    );
+    assert_eq!(files.len(), 32 * pieces_per_expert, "one file per piece");
 
     // Through the cluster: the same logits as in one process.
     let experts: Arc<dyn RoutedExperts> = cluster.experts();
@@ -340,9 +360,16 @@ fn a_worker_without_the_model_streams_its_experts_then_reuses_its_cache() {
     let d = max_diff(&got, &want);
     assert!(d < 1e-4, "cluster logits differ from local by {d}");
 
-    // FetchWeights serves routed-expert tensors of this model to workers only, within bounds.
-    rt.block_on(fetch_refusals(&addr, &dir.path().join("w2"), &file));
-    assert_eq!(cluster.weight_bytes_served(), served);
+    // FetchWeights serves expert pieces of this model to workers only, within bounds.
+    let extra = match refusals {
+        Refusals::Gguf => {
+            rt.block_on(fetch_refusals(&addr, &dir.join("w2"), &file));
+            0
+        }
+        Refusals::Hf => rt.block_on(hf_fetch_refusals(&addr, &dir.join("w2"), &file)),
+    };
+    assert_eq!(cluster.weight_bytes_served(), served + extra);
+    let served = served + extra;
 
     // Restart w2: its experts come from its cache, nothing is fetched again.
     drop(w2);
@@ -352,9 +379,9 @@ fn a_worker_without_the_model_streams_its_experts_then_reuses_its_cache() {
         None,
         None,
         Some(&cache),
-        &dir.path().join("w2"),
+        &dir.join("w2"),
         "w2",
-        HALF,
+        &half,
     );
     assert!(
         rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
@@ -370,13 +397,69 @@ fn a_worker_without_the_model_streams_its_experts_then_reuses_its_cache() {
     assert!(max_diff(&again, &want) < 1e-4);
 }
 
+/// A client with the identity in `worker_state`.
+async fn worker_client(addr: &str, worker_state: &Path) -> proto::control::Client {
+    use proto::trust::{self, Identity, Trust};
+    let id = Identity::load(worker_state).unwrap();
+    let tls = trust::client_config(Some(&id), Trust::Ca(id.ca_pem.clone())).unwrap();
+    proto::control::Client::new(trust::connect(addr, Arc::new(tls)).await.unwrap())
+}
+
+/// On a Hugging Face FP8 model, as worker `w2` (8 of each layer's 16 experts): each expert's
+/// own tensors, scales included, are served whole exactly for its experts; dense and shared
+/// tensors never. Returns the bytes it fetched.
+async fn hf_fetch_refusals(addr: &str, worker_state: &Path, file: &ModelFile) -> u64 {
+    use proto::control::FetchRequest;
+    use tokio_stream::StreamExt;
+    let mut client = worker_client(addr, worker_state).await;
+    let req = |tensor: String, offset: u64, length: u64| FetchRequest {
+        model_fingerprint: file.fingerprint(),
+        tensor,
+        offset,
+        length,
+    };
+    let source = &file.source;
+    let mut fetched = 0;
+    for scales in ["", "_scale_inv"] {
+        let mut mine = 0;
+        for e in 0..16 {
+            let name = format!("model.layers.2.mlp.experts.{e}.down_proj.weight{scales}");
+            let len = source.tensor(&name).unwrap().data.len() as u64;
+            match client.fetch_weights(req(name.clone(), 0, len)).await {
+                Ok(mut stream) => {
+                    let mut got = Vec::new();
+                    while let Some(c) = stream.next().await {
+                        got.extend(c.unwrap().data);
+                    }
+                    assert_eq!(got, &source.tensor(&name).unwrap().data[..]);
+                    fetched += len;
+                    mine += 1;
+                    // Past its end.
+                    let e = client.fetch_weights(req(name, len - 1, 2)).await.err();
+                    assert_eq!(e.map(|e| e.code()), Some(tonic::Code::OutOfRange));
+                }
+                Err(e) => assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}"),
+            }
+        }
+        assert_eq!(mine, 8, "w2 holds half of layer 2's experts");
+    }
+    for name in [
+        "model.layers.2.mlp.shared_experts.down_proj.weight",
+        "model.layers.2.mlp.gate.weight",
+        "model.embed_tokens.weight",
+    ] {
+        let e = client.fetch_weights(req(name.into(), 0, 16)).await.err();
+        assert_eq!(e.map(|e| e.code()), Some(tonic::Code::PermissionDenied));
+    }
+    fetched
+}
+
 async fn fetch_refusals(addr: &str, worker_state: &Path, file: &ModelFile) {
     use proto::control::{Client, FetchRequest};
     use proto::trust::{self, Identity, Trust};
 
     let id = Identity::load(worker_state).unwrap();
-    let tls = trust::client_config(Some(&id), Trust::Ca(id.ca_pem.clone())).unwrap();
-    let mut client = Client::new(trust::connect(addr, Arc::new(tls)).await.unwrap());
+    let mut client = worker_client(addr, worker_state).await;
     let gate = "blk.1.ffn_gate_exps.weight";
     let size = EXPERT_BYTES / 3 * 16;
     let req = |tensor: &str, offset: u64, length: u64| FetchRequest {
@@ -678,7 +761,17 @@ fn serve_and_three_worker_processes_match_generate_on_a_hugging_face_checkpoint(
     processes_match_one_process(
         &common::data_dir().join("oracle/bg03/hf-bf16"),
         "bg03/ref",
-        false,
+        true,
+        BF16_WIRE_TOLERANCE,
+    );
+}
+
+#[test]
+fn serve_and_three_worker_processes_match_generate_on_an_fp8_checkpoint() {
+    processes_match_one_process(
+        &common::data_dir().join("oracle/fp8/hf"),
+        "fp8/ref",
+        true,
         BF16_WIRE_TOLERANCE,
     );
 }

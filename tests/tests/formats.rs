@@ -228,3 +228,68 @@ fn padding_ids_are_reported_unused() {
         .is_empty());
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Where each routed expert's bytes are, for streaming: a GGUF expert is its slice of each of
+/// the layer's three stacked tensors; an FP8 Hugging Face expert is its three tensors and their
+/// block scales, wherever the index puts them (layer 2's experts span both shards here).
+#[test]
+fn expert_pieces_cover_stacked_slices_and_per_expert_fp8_tensors() {
+    use engine::model::weights::{ExpertMatrix, ExpertPiece};
+    let bytes = |f: &ModelFile, p: &ExpertPiece| {
+        let t = f.source.tensor(&p.tensor).unwrap();
+        t.data[p.range.start as usize..p.range.end as usize].to_vec()
+    };
+
+    let gguf = ModelFile::open(&oracle("bg03/q8_0.gguf")).unwrap();
+    let pieces = gguf.expert_pieces().unwrap();
+    assert_eq!(pieces.len(), 4 * 16 * 3);
+    assert!(pieces.iter().all(|p| !p.scales && p.ty == QuantType::Q8_0));
+    let experts = gguf
+        .load_experts(&engine::model::weights::ExpertFilter::All)
+        .unwrap();
+    for p in &pieces {
+        let mlp = experts.layers[p.layer].as_ref().unwrap().experts[p.expert]
+            .as_ref()
+            .unwrap();
+        let m = match p.matrix {
+            ExpertMatrix::Gate => &mlp.gate,
+            ExpertMatrix::Up => &mlp.up,
+            ExpertMatrix::Down => &mlp.down,
+        };
+        assert_eq!(p.tensor, p.matrix.gguf_name(p.layer));
+        assert_eq!(p.shape, [m.rows, m.cols]);
+        assert_eq!(bytes(&gguf, p), &m.data[..]);
+    }
+
+    let hf = ModelFile::open(&oracle("fp8/hf")).unwrap();
+    let pieces = hf.expert_pieces().unwrap();
+    assert_eq!(pieces.len(), 4 * 16 * 6);
+    let experts = hf
+        .load_experts(&engine::model::weights::ExpertFilter::All)
+        .unwrap();
+    for p in &pieces {
+        let mlp = experts.layers[p.layer].as_ref().unwrap().experts[p.expert]
+            .as_ref()
+            .unwrap();
+        let m = match p.matrix {
+            ExpertMatrix::Gate => &mlp.gate,
+            ExpertMatrix::Up => &mlp.up,
+            ExpertMatrix::Down => &mlp.down,
+        };
+        let weight = p.matrix.hf_name(p.layer, p.expert);
+        if p.scales {
+            assert_eq!(p.tensor, format!("{}_scale_inv", weight));
+            assert_eq!(p.ty, QuantType::F32);
+            let grid: Vec<f32> = bytes(&hf, p)
+                .chunks(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            assert_eq!(p.shape, [m.rows.div_ceil(128), m.cols.div_ceil(128)]);
+            assert_eq!(&grid[..], &m.block_scales.as_ref().unwrap()[..]);
+        } else {
+            assert_eq!(p.tensor, weight);
+            assert_eq!((p.ty, p.shape), (QuantType::F8E4M3, [m.rows, m.cols]));
+            assert_eq!(bytes(&hf, p), &m.data[..]);
+        }
+    }
+}

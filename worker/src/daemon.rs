@@ -23,7 +23,7 @@ use proto::trust::{self, Identity, JoinToken, Trust, WorkerKey};
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 
-use crate::cache::{self, Cache, LayerWant};
+use crate::cache::{self, Cache};
 use crate::compute::{Compute, Executor};
 use crate::dataplane::{self, Stats};
 
@@ -303,7 +303,7 @@ async fn follow_assignments(
             );
             let local = match &opts.model {
                 Some(model) => load(model.clone(), &a, &want, &progress).await?,
-                None => load_streamed(&opts, client.clone(), &a, &want, &progress).await?,
+                None => load_streamed(&opts, client.clone(), &a, &progress).await?,
             };
             let compute = on_device(&opts, local).await?;
             loaded.send_replace(Some(Executor::start_with(compute)));
@@ -329,18 +329,14 @@ async fn load_streamed(
     opts: &Arc<Options>,
     client: control::Client,
     a: &Assignment,
-    want: &BTreeSet<(u32, u32)>,
     progress: &Arc<Progress>,
 ) -> Result<LocalExperts> {
-    let wants = cache::by_layer(want)
-        .into_iter()
-        .map(|(l, es)| LayerWant::from_assignment(l, es, &a.tensors))
-        .collect::<Result<Vec<_>>>()?;
+    let wants = cache::plan(a)?;
     let cache = Cache::open(&opts.cache_dir, &a.model_fingerprint)?;
     tracing::info!("streaming experts into {}", cache.dir().display());
     let mut report = LoadReport::new(progress.clone());
-    cache
-        .fill(
+    let local = cache
+        .obtain(
             &wants,
             |req| {
                 let mut c = client.clone();
@@ -348,9 +344,9 @@ async fn load_streamed(
             },
             &mut |done, total| report.update(done, total),
         )
-        .await?;
+        .await;
     report.finish();
-    tokio::task::spawn_blocking(move || cache.load(&wants)).await?
+    local
 }
 
 /// Load progress: into the heartbeat counters, and a bar on a terminal or a log line every 10%.

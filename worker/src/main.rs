@@ -22,7 +22,7 @@ struct Cli {
     join_token: Option<String>,
     /// This worker's own copy of the model (a .gguf, first split, or a Hugging Face
     /// directory): only the assigned experts' byte ranges are read. Without it, the experts
-    /// are streamed from the coordinator into --cache-dir (GGUF models only).
+    /// are streamed from the coordinator into --cache-dir.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Compute backend for the experts: `auto` takes a hardware GPU if there is one (never a

@@ -22,7 +22,7 @@ use crate::model::moe::{
     ExpertError, LocalExperts, MoeScratch, RoutedExperts, RouterScratch, Routing,
 };
 use crate::model::rope::RopeTable;
-use crate::model::weights::{DenseWeights, ExpertFilter, ExpertMatrix, Ffn, Naming, WeightError};
+use crate::model::weights::{DenseWeights, ExpertFilter, ExpertPiece, Ffn, Naming, WeightError};
 use crate::source::TensorSource;
 use crate::tensor::{ActBuf, GroupBuf};
 
@@ -43,8 +43,6 @@ pub enum LoadError {
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error("chat template: {0}")]
     Template(String),
-    #[error("{0}")]
-    NotStreamable(String),
 }
 
 /// Anything that stops a forward pass.
@@ -272,46 +270,16 @@ impl ModelFile {
             .collect())
     }
 
-    /// The stacked routed-expert tensors of a GGUF model, three per MoE layer, located in
-    /// their files: what a coordinator streams to workers that have no copy of the model. A
-    /// Hugging Face checkpoint has one tensor per expert and FP8 block scales, and is refused.
-    pub fn expert_tensors(&self) -> Result<Vec<StackedExperts>, LoadError> {
-        let Some(g) = &self.gguf else {
-            return Err(LoadError::NotStreamable(format!(
-                "{}: only GGUF models can stream their experts (a Hugging Face checkpoint has \
-                 one tensor per expert and FP8 block scales)",
-                self.source.describe()
-            )));
-        };
-        let c = &self.config;
-        let mut out = Vec::new();
-        for l in (0..c.n_layers).filter(|&l| c.is_moe_layer(l)) {
-            for m in ExpertMatrix::ALL {
-                let name = m.gguf_name(l);
-                let info = g.tensor_info(&name).ok_or_else(|| {
-                    LoadError::Weights(WeightError::Source(crate::source::SourceError::Missing {
-                        file: self.source.describe(),
-                        name: name.clone(),
-                    }))
-                })?;
-                let n = info.shape.first().copied().unwrap_or(0);
-                if info.shape.len() != 3 || n != c.n_routed || info.size % n as u64 != 0 {
-                    return Err(LoadError::Weights(WeightError::Shape {
-                        source_name: self.source.describe(),
-                        tensor: name,
-                        expected: vec![c.n_routed, 0, 0],
-                        got: info.shape.clone(),
-                    }));
-                }
-                out.push(StackedExperts {
-                    layer: l,
-                    matrix: m,
-                    expert_bytes: info.size / n as u64,
-                    info: info.clone(),
-                });
-            }
-        }
-        Ok(out)
+    /// Where every routed expert's bytes are stored: its pieces (GGUF: a slice of each of
+    /// the layer's three stacked tensors; Hugging Face: its own tensors, plus the block scales
+    /// of FP8 ones), shapes checked against the configuration. What a coordinator streams to
+    /// workers that have no copy of the model.
+    pub fn expert_pieces(&self) -> Result<Vec<ExpertPiece>, LoadError> {
+        Ok(weights::expert_pieces(
+            self.source.as_ref(),
+            self.naming,
+            &self.config,
+        )?)
     }
 
     /// Loads the routed experts that `filter` selects.
@@ -323,16 +291,6 @@ impl ModelFile {
             layers,
         })
     }
-}
-
-/// One stacked routed-expert tensor of a GGUF model (`[n_experts, rows, cols]`, expert
-/// outermost: expert `e` is bytes `e * expert_bytes .. (e + 1) * expert_bytes` of its data).
-#[derive(Clone, Debug)]
-pub struct StackedExperts {
-    pub layer: usize,
-    pub matrix: ExpertMatrix,
-    pub info: crate::gguf::GgufTensorInfo,
-    pub expert_bytes: u64,
 }
 
 /// The always-active part of the model, ready to run.

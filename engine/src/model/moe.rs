@@ -5,8 +5,8 @@
 
 use crate::config::{ModelConfig, Scoring};
 use crate::model::ops;
-use crate::model::weights::{ExpertMatrix, ExpertSet, Mlp, MoeWeights, RawMatrix};
-use crate::quant::QuantError;
+use crate::model::weights::{fp8_matrix, ExpertMatrix, ExpertSet, Mlp, MoeWeights, RawMatrix};
+use crate::quant::{QuantError, QuantType};
 use crate::tensor::{ActBuf, GroupBuf, Matrix};
 
 /// Per token, the chosen experts (ascending by id) and their final weights (normalised and
@@ -275,6 +275,13 @@ pub enum ExpertBuildError {
         matrix: ExpertMatrix,
         err: QuantError,
     },
+    #[error("layer {layer}, expert {expert}: {matrix}: {what}")]
+    Scales {
+        layer: usize,
+        expert: usize,
+        matrix: ExpertMatrix,
+        what: &'static str,
+    },
     #[error("layer {layer}: expert {expert} is not below the layer's {n_experts} experts")]
     OutOfRange {
         layer: usize,
@@ -300,7 +307,8 @@ impl LocalExperts {
 
     /// Adds expert `expert` of `layer` (a layer of `n_experts` routed experts) from its
     /// matrices as stored: `gate` and `up` must be `[inter, hidden]`, `down` `[hidden, inter]`,
-    /// with `inter` taken from `gate`, and each one's bytes must match its type and shape.
+    /// with `inter` taken from `gate`, and each one's bytes must match its type and shape (FP8
+    /// weights with their block scales, see [`RawMatrix::scales`]).
     pub fn insert(
         &mut self,
         layer: usize,
@@ -337,12 +345,26 @@ impl LocalExperts {
                     want_cols: cols,
                 });
             }
-            Matrix::new(m.ty, m.rows, m.cols, m.data).map_err(|err| ExpertBuildError::Quant {
+            let quant = |err| ExpertBuildError::Quant {
                 layer,
                 expert,
                 matrix: which,
                 err,
-            })
+            };
+            let scales = |what: &'static str| ExpertBuildError::Scales {
+                layer,
+                expert,
+                matrix: which,
+                what,
+            };
+            match (m.ty, m.scales) {
+                (QuantType::F8E4M3, Some((ty, s))) => {
+                    fp8_matrix(m.rows, m.cols, m.data, ty, &s).map_err(quant)
+                }
+                (QuantType::F8E4M3, None) => Err(scales("FP8 weights without their block scales")),
+                (_, Some(_)) => Err(scales("block scales given for weights that are not FP8")),
+                (ty, None) => Matrix::new(ty, m.rows, m.cols, m.data).map_err(quant),
+            }
         };
         let mlp = Mlp {
             gate: build(gate, ExpertMatrix::Gate, inter, h)?,
@@ -600,10 +622,11 @@ mod tests {
 
     fn raw(rows: usize, cols: usize) -> RawMatrix {
         RawMatrix {
-            ty: crate::quant::QuantType::F32,
+            ty: QuantType::F32,
             rows,
             cols,
             data: crate::Bytes::from_vec(vec![0; rows * cols * 4]),
+            scales: None,
         }
     }
 
@@ -645,6 +668,94 @@ mod tests {
                 e,
                 ExpertBuildError::Quant {
                     matrix: ExpertMatrix::Gate,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(x.held().count(), 1);
+    }
+
+    #[test]
+    fn insert_builds_fp8_experts_with_partial_edge_blocks() {
+        // inter 130: the gate and up grids are 2x1 (the second block row has 2 rows), the
+        // down grid 1x2.
+        let (h, inter) = (8, 130);
+        let fp8 = |rows: usize, cols: usize, scale: f32| {
+            let [gr, gc] = crate::model::weights::scale_grid(rows, cols);
+            let s: Vec<u8> = (0..gr * gc)
+                .flat_map(|i| (scale * (i + 1) as f32).to_le_bytes())
+                .collect();
+            RawMatrix {
+                ty: QuantType::F8E4M3,
+                rows,
+                cols,
+                data: crate::Bytes::from_vec(vec![0x38; rows * cols]), // e4m3 1.0
+                scales: Some((QuantType::F32, crate::Bytes::from_vec(s))),
+            }
+        };
+        let mut x = LocalExperts::new(h);
+        x.insert(
+            1,
+            2,
+            0,
+            [fp8(inter, h, 0.5), fp8(inter, h, 1.0), fp8(h, inter, 2.0)],
+        )
+        .unwrap();
+        let mlp = x.layers[1].as_ref().unwrap().experts[0].as_ref().unwrap();
+        let gate = mlp.gate.to_f32().unwrap();
+        assert_eq!(
+            (gate[0], gate[127 * h], gate[128 * h], gate[129 * h]),
+            (0.5, 0.5, 1.0, 1.0)
+        );
+        let down = mlp.down.to_f32().unwrap();
+        assert_eq!((down[127], down[128], down[129]), (2.0, 4.0, 4.0));
+
+        let mut bare = fp8(inter, h, 1.0);
+        bare.scales = None;
+        let e = x
+            .insert(1, 2, 1, [bare, fp8(inter, h, 1.0), fp8(h, inter, 1.0)])
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ExpertBuildError::Scales {
+                    matrix: ExpertMatrix::Gate,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut f32_with_scales = raw(h, inter);
+        f32_with_scales.scales = fp8(h, inter, 1.0).scales;
+        let e = x
+            .insert(
+                1,
+                2,
+                1,
+                [fp8(inter, h, 1.0), fp8(inter, h, 1.0), f32_with_scales],
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ExpertBuildError::Scales {
+                    matrix: ExpertMatrix::Down,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut short = fp8(inter, h, 1.0);
+        short.scales = Some((QuantType::F32, crate::Bytes::from_vec(vec![0; 4])));
+        let e = x
+            .insert(1, 2, 1, [fp8(inter, h, 1.0), short, fp8(h, inter, 1.0)])
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ExpertBuildError::Quant {
+                    matrix: ExpertMatrix::Up,
                     ..
                 }
             ),

@@ -108,6 +108,77 @@ impl ExpertMatrix {
     pub fn gguf_name(self, layer: usize) -> String {
         format!("blk.{layer}.ffn_{}_exps.weight", self.as_str())
     }
+
+    /// The Hugging Face tensor of this matrix of one expert
+    /// (`model.layers.{layer}.mlp.experts.{expert}.{gate,up,down}_proj.weight`).
+    pub fn hf_name(self, layer: usize, expert: usize) -> String {
+        format!(
+            "model.layers.{layer}.mlp.experts.{expert}.{}_proj.weight",
+            self.as_str()
+        )
+    }
+
+    /// `[rows, cols]` of this matrix of a routed expert.
+    pub fn dims(self, hidden: usize, inter: usize) -> [usize; 2] {
+        match self {
+            ExpertMatrix::Down => [hidden, inter],
+            ExpertMatrix::Gate | ExpertMatrix::Up => [inter, hidden],
+        }
+    }
+}
+
+/// The companion tensor holding the FP8 block scales of weight tensor `weight`
+/// (`<stem>.weight_scale_inv`).
+pub fn scale_name(weight: &str) -> String {
+    match weight.strip_suffix(".weight") {
+        Some(stem) => format!("{stem}.weight_scale_inv"),
+        None => format!("{weight}_scale_inv"),
+    }
+}
+
+/// The `[rows, cols]` grid of 128x128 block scales of an FP8 `rows x cols` matrix (partial
+/// edge blocks included).
+pub fn scale_grid(rows: usize, cols: usize) -> [usize; 2] {
+    [
+        rows.div_ceil(crate::tensor::FP8_BLOCK),
+        cols.div_ceil(crate::tensor::FP8_BLOCK),
+    ]
+}
+
+/// An FP8 matrix from its weights and its stored block-scale grid (`scale_grid(rows, cols)`
+/// elements of `scale_ty`). The weights' length is checked before anything is allocated.
+pub fn fp8_matrix(
+    rows: usize,
+    cols: usize,
+    data: Bytes,
+    scale_ty: QuantType,
+    scales: &[u8],
+) -> Result<Matrix, QuantError> {
+    let m = Matrix::new(QuantType::F8E4M3, rows, cols, data)?;
+    let [gr, gc] = scale_grid(rows, cols);
+    let mut grid = vec![0f32; gr * gc];
+    quant::dequantize_row(scale_ty, scales, &mut grid)?;
+    Matrix::new_fp8(rows, cols, m.data, grid)
+}
+
+/// One piece of a routed expert's weights as stored: a byte range of one tensor of the model.
+/// A GGUF expert has three (its slices of the layer's stacked tensors); a Hugging Face expert
+/// has three whole tensors, plus their block scales when they are FP8. The unit in which
+/// experts are streamed to workers without the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpertPiece {
+    pub layer: usize,
+    pub expert: usize,
+    pub matrix: ExpertMatrix,
+    /// The FP8 block scales of `matrix` rather than its weights.
+    pub scales: bool,
+    /// The tensor's name in the model.
+    pub tensor: String,
+    /// Within the tensor's data.
+    pub range: std::ops::Range<u64>,
+    pub ty: QuantType,
+    /// `[rows, cols]` of the matrix, or of its scale grid.
+    pub shape: [usize; 2],
 }
 
 impl std::fmt::Display for ExpertMatrix {
@@ -125,6 +196,9 @@ pub struct RawMatrix {
     pub rows: usize,
     pub cols: usize,
     pub data: Bytes,
+    /// For `F8E4M3` weights (required there, refused elsewhere): the stored block-scale grid,
+    /// `scale_grid(rows, cols)` elements of the given type.
+    pub scales: Option<(QuantType, Bytes)>,
 }
 
 /// The routed-expert part of a MoE layer held in this process: `experts[e]` is `None` for
@@ -241,17 +315,8 @@ impl<'a> Loader<'a> {
 
     fn to_matrix(&self, t: RawTensor, rows: usize, cols: usize) -> Result<Matrix, WeightError> {
         if t.ty == QuantType::F8E4M3 {
-            let scale_name = match t.name.strip_suffix(".weight") {
-                Some(stem) => format!("{stem}.weight_scale_inv"),
-                None => format!("{}_scale_inv", t.name),
-            };
-            let gr = rows.div_ceil(crate::tensor::FP8_BLOCK);
-            let gc = cols.div_ceil(crate::tensor::FP8_BLOCK);
-            let s = self.raw(&scale_name, &[gr, gc])?;
-            let mut scales = vec![0f32; gr * gc];
-            quant::dequantize_row(s.ty, &s.data, &mut scales)
-                .map_err(|e| self.quant_err(&scale_name, e))?;
-            return Matrix::new_fp8(rows, cols, t.data, scales)
+            let s = self.raw(&scale_name(&t.name), &scale_grid(rows, cols))?;
+            return fp8_matrix(rows, cols, t.data, s.ty, &s.data)
                 .map_err(|e| self.quant_err(&t.name, e));
         }
         Matrix::new(t.ty, rows, cols, t.data).map_err(|e| self.quant_err(&t.name, e))
@@ -472,18 +537,72 @@ impl<'a> Loader<'a> {
             Naming::Hf => {
                 for (e, slot) in experts.iter_mut().enumerate() {
                     if filter.wants(l, e) {
-                        let p =
-                            |w: &str| format!("model.layers.{l}.mlp.experts.{e}.{w}_proj.weight");
+                        let m = |m: ExpertMatrix| {
+                            let [rows, cols] = m.dims(h, inter);
+                            self.matrix(&m.hf_name(l, e), rows, cols)
+                        };
                         *slot = Some(Mlp {
-                            gate: self.matrix(&p("gate"), inter, h)?,
-                            up: self.matrix(&p("up"), inter, h)?,
-                            down: self.matrix(&p("down"), h, inter)?,
+                            gate: m(ExpertMatrix::Gate)?,
+                            up: m(ExpertMatrix::Up)?,
+                            down: m(ExpertMatrix::Down)?,
                         });
                     }
                 }
             }
         }
         Ok(ExpertSet { experts })
+    }
+
+    /// Where every routed expert of layer `l` is stored, each shape checked: per expert, its
+    /// slice of each stacked GGUF tensor, or its Hugging Face tensors and their FP8 scales.
+    fn expert_pieces(&self, l: usize, out: &mut Vec<ExpertPiece>) -> Result<(), WeightError> {
+        let c = self.cfg;
+        let (n, h, inter) = (c.n_routed, c.hidden, c.moe_inter);
+        let piece =
+            |e: usize, m: ExpertMatrix, scales: bool, t: &RawTensor, range, shape| ExpertPiece {
+                layer: l,
+                expert: e,
+                matrix: m,
+                scales,
+                tensor: t.name.clone(),
+                range,
+                ty: t.ty,
+                shape,
+            };
+        match self.naming {
+            Naming::Gguf => {
+                for m in ExpertMatrix::ALL {
+                    let [rows, cols] = m.dims(h, inter);
+                    let t = self.raw(&m.gguf_name(l), &[n, rows, cols])?;
+                    let per = t.data.len() as u64 / n.max(1) as u64;
+                    for e in 0..n as u64 {
+                        out.push(piece(
+                            e as usize,
+                            m,
+                            false,
+                            &t,
+                            e * per..(e + 1) * per,
+                            [rows, cols],
+                        ));
+                    }
+                }
+            }
+            Naming::Hf => {
+                for e in 0..n {
+                    for m in ExpertMatrix::ALL {
+                        let [rows, cols] = m.dims(h, inter);
+                        let t = self.raw(&m.hf_name(l, e), &[rows, cols])?;
+                        out.push(piece(e, m, false, &t, 0..t.data.len() as u64, [rows, cols]));
+                        if t.ty == QuantType::F8E4M3 {
+                            let grid = scale_grid(rows, cols);
+                            let s = self.raw(&scale_name(&t.name), &grid)?;
+                            out.push(piece(e, m, true, &s, 0..s.data.len() as u64, grid));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -532,6 +651,20 @@ pub fn load_dense(
         out_norm,
         head,
     })
+}
+
+/// Every piece of every routed expert of the model (see [`ExpertPiece`]), layer by layer.
+pub fn expert_pieces(
+    src: &dyn TensorSource,
+    naming: Naming,
+    cfg: &ModelConfig,
+) -> Result<Vec<ExpertPiece>, WeightError> {
+    let ld = Loader { src, naming, cfg };
+    let mut out = Vec::new();
+    for l in (0..cfg.n_layers).filter(|&l| cfg.is_moe_layer(l)) {
+        ld.expert_pieces(l, &mut out)?;
+    }
+    Ok(out)
 }
 
 /// Loads the routed experts that `filter` selects, per MoE layer (`None` for dense layers).

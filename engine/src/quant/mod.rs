@@ -158,6 +158,11 @@ impl QuantType {
         TABLE.iter().find(|i| i.ggml_id == Some(id)).map(|i| i.ty)
     }
 
+    /// The type called `name` (as [`QuantType::name`] spells it), if there is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        TABLE.iter().find(|i| i.name == name).map(|i| i.ty)
+    }
+
     pub fn ggml_id(self) -> Option<u32> {
         self.info().ggml_id
     }

@@ -35,7 +35,8 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Latent KV cache precision of the model measurement (f16 matches llama-bench's default).
+    /// Latent KV cache precision of the model measurement, CPU or GPU (f16 matches
+    /// llama-bench's default).
     #[arg(long, default_value = "f16")]
     kv_cache: CacheType,
     /// Int8 activations for quantized weights (llama.cpp's scheme) instead of exact f32.
@@ -243,7 +244,8 @@ fn gpu_model_speed(
     let model = mf.load_model()?;
     let experts = mf.load_experts(&ExpertFilter::All)?;
     let t = Instant::now();
-    let mut gm = engine::gpu::GpuModel::new(ctx.clone(), &model, a.prompt + a.decode + 1)?;
+    let mut gm =
+        engine::gpu::GpuModel::new(ctx.clone(), &model, a.prompt + a.decode + 1, a.kv_cache)?;
     let ge = match engine::gpu::GpuExperts::upload(ctx.clone(), &experts, gm.max_batch()) {
         Ok(g) => Some(g),
         Err(e) => {

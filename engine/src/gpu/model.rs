@@ -8,8 +8,9 @@
 //!   per MoE layer, the router's selection from the read-back router logits (`n x n_routed`,
 //!   with [`crate::model::moe::route_logits`], so the choice is the CPU's exactly);
 //! - device: everything else — RMSNorms, the query/KV projections, RoPE from the CPU's own
-//!   cos/sin table, absorbed MLA over the f32 latent cache (scores, causal softmax, latent
-//!   sum, per-head `W_UK`/`W_UV` products), the output projection, dense and shared-expert
+//!   cos/sin table, absorbed MLA over the latent cache (f32, or f16/bf16 rounded exactly as
+//!   the CPU's [`crate::model::kv_cache::KvCache`] rounds: cache write, scores, causal
+//!   softmax, latent sum, per-head `W_UK`/`W_UV` products), the output projection, dense and shared-expert
 //!   SwiGLU blocks, residual adds, the final norm and the head;
 //! - routed experts: on the device when the [`RoutedExperts`] is a [`GpuExperts`] on the same
 //!   context; otherwise the MoE layer's normalised hidden state is read back together with the
@@ -23,10 +24,10 @@
 use std::sync::Arc;
 
 use super::experts::{routing_pairs, GpuExperts};
-use super::ops::{grid_1d, Kernels, Op, Readback};
+use super::ops::{cache_row, grid_1d, Kernels, Op, Readback};
 use super::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
 use crate::config::ModelConfig;
-use crate::model::kv_cache::ContextFull;
+use crate::model::kv_cache::{CacheType, ContextFull};
 use crate::model::moe::{self, MoeScratch, Pair, RoutedExperts, RouterScratch, Routing};
 use crate::model::rope::RopeTable;
 use crate::model::weights::{Ffn, Mlp, QProj};
@@ -88,6 +89,7 @@ struct Layer {
     kv_norm: Op,
     rope_k: Op,
     rope_q: Op,
+    cache_write: Op,
     k_b: Vec<GpuMatrix>,
     v_b: Vec<GpuMatrix>,
     scores: Op,
@@ -131,7 +133,8 @@ struct Host {
     logits: Vec<f32>,
 }
 
-/// The dense part of a model and its latent cache (f32) on a GPU; see the module docs.
+/// The dense part of a model and its latent cache (f32, f16 or bf16) on a GPU; see the module
+/// docs.
 pub struct GpuModel {
     ctx: Arc<GpuContext>,
     pub cfg: ModelConfig,
@@ -141,7 +144,11 @@ pub struct GpuModel {
     final_norm: Op,
     head: GpuMatrix,
     b: Bufs,
-    cache: Vec<GpuBuffer>,
+    _cache: Vec<GpuBuffer>,
+    cache_type: CacheType,
+    /// Cache elements per position (the row padded to whole u32 words) and their bytes.
+    crow: usize,
+    cache_row_bytes: usize,
     len: usize,
     capacity: usize,
     n_max: usize,
@@ -158,6 +165,7 @@ impl std::fmt::Debug for GpuModel {
             .field("adapter", &self.ctx.adapter().name)
             .field("len", &self.len)
             .field("capacity", &self.capacity)
+            .field("cache", &self.cache_type)
             .finish()
     }
 }
@@ -172,14 +180,20 @@ impl GpuModel {
         ctx: Arc<GpuContext>,
         file: &ModelFile,
         capacity: usize,
+        cache: CacheType,
     ) -> Result<Self, GpuLoadError> {
         let model = file.load_model()?;
-        Ok(GpuModel::new(ctx, &model, capacity)?)
+        Ok(GpuModel::new(ctx, &model, capacity, cache)?)
     }
 
     /// Uploads `model`'s dense weights and allocates a latent cache of `capacity` positions
-    /// (capped by the model's limit) and every activation buffer.
-    pub fn new(ctx: Arc<GpuContext>, model: &Model, capacity: usize) -> Result<Self, GpuError> {
+    /// (capped by the model's limit) stored as `cache`, and every activation buffer.
+    pub fn new(
+        ctx: Arc<GpuContext>,
+        model: &Model,
+        capacity: usize,
+        cache: CacheType,
+    ) -> Result<Self, GpuError> {
         let c = model.cfg.clone();
         let capacity = capacity.min(c.max_positions).max(1);
         let (h, heads, lora, rd, nope, vh) = (
@@ -192,7 +206,8 @@ impl GpuModel {
         );
         let (qk, row) = (c.qk_head(), c.cache_row());
         let limit = ctx.page_limit() as usize;
-        let cache_bytes = capacity * row * 4;
+        let (crow, row_bytes) = cache_row(cache, row);
+        let cache_bytes = capacity * row_bytes;
         if cache_bytes > limit {
             return Err(GpuError::BadArgument(format!(
                 "a layer's cache of {capacity} positions ({cache_bytes} bytes) exceeds one binding ({limit} bytes)"
@@ -209,7 +224,7 @@ impl GpuModel {
                 "one token's attention scores over {capacity} positions exceed one binding"
             )));
         }
-        let k = Kernels::new(&ctx)?;
+        let k = Kernels::new(&ctx, cache)?;
         let mut inter = 0;
         let mut mlp_inters = |m: &Mlp| inter = inter.max(m.gate.rows);
         for l in &model.w.layers {
@@ -242,7 +257,7 @@ impl GpuModel {
             logits: ctx.alloc_f32("logits", n_max * c.vocab_size)?,
             _rope: ctx.upload_f32("rope", &rope.cos_sin_table(capacity))?,
         };
-        let mut cache = Vec::with_capacity(c.n_layers);
+        let mut caches = Vec::with_capacity(c.n_layers);
         let mut layers = Vec::with_capacity(c.n_layers);
         let up = |m: &Matrix| GpuMatrix::upload(&ctx, m);
         let mlp = |m: &Mlp, b: &Bufs| -> Result<GpuMlp, GpuError> {
@@ -255,7 +270,8 @@ impl GpuModel {
         };
         let add = |d: &GpuBuffer, s: &GpuBuffer| Op::new(&ctx, &k.add, &[(3, d), (4, s)]);
         for (l, lw) in model.w.layers.iter().enumerate() {
-            let cl = ctx.alloc_f32("kv cache", capacity * row)?;
+            let cl =
+                ctx.create_buffer("kv cache", cache_bytes as u64, wgpu::BufferUsages::STORAGE)?;
             let a = &lw.attn;
             let attn_norm_w = ctx.upload_f32("attn norm", &a.norm)?;
             let kv_norm_w = ctx.upload_f32("kv norm", &a.kv_norm)?;
@@ -288,6 +304,7 @@ impl GpuModel {
                 kv_norm: Op::new(&ctx, &k.rms_inplace, &[(1, &kv_norm_w), (3, &b.kv)])?,
                 rope_k: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.kv)])?,
                 rope_q: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.q)])?,
+                cache_write: Op::new(&ctx, &k.cache_write, &[(7, &cl), (8, &b.kv)])?,
                 k_b: a.k_b.iter().map(up).collect::<Result<_, _>>()?,
                 v_b: a.v_b.iter().map(up).collect::<Result<_, _>>()?,
                 scores: Op::new(
@@ -304,7 +321,7 @@ impl GpuModel {
                 add_ffn: add(&b.x, &b.branch)?,
                 _w: vec![attn_norm_w, kv_norm_w, ffn_norm_w],
             });
-            cache.push(cl);
+            caches.push(cl);
             debug_assert_eq!(layers.len(), l + 1);
         }
         let out_norm = ctx.upload_f32("out norm", &model.w.out_norm)?;
@@ -319,7 +336,10 @@ impl GpuModel {
             final_norm,
             head,
             b,
-            cache,
+            _cache: caches,
+            cache_type: cache,
+            crow,
+            cache_row_bytes: row_bytes,
             len: 0,
             capacity,
             n_max,
@@ -345,6 +365,11 @@ impl GpuModel {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// How the latent cache stores its values.
+    pub fn cache_type(&self) -> CacheType {
+        self.cache_type
     }
 
     /// Positions the cache holds at most.
@@ -481,13 +506,22 @@ impl GpuModel {
                 &[nn, 1, lora as u32, row as u32, 0, pos0 as u32, half, inter],
                 (half.div_ceil(64), nn, 1),
             );
-            enc.copy_buffer_to_buffer(
-                b.kv.buffer(),
-                0,
-                self.cache[l].buffer(),
-                (pos0 * row * 4) as u64,
-                (n * row * 4) as u64,
-            );
+            let att = [
+                nn,
+                heads as u32,
+                pos0 as u32,
+                lora as u32,
+                rd as u32,
+                row as u32,
+                qk as u32,
+                nope as u32,
+                self.scale.to_bits(),
+                self.capacity as u32,
+                self.crow as u32,
+            ];
+            let words = self.cache_row_bytes.div_ceil(4) as u32;
+            lw.cache_write
+                .encode(ctx, &mut enc, &att, (words.div_ceil(64), nn, 1));
             lw.rope_q.encode(
                 ctx,
                 &mut enc,
@@ -516,18 +550,6 @@ impl GpuModel {
                     heads * lora,
                 )?;
             }
-            let att = [
-                nn,
-                heads as u32,
-                pos0 as u32,
-                lora as u32,
-                rd as u32,
-                row as u32,
-                qk as u32,
-                nope as u32,
-                self.scale.to_bits(),
-                self.capacity as u32,
-            ];
             let ctx_len = (pos0 + n) as u32;
             lw.scores.encode(
                 ctx,

@@ -210,8 +210,9 @@ fn gpu_bench(a: &BenchArgs) -> Result<()> {
     })?;
     println!("# wgpu adapter:\n{}", ctx.adapter());
     println!(
-        "# kernels use subgroups: {}; weights-bytes/second of one matvec, many per submit",
-        ctx.uses_subgroups()
+        "# kernels use subgroups: {}, f16 products: {}; weights-bytes/second of one matvec, many per submit",
+        ctx.uses_subgroups(),
+        ctx.uses_f16()
     );
     let (target, submits) = if a.quick {
         (std::time::Duration::from_millis(100), 2)

@@ -8,9 +8,13 @@
 pub const PRELUDE: &str = include_str!("../wgsl/prelude.wgsl");
 
 /// Matrix products over packed rows: bindings, byte readers of the weight words, entry point.
-/// Needs `WG`, `ROWS`, `NT` constants, a `reduce` function (one of the two below) and a
-/// `unit_dot` function (one of the `MM_*` files).
+/// Needs `WG`, `ROWS`, `NT` constants, a `reduce` function (one of the two below), a `fma_x2`
+/// function (`PAIR_*`) and a `unit_dot` function (one of the `MM_*` files).
 pub const MATMUL: &str = include_str!("../wgsl/matmul.wgsl");
+/// `fma_x2` (products of two weights with two activations) in f32, or in an f16 pair (adapters
+/// with `shader-f16`; the module then starts with `enable f16;`).
+pub const PAIR_F32: &str = include_str!("../wgsl/pair_f32.wgsl");
+pub const PAIR_F16: &str = include_str!("../wgsl/pair_f16.wgsl");
 /// Workgroup reduction with `subgroupAdd`.
 pub const REDUCE_SUBGROUP: &str = include_str!("../wgsl/reduce_subgroup.wgsl");
 /// Workgroup reduction in shared memory only (adapters without subgroups).

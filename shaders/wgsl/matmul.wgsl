@@ -1,8 +1,9 @@
 // Matrix products out[t * out_stride + row_base + r] = W[r] . x_t over packed weight rows.
 //
 // The engine assembles a module as: prelude + variant constants (WG, ROWS, NT) + this file +
-// one of `reduce_subgroup.wgsl` / `reduce_shared.wgsl` (which defines `reduce`) + one
-// `mm_<type>.wgsl` file, which defines `unit_dot` (one work unit of one row: a few elements of
+// one of `reduce_subgroup.wgsl` / `reduce_shared.wgsl` (which defines `reduce`) + one of
+// `pair_f32.wgsl` / `pair_f16.wgsl` (`fma_x2`, two products at once; F16, Q8_0, Q4_K and Q6_K
+// use it) + one `mm_<type>.wgsl` file, which defines `unit_dot` (one work unit of one row: a few elements of
 // a float row, one block, or a quarter of a K-quant super-block). Three upper-case
 // placeholders in `main` (the subgroup builtin arguments, lane and size) are replaced by the
 // subgroup builtins, or by nothing, 0u and 1u.

@@ -44,13 +44,20 @@ fn kernel(ty: QuantType) -> Option<(&'static str, usize)> {
     })
 }
 
+/// Whether `ty`'s kernel computes its products in f16 pairs on a context with
+/// [`GpuContext::uses_f16`] (the others compute in f32 everywhere).
+pub(crate) fn f16_products(ty: QuantType) -> bool {
+    use QuantType::*;
+    matches!(ty, F16 | Q8_0 | Q4_K | Q6_K)
+}
+
 /// Whether the GPU has a matrix kernel for `ty`.
 pub fn gpu_supports(ty: QuantType) -> bool {
     kernel(ty).is_some()
 }
 
 /// The WGSL module of one matmul variant.
-fn module_source(ty_src: &str, nt: u32, rows: u32, subgroups: bool) -> String {
+fn module_source(ty_src: &str, nt: u32, rows: u32, subgroups: bool, f16: bool) -> String {
     let (args, lane, size, reduce) = if subgroups {
         (
             "@builtin(subgroup_invocation_id) sg_lane: u32,\n    @builtin(subgroup_size) sg_size: u32",
@@ -65,8 +72,13 @@ fn module_source(ty_src: &str, nt: u32, rows: u32, subgroups: bool) -> String {
         .replace("SUBGROUP_ARGS", args)
         .replace("SG_LANE", lane)
         .replace("SG_SIZE", size);
+    let (enable, pair) = if f16 {
+        ("enable f16;\n", shaders::PAIR_F16)
+    } else {
+        ("", shaders::PAIR_F32)
+    };
     format!(
-        "{}\nconst WG: u32 = {MM_WG}u;\nconst ROWS: u32 = {rows}u;\nconst NT: u32 = {nt}u;\n\n{body}\n{reduce}\n{ty_src}",
+        "{enable}{}\nconst WG: u32 = {MM_WG}u;\nconst ROWS: u32 = {rows}u;\nconst NT: u32 = {nt}u;\n\n{body}\n{reduce}\n{pair}\n{ty_src}",
         shaders::PRELUDE
     )
 }
@@ -310,14 +322,16 @@ impl GpuMatrix {
         let (nt, rows) = if n == 1 { DECODE } else { PREFILL };
         let (src, _) = kernel(self.ty).ok_or(GpuError::Unsupported(self.ty.name()))?;
         let subgroups = ctx.uses_subgroups();
+        let f16 = ctx.uses_f16() && f16_products(self.ty);
         let key = PipelineKey {
             family: "matmul",
             ty: self.ty.name(),
             nt,
             rows,
             subgroups,
+            f16,
         };
-        let pipeline = ctx.pipeline(key, || module_source(src, nt, rows, subgroups))?;
+        let pipeline = ctx.pipeline(key, || module_source(src, nt, rows, subgroups, f16))?;
         let max_dim = limits.max_compute_workgroups_per_dimension.max(1);
         let scales = self
             .scales

@@ -1,4 +1,6 @@
 // Matrix products out[t * out_stride + row_base + r] = W[r] . x_t over packed weight rows.
+// Grouped products (several matrices stacked by rows, e.g. one per attention head) read each
+// group's own slice of the token: row R takes x_t + (R / group_rows) * group_x.
 //
 // The engine assembles a module as: prelude + variant constants (WG, ROWS, NT) + this file +
 // one of `reduce_subgroup.wgsl` / `reduce_shared.wgsl` (which defines `reduce`) + one of
@@ -31,6 +33,10 @@ struct Params {
     units: u32,      // work units per row
     scale_cols: u32, // FP8: scale blocks per row
     wg_x: u32,       // workgroups along x (the grid may be 2-D)
+    group_rows: u32, // rows per group (all rows for a plain product)
+    group_x: u32,    // f32 elements between the x slices of consecutive groups
+    pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -95,8 +101,9 @@ fn main(
             let r = row0 + ri;
             if (r < P.rows) {
                 let rw = r * P.row_words;
+                let xr = xb + ((P.row_base + r) / P.group_rows) * P.group_x;
                 for (var u = lid; u < P.units; u += WG) {
-                    unit_dot(rw, P.row_base + r, u, xb, nt, ri * NT, &acc);
+                    unit_dot(rw, P.row_base + r, u, xr, nt, ri * NT, &acc);
                 }
             }
         }

@@ -9,7 +9,8 @@
 
 use std::sync::Arc;
 
-use super::ops::{grid_1d, Kernels, Op};
+use super::model::{AttnBufs, AttnShape, GpuAttention};
+use super::ops::{cache_row, grid_1d, Kernels, Op};
 use super::*;
 use crate::config::{Rope, Yarn};
 use crate::model::kv_cache::{CacheType, KvCache};
@@ -19,7 +20,7 @@ use crate::model::rope::RopeTable;
 use crate::model::weights::{ExpertSet, Mlp};
 use crate::quant::dequant::test_util::{random_row, Rng};
 use crate::quant::QuantType;
-use crate::tensor::Matrix;
+use crate::tensor::{ActBuf, Matrix};
 use crate::Bytes;
 
 /// The f32 products: these kernels are held to f32 bounds (f16 products are `tests.rs`'s).
@@ -253,7 +254,7 @@ fn gpu_cache(
     cap: usize,
     rows: &[f32],
 ) -> (GpuBuffer, usize) {
-    let (crow, bytes) = super::ops::cache_row(ty, row);
+    let (crow, bytes) = cache_row(ty, row);
     let cb = ctx
         .create_buffer(
             "cache",
@@ -436,6 +437,114 @@ fn absorbed_attention_matches_the_cpu() {
                 1e-5,
                 &format!("attention, {ty:?} cache"),
             );
+        }
+    }
+}
+
+/// The attention stage as the model runs it (`GpuAttention`: cache write, all heads' `k_b`
+/// and `v_b` stacked into grouped products, scores, softmax, latent sum: one dispatch per
+/// stage) against the CPU formula with `Matrix::matvec` per head: 3 heads of odd sizes, a
+/// prefill chunk of 5, a decode step, a chunk of 4 (cache lengths 5, 6, 7..10), f32 and f16
+/// caches. Bound 1e-5 · max |ref| (two chained products around the softmax, as for experts).
+#[test]
+fn attention_stage_runs_all_heads_at_once() {
+    let Some(ctx) = ctx() else { return };
+    let (heads, lora, rd, nope, vh, cap, nmax) = (3, 20, 6, 5, 7, 11, 5);
+    let (qk, row) = (nope + rd, lora + rd);
+    let mut rng = Rng(31);
+    let k_b: Vec<Matrix> = (0..heads)
+        .map(|_| random_matrix(QuantType::F16, lora, nope, &mut rng))
+        .collect();
+    let v_b: Vec<Matrix> = (0..heads)
+        .map(|_| random_matrix(QuantType::F32, vh, lora, &mut rng))
+        .collect();
+    let alloc = |what, len| ctx.alloc_f32(what, len).unwrap();
+    let (q, kv) = (alloc("q", nmax * heads * qk), alloc("kv", nmax * row));
+    let (qabs, lat) = (
+        alloc("qabs", nmax * heads * lora),
+        alloc("lat", nmax * heads * lora),
+    );
+    let (scores, out) = (
+        alloc("scores", nmax * heads * cap),
+        alloc("out", nmax * heads * vh),
+    );
+    let bufs = AttnBufs {
+        q: &q,
+        kv: &kv,
+        qabs: &qabs,
+        scores: &scores,
+        lat: &lat,
+        out: &out,
+    };
+    let mut act = ActBuf::default();
+    for ty in [CacheType::F32, CacheType::F16] {
+        let k = Kernels::new(&ctx, ty).unwrap();
+        let shape = AttnShape {
+            heads,
+            lora,
+            rd,
+            nope,
+            vh,
+            scale: 0.3,
+            capacity: cap,
+            cache: ty,
+        };
+        let cb = ctx
+            .create_buffer(
+                "cache",
+                (cap * cache_row(ty, row).1) as u64,
+                wgpu::BufferUsages::STORAGE,
+            )
+            .unwrap();
+        let att = GpuAttention::new(&ctx, &k, &k_b, &v_b, &cb, &bufs).unwrap();
+        let mut cpu = KvCache::new(ty, 1, row, cap);
+        let mut pos0 = 0;
+        for (step, n) in [5usize, 1, 4].into_iter().enumerate() {
+            let qs = rand(n * heads * qk, 40 + step as u64);
+            let kvs = rand(n * row, 50 + step as u64);
+            ctx.write_f32(&q, 0, &qs).unwrap();
+            ctx.write_f32(&kv, 0, &kvs).unwrap();
+            run(&ctx, |e| {
+                att.encode(&ctx, e, &shape, &bufs, pos0, n).unwrap()
+            });
+            for (t, r) in kvs.chunks(row).enumerate() {
+                cpu.write(0, pos0 + t, r);
+            }
+            let mut cache = vec![0f32; (pos0 + n) * row];
+            for (p, r) in cache.chunks_mut(row).enumerate() {
+                cpu.read(0, p, r);
+            }
+            let mut want = vec![0f32; n * heads * vh];
+            let (mut qa, mut l) = (vec![0f32; lora], vec![0f32; lora]);
+            for t in 0..n {
+                for h in 0..heads {
+                    let th = t * heads + h;
+                    let qt = &qs[th * qk..(th + 1) * qk];
+                    k_b[h].matvec(&qt[..nope], &mut qa, &mut act);
+                    let mut s: Vec<f32> = cache
+                        .chunks(row)
+                        .take(pos0 + t + 1)
+                        .map(|r| {
+                            0.3 * (ops::dot(&qa, &r[..lora]) + ops::dot(&qt[nope..], &r[lora..]))
+                        })
+                        .collect();
+                    ops::softmax(&mut s);
+                    l.fill(0.0);
+                    for (r, &pr) in cache.chunks(row).zip(&s) {
+                        ops::axpy(&mut l, pr, &r[..lora]);
+                    }
+                    v_b[h].matvec(&l, &mut want[th * vh..(th + 1) * vh], &mut act);
+                }
+            }
+            let got = ctx.read_f32(&out, 0, want.len()).unwrap();
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * scale,
+                    "{ty:?} cache, {n} tokens at {pos0}: [{i}] gpu {g} cpu {w} (scale {scale})"
+                );
+            }
+            pos0 += n;
         }
     }
 }

@@ -35,7 +35,8 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Latent KV cache precision of the model measurement (f16 matches llama-bench's default).
+    /// Latent KV cache precision of the model measurement, CPU or GPU (f16 matches
+    /// llama-bench's default).
     #[arg(long, default_value = "f16")]
     kv_cache: CacheType,
     /// Int8 activations for quantized weights (llama.cpp's scheme) instead of exact f32.
@@ -209,8 +210,9 @@ fn gpu_bench(a: &BenchArgs) -> Result<()> {
     })?;
     println!("# wgpu adapter:\n{}", ctx.adapter());
     println!(
-        "# kernels use subgroups: {}; weights-bytes/second of one matvec, many per submit",
-        ctx.uses_subgroups()
+        "# kernels use subgroups: {}, f16 products: {}; weights-bytes/second of one matvec, many per submit",
+        ctx.uses_subgroups(),
+        ctx.uses_f16()
     );
     let (target, submits) = if a.quick {
         (std::time::Duration::from_millis(100), 2)
@@ -243,7 +245,8 @@ fn gpu_model_speed(
     let model = mf.load_model()?;
     let experts = mf.load_experts(&ExpertFilter::All)?;
     let t = Instant::now();
-    let mut gm = engine::gpu::GpuModel::new(ctx.clone(), &model, a.prompt + a.decode + 1)?;
+    let mut gm =
+        engine::gpu::GpuModel::new(ctx.clone(), &model, a.prompt + a.decode + 1, a.kv_cache)?;
     let ge = match engine::gpu::GpuExperts::upload(ctx.clone(), &experts, gm.max_batch()) {
         Ok(g) => Some(g),
         Err(e) => {

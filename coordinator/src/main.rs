@@ -353,16 +353,6 @@ fn open_gpu(
         "wgpu" => false,
         _ => true,
     };
-    if a.p.kv_cache != CacheType::F32 {
-        if auto {
-            eprintln!(
-                "[backend: cpu (the wgpu backend keeps an f32 cache; --kv-cache {:?} is CPU only)]",
-                a.p.kv_cache
-            );
-            return Ok(None);
-        }
-        bail!("the wgpu backend keeps an f32 latent cache; drop --kv-cache or use --backend cpu");
-    }
     let opts = GpuOptions {
         selector: a.gpu.clone(),
         memory_budget: a.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64),
@@ -376,7 +366,7 @@ fn open_gpu(
         }
         Err(e) => return Err(e).context("opening the GPU"),
     };
-    let gm = match GpuModel::new(ctx.clone(), model, capacity) {
+    let gm = match GpuModel::new(ctx.clone(), model, capacity, a.p.kv_cache) {
         Ok(m) => m,
         Err(e) if auto => {
             eprintln!(

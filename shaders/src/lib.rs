@@ -8,9 +8,13 @@
 pub const PRELUDE: &str = include_str!("../wgsl/prelude.wgsl");
 
 /// Matrix products over packed rows: bindings, byte readers of the weight words, entry point.
-/// Needs `WG`, `ROWS`, `NT` constants, a `reduce` function (one of the two below) and a
-/// `unit_dot` function (one of the `MM_*` files).
+/// Needs `WG`, `ROWS`, `NT` constants, a `reduce` function (one of the two below), a `fma_x2`
+/// function (`PAIR_*`) and a `unit_dot` function (one of the `MM_*` files).
 pub const MATMUL: &str = include_str!("../wgsl/matmul.wgsl");
+/// `fma_x2` (products of two weights with two activations) in f32, or in an f16 pair (adapters
+/// with `shader-f16`; the module then starts with `enable f16;`).
+pub const PAIR_F32: &str = include_str!("../wgsl/pair_f32.wgsl");
+pub const PAIR_F16: &str = include_str!("../wgsl/pair_f16.wgsl");
 /// Workgroup reduction with `subgroupAdd`.
 pub const REDUCE_SUBGROUP: &str = include_str!("../wgsl/reduce_subgroup.wgsl");
 /// Workgroup reduction in shared memory only (adapters without subgroups).
@@ -35,8 +39,13 @@ pub const MM_Q6_K: &str = include_str!("../wgsl/mm_q6_k.wgsl");
 pub const RMSNORM: &str = include_str!("../wgsl/rmsnorm.wgsl");
 /// YaRN rotary embedding from a host-computed cos/sin table.
 pub const ROPE: &str = include_str!("../wgsl/rope.wgsl");
-/// Absorbed MLA over the latent cache: `scores` and `latent` (the softmax runs in between).
+/// Absorbed MLA over the latent cache: `write` (new rows into the cache), `scores` and
+/// `latent` (the softmax runs in between). Needs the prelude and one of the `CACHE_*` files.
 pub const ATTENTION: &str = include_str!("../wgsl/attention.wgsl");
+/// Latent cache storage (`PER_WORD`, `cache_at`, `to_word`): f32, or two f16/bf16 per word.
+pub const CACHE_F32: &str = include_str!("../wgsl/cache_f32.wgsl");
+pub const CACHE_F16: &str = include_str!("../wgsl/cache_f16.wgsl");
+pub const CACHE_BF16: &str = include_str!("../wgsl/cache_bf16.wgsl");
 /// Row softmax in place (rows of growing length for causal attention).
 pub const SOFTMAX: &str = include_str!("../wgsl/softmax.wgsl");
 /// Element-wise `swiglu` and `add`.

@@ -1,12 +1,18 @@
 // Absorbed multi-head latent attention over the latent cache, for n consecutive tokens at
 // positions pos0 + t (causal: token t attends to positions 0..=pos0 + t).
 //
-// Cache row p of the layer: C[p * row ..][..lora] is the normalised latent c_p, followed by
-// the rotated shared key k_pe_p (rd values). Per token t and head h (index th = t * heads + h):
+// Cache row p of the layer: elements p * crow .. p * crow + row (read with `cache_at`) are the
+// normalised latent c_p (lora values), followed by the rotated shared key k_pe_p (rd values).
+// The cache is an array of u32 words, PER_WORD elements each (rows padded to whole words,
+// crow = words_per_row * PER_WORD); one of the `cache_*.wgsl` files defines PER_WORD, `cache_at`
+// and `to_word` (f32: one element per word; f16/bf16: two, low half first). Per token t and head h (index th = t * heads + h):
 //   `scores`: S[th * sstride + p] = scale * (QA[th * lora ..] . c_p + q_pe . k_pe_p), with
 //             q_pe = Q[th * qk + nope ..][..rd] (already rotated) and QA = W_UK^T q_nope;
 //   `latent`: L[th * lora + j] = sum_p S[th * sstride + p] * c_p[j] (after the softmax).
-// Grids: `scores` x over positions, `latent` x over latent channels; y over heads, z over tokens.
+//   `write`:  cache row pos0 + t = KV[t * row ..][..row] (the new [c, k_pe] rows), rounded to the
+//             cache's type.
+// Grids: `scores` x over positions, `latent` x over latent channels, `write` x over a row's words;
+// y over heads (`write`: tokens), z over tokens.
 
 struct Params {
     n: u32,
@@ -19,17 +25,19 @@ struct Params {
     nope: u32,
     scale: f32,
     sstride: u32,
+    crow: u32,   // cache elements per position (row padded to whole words)
     pad0: u32,
-    pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> QA: array<f32>;
 @group(0) @binding(2) var<storage, read> Q: array<f32>;
-@group(0) @binding(3) var<storage, read> C: array<f32>;
+@group(0) @binding(3) var<storage, read> C: array<u32>;
 @group(0) @binding(4) var<storage, read_write> S: array<f32>;
 @group(0) @binding(5) var<storage, read> SR: array<f32>;
 @group(0) @binding(6) var<storage, read_write> L: array<f32>;
+@group(0) @binding(7) var<storage, read_write> CW: array<u32>;
+@group(0) @binding(8) var<storage, read> KV: array<f32>;
 
 @compute @workgroup_size(64)
 fn scores(@builtin(global_invocation_id) g: vec3<u32>) {
@@ -41,15 +49,15 @@ fn scores(@builtin(global_invocation_id) g: vec3<u32>) {
     }
     let th = t * P.heads + h;
     let qa = th * P.lora;
-    let cb = p * P.row;
+    let cb = p * P.crow;
     var s1 = 0.0;
     for (var j = 0u; j < P.lora; j++) {
-        s1 += QA[qa + j] * C[cb + j];
+        s1 += QA[qa + j] * cache_at(cb + j);
     }
     let qp = th * P.qk + P.nope;
     var s2 = 0.0;
     for (var j = 0u; j < P.rd; j++) {
-        s2 += Q[qp + j] * C[cb + P.lora + j];
+        s2 += Q[qp + j] * cache_at(cb + P.lora + j);
     }
     S[th * P.sstride + p] = P.scale * (s1 + s2);
 }
@@ -66,7 +74,27 @@ fn latent(@builtin(global_invocation_id) g: vec3<u32>) {
     let sb = th * P.sstride;
     var acc = 0.0;
     for (var p = 0u; p <= P.pos0 + t; p++) {
-        acc += SR[sb + p] * C[p * P.row + j];
+        acc += SR[sb + p] * cache_at(p * P.crow + j);
     }
     L[th * P.lora + j] = acc;
+}
+
+@compute @workgroup_size(64)
+fn write(@builtin(global_invocation_id) g: vec3<u32>) {
+    let w = g.x;
+    let t = g.y;
+    let words = P.crow / PER_WORD;
+    if (t >= P.n || w >= words) {
+        return;
+    }
+    let j = w * PER_WORD;
+    var a = 0.0;
+    if (j < P.row) {
+        a = KV[t * P.row + j];
+    }
+    var b = 0.0;
+    if (PER_WORD == 2u && j + 1u < P.row) {
+        b = KV[t * P.row + j + 1u];
+    }
+    CW[(P.pos0 + t) * words + w] = to_word(a, b);
 }

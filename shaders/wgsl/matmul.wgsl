@@ -1,8 +1,11 @@
 // Matrix products out[t * out_stride + row_base + r] = W[r] . x_t over packed weight rows.
+// Grouped products (several matrices stacked by rows, e.g. one per attention head) read each
+// group's own slice of the token: row R takes x_t + (R / group_rows) * group_x.
 //
 // The engine assembles a module as: prelude + variant constants (WG, ROWS, NT) + this file +
-// one of `reduce_subgroup.wgsl` / `reduce_shared.wgsl` (which defines `reduce`) + one
-// `mm_<type>.wgsl` file, which defines `unit_dot` (one work unit of one row: a few elements of
+// one of `reduce_subgroup.wgsl` / `reduce_shared.wgsl` (which defines `reduce`) + one of
+// `pair_f32.wgsl` / `pair_f16.wgsl` (`fma_x2`, two products at once; F16, Q8_0, Q4_K and Q6_K
+// use it) + one `mm_<type>.wgsl` file, which defines `unit_dot` (one work unit of one row: a few elements of
 // a float row, one block, or a quarter of a K-quant super-block). Three upper-case
 // placeholders in `main` (the subgroup builtin arguments, lane and size) are replaced by the
 // subgroup builtins, or by nothing, 0u and 1u.
@@ -30,6 +33,10 @@ struct Params {
     units: u32,      // work units per row
     scale_cols: u32, // FP8: scale blocks per row
     wg_x: u32,       // workgroups along x (the grid may be 2-D)
+    group_rows: u32, // rows per group (all rows for a plain product)
+    group_x: u32,    // f32 elements between the x slices of consecutive groups
+    pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -94,8 +101,9 @@ fn main(
             let r = row0 + ri;
             if (r < P.rows) {
                 let rw = r * P.row_words;
+                let xr = xb + ((P.row_base + r) / P.group_rows) * P.group_x;
                 for (var u = lid; u < P.units; u += WG) {
-                    unit_dot(rw, P.row_base + r, u, xb, nt, ri * NT, &acc);
+                    unit_dot(rw, P.row_base + r, u, xr, nt, ri * NT, &acc);
                 }
             }
         }

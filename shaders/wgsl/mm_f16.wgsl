@@ -5,9 +5,10 @@ fn unit_dot(rw: u32, grow: u32, u: u32, xb: u32, nt: u32, a0: u32, acc: ptr<func
         let c = c0 + 2u * k;
         if (c < P.cols) {
             let v = unpack2x16float(W[rw + (c >> 1u)]);
-            fma_x(acc, a0, nt, xb + c, v.x);
             if (c + 1u < P.cols) {
-                fma_x(acc, a0, nt, xb + c + 1u, v.y);
+                fma_x2(acc, a0, nt, xb + c, xb + c + 1u, v);
+            } else {
+                fma_x(acc, a0, nt, xb + c, v.x);
             }
         }
     }

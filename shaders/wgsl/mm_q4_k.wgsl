@@ -19,8 +19,8 @@ fn unit_dot(rw: u32, grow: u32, u: u32, xb: u32, nt: u32, a0: u32, acc: ptr<func
         for (var i = 0u; i < 4u; i++) {
             let b = byte_of(q, i);
             let l = 4u * k + i;
-            fma_x(acc, a0, nt, xb + c0 + l, d1 * f32(b & 15u) - m1);
-            fma_x(acc, a0, nt, xb + c0 + 32u + l, d2 * f32(b >> 4u) - m2);
+            let w = vec2<f32>(d1 * f32(b & 15u) - m1, d2 * f32(b >> 4u) - m2);
+            fma_x2(acc, a0, nt, xb + c0 + l, xb + c0 + 32u + l, w);
         }
     }
 }

@@ -27,10 +27,9 @@ fn unit_dot(rw: u32, grow: u32, u: u32, xb: u32, nt: u32, a0: u32, acc: ptr<func
             let q2 = i32((b & 15u) | (((hh >> 2u) & 3u) << 4u)) - 32;
             let q3 = i32((a >> 4u) | (((hh >> 4u) & 3u) << 4u)) - 32;
             let q4 = i32((b >> 4u) | (((hh >> 6u) & 3u) << 4u)) - 32;
-            fma_x(acc, a0, nt, xb + c0 + l, ds0 * f32(q1));
-            fma_x(acc, a0, nt, xb + c0 + l + 32u, ds1 * f32(q2));
-            fma_x(acc, a0, nt, xb + c0 + l + 64u, ds2 * f32(q3));
-            fma_x(acc, a0, nt, xb + c0 + l + 96u, ds3 * f32(q4));
+            let c = xb + c0 + l;
+            fma_x2(acc, a0, nt, c, c + 32u, vec2<f32>(ds0 * f32(q1), ds1 * f32(q2)));
+            fma_x2(acc, a0, nt, c + 64u, c + 96u, vec2<f32>(ds2 * f32(q3), ds3 * f32(q4)));
         }
     }
 }

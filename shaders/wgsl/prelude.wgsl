@@ -34,3 +34,51 @@ fn e4m3_to_f32(b: u32) -> f32 {
     }
     return bitcast<f32>(sign | ((e + 120u) << 23u) | (m << 20u));
 }
+
+// An f32 as IEEE half bits, rounded to nearest even (overflow to infinity, underflow through
+// subnormals to signed zero, NaN stays NaN): bit for bit what the `half` crate's
+// `f16::from_f32` gives. Integer arithmetic only, so no driver rounding mode is involved.
+fn f32_to_f16_bits(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    let sign = (b >> 16u) & 0x8000u;
+    let e = (b >> 23u) & 0xffu;
+    let m = b & 0x7fffffu;
+    if (e == 0xffu) {
+        return sign | 0x7c00u | select(0u, 0x200u | (m >> 13u), m != 0u);
+    }
+    let he = i32(e) - 112;
+    if (he >= 31) {
+        return sign | 0x7c00u;
+    }
+    if (he <= 0) {
+        if (he < -10) {
+            return sign;
+        }
+        let mm = m | 0x800000u;
+        let rb = 1u << u32(13 - he);
+        var hm = mm >> u32(14 - he);
+        if ((mm & rb) != 0u && (mm & (3u * rb - 1u)) != 0u) {
+            hm += 1u;
+        }
+        return sign | hm;
+    }
+    var h = sign | (u32(he) << 10u) | (m >> 13u);
+    if ((m & 0x1000u) != 0u && (m & 0x2fffu) != 0u) {
+        h += 1u;
+    }
+    return h;
+}
+
+// An f32 as bfloat16 bits, rounded to nearest even; NaN stays NaN (the `half` crate's
+// `bf16::from_f32`).
+fn f32_to_bf16_bits(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) {
+        return (b >> 16u) | 0x40u;
+    }
+    var h = b >> 16u;
+    if ((b & 0x8000u) != 0u && (b & 0x17fffu) != 0u) {
+        h += 1u;
+    }
+    return h & 0xffffu;
+}

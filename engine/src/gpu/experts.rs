@@ -103,7 +103,7 @@ impl GpuExperts {
             });
         }
         let rows = n_experts * max_tokens;
-        let k = Kernels::new(&ctx)?;
+        let k = Kernels::new(&ctx, crate::model::kv_cache::CacheType::F32)?;
         let xg = ctx.alloc_f32("experts x", rows * hidden)?;
         let g = ctx.alloc_f32("experts gate", rows * inter)?;
         let u = ctx.alloc_f32("experts up", rows * inter)?;

@@ -44,13 +44,20 @@ fn kernel(ty: QuantType) -> Option<(&'static str, usize)> {
     })
 }
 
+/// Whether `ty`'s kernel computes its products in f16 pairs on a context with
+/// [`GpuContext::uses_f16`] (the others compute in f32 everywhere).
+pub(crate) fn f16_products(ty: QuantType) -> bool {
+    use QuantType::*;
+    matches!(ty, F16 | Q8_0 | Q4_K | Q6_K)
+}
+
 /// Whether the GPU has a matrix kernel for `ty`.
 pub fn gpu_supports(ty: QuantType) -> bool {
     kernel(ty).is_some()
 }
 
 /// The WGSL module of one matmul variant.
-fn module_source(ty_src: &str, nt: u32, rows: u32, subgroups: bool) -> String {
+fn module_source(ty_src: &str, nt: u32, rows: u32, subgroups: bool, f16: bool) -> String {
     let (args, lane, size, reduce) = if subgroups {
         (
             "@builtin(subgroup_invocation_id) sg_lane: u32,\n    @builtin(subgroup_size) sg_size: u32",
@@ -65,8 +72,13 @@ fn module_source(ty_src: &str, nt: u32, rows: u32, subgroups: bool) -> String {
         .replace("SUBGROUP_ARGS", args)
         .replace("SG_LANE", lane)
         .replace("SG_SIZE", size);
+    let (enable, pair) = if f16 {
+        ("enable f16;\n", shaders::PAIR_F16)
+    } else {
+        ("", shaders::PAIR_F32)
+    };
     format!(
-        "{}\nconst WG: u32 = {MM_WG}u;\nconst ROWS: u32 = {rows}u;\nconst NT: u32 = {nt}u;\n\n{body}\n{reduce}\n{ty_src}",
+        "{enable}{}\nconst WG: u32 = {MM_WG}u;\nconst ROWS: u32 = {rows}u;\nconst NT: u32 = {nt}u;\n\n{body}\n{reduce}\n{pair}\n{ty_src}",
         shaders::PRELUDE
     )
 }
@@ -87,6 +99,9 @@ struct Params {
     units: u32,
     scale_cols: u32,
     wg_x: u32,
+    group_rows: u32,
+    group_x: u32,
+    _pad: [u32; 2],
 }
 
 #[derive(Debug)]
@@ -120,6 +135,7 @@ struct CallKey {
     n: usize,
     x_stride: usize,
     out_stride: usize,
+    group: (usize, usize),
 }
 
 /// One prepared product: for each page a parameter block, a bind group and a grid. Encoding
@@ -238,6 +254,37 @@ impl GpuMatrix {
         })
     }
 
+    /// Uploads `parts` (one type, one column count, no FP8 scale grids) stacked by rows as one
+    /// matrix: part `i` is rows `i * parts[0].rows ..` (for grouped products, one group per
+    /// part). The concatenation is a temporary host copy.
+    pub fn upload_stacked(ctx: &GpuContext, parts: &[Matrix]) -> Result<Self, GpuError> {
+        let Some(first) = parts.first() else {
+            return Err(GpuError::BadArgument("no matrices to stack".into()));
+        };
+        if parts.iter().any(|m| {
+            m.ty != first.ty
+                || m.rows != first.rows
+                || m.cols != first.cols
+                || m.block_scales.is_some()
+        }) {
+            return Err(GpuError::BadArgument(
+                "stacked matrices need one type and shape and no block scales".into(),
+            ));
+        }
+        let mut data = Vec::with_capacity(first.data.len() * parts.len());
+        for m in parts {
+            data.extend_from_slice(&m.data);
+        }
+        let m = Matrix::new(
+            first.ty,
+            first.rows * parts.len(),
+            first.cols,
+            crate::Bytes::from_vec(data),
+        )
+        .map_err(|e| GpuError::BadArgument(format!("stacked matrix: {e}")))?;
+        GpuMatrix::upload(ctx, &m)
+    }
+
     /// Number of buffers the rows are split into.
     pub fn pages(&self) -> usize {
         self.pages.len()
@@ -280,6 +327,29 @@ impl GpuMatrix {
         out_offset: usize,
         out_stride: usize,
     ) -> Result<MatmulCall, GpuError> {
+        let group = (self.rows, 0);
+        self.prepare_grouped(
+            ctx, x, x_offset, x_stride, group, n, out, out_offset, out_stride,
+        )
+    }
+
+    /// [`GpuMatrix::prepare_strided`] for a matrix of stacked groups of `group.0` rows each
+    /// (see [`GpuMatrix::upload_stacked`]): row `R` reads `x_t + (R / group.0) * group.1`, so
+    /// every group (e.g. attention head) multiplies its own slice of the token in the same
+    /// dispatch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_grouped(
+        &self,
+        ctx: &GpuContext,
+        x: &GpuBuffer,
+        x_offset: usize,
+        x_stride: usize,
+        group: (usize, usize),
+        n: usize,
+        out: &GpuBuffer,
+        out_offset: usize,
+        out_stride: usize,
+    ) -> Result<MatmulCall, GpuError> {
         let limits = ctx.device.limits();
         let bind_max = limits.max_storage_buffer_binding_size;
         if n == 0 {
@@ -291,7 +361,15 @@ impl GpuMatrix {
                 self.rows, self.cols
             )));
         }
-        let x_end = x_offset.checked_add((n - 1) * x_stride + self.cols);
+        let (group_rows, group_x) = group;
+        if group_rows == 0 || group_rows > self.rows {
+            return Err(GpuError::BadArgument(format!(
+                "groups of {group_rows} rows in a matrix of {}",
+                self.rows
+            )));
+        }
+        let last_group = (self.rows - 1) / group_rows;
+        let x_end = x_offset.checked_add((n - 1) * x_stride + last_group * group_x + self.cols);
         let out_end = out_offset.checked_add((n - 1) * out_stride + self.rows);
         if x_end.is_none_or(|e| e > x.len_f32()) || out_end.is_none_or(|e| e > out.len_f32()) {
             return Err(GpuError::BadArgument(format!(
@@ -310,14 +388,16 @@ impl GpuMatrix {
         let (nt, rows) = if n == 1 { DECODE } else { PREFILL };
         let (src, _) = kernel(self.ty).ok_or(GpuError::Unsupported(self.ty.name()))?;
         let subgroups = ctx.uses_subgroups();
+        let f16 = ctx.uses_f16() && f16_products(self.ty);
         let key = PipelineKey {
             family: "matmul",
             ty: self.ty.name(),
             nt,
             rows,
             subgroups,
+            f16,
         };
-        let pipeline = ctx.pipeline(key, || module_source(src, nt, rows, subgroups))?;
+        let pipeline = ctx.pipeline(key, || module_source(src, nt, rows, subgroups, f16))?;
         let max_dim = limits.max_compute_workgroups_per_dimension.max(1);
         let scales = self
             .scales
@@ -348,6 +428,9 @@ impl GpuMatrix {
                 units: self.units,
                 scale_cols: self.scale_cols,
                 wg_x,
+                group_rows: group_rows as u32,
+                group_x: group_x as u32,
+                _pad: [0; 2],
             };
             let pb = ctx.create_buffer(
                 "matmul params",
@@ -416,6 +499,27 @@ impl GpuMatrix {
         out_offset: usize,
         out_stride: usize,
     ) -> Result<(), GpuError> {
+        let group = (self.rows, 0);
+        self.encode_matmul_grouped(
+            ctx, encoder, x, x_offset, x_stride, group, n, out, out_offset, out_stride,
+        )
+    }
+
+    /// [`GpuMatrix::encode_matmul`] of stacked groups (see [`GpuMatrix::prepare_grouped`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_matmul_grouped(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuBuffer,
+        x_offset: usize,
+        x_stride: usize,
+        group: (usize, usize),
+        n: usize,
+        out: &GpuBuffer,
+        out_offset: usize,
+        out_stride: usize,
+    ) -> Result<(), GpuError> {
         let key = CallKey {
             x: x.id(),
             x_off: x_offset,
@@ -424,15 +528,16 @@ impl GpuMatrix {
             n,
             x_stride,
             out_stride,
+            group,
         };
         let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, c)) = calls.iter().find(|(k, _)| *k == key) {
             c.encode(encoder);
             return Ok(());
         }
-        let call = Arc::new(
-            self.prepare_strided(ctx, x, x_offset, x_stride, n, out, out_offset, out_stride)?,
-        );
+        let call = Arc::new(self.prepare_grouped(
+            ctx, x, x_offset, x_stride, group, n, out, out_offset, out_stride,
+        )?);
         call.encode(encoder);
         if calls.len() >= CALL_CACHE {
             calls.remove(0);

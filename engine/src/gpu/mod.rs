@@ -108,6 +108,8 @@ pub struct GpuOptions {
     pub max_binding_override: Option<u64>,
     /// Builds the kernels without subgroup operations even where the adapter has them.
     pub disable_subgroups: bool,
+    /// Computes products in f32 even where the adapter has `shader-f16`.
+    pub disable_f16: bool,
 }
 
 /// What [`list_adapters`] reports about one adapter.
@@ -349,7 +351,7 @@ impl Drop for GpuBuffer {
 pub(crate) const MM_WG: u32 = 32;
 
 /// A compiled kernel variant: `(family, type name, tokens per pass, rows per workgroup,
-/// subgroups)`.
+/// subgroups, f16 products)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct PipelineKey {
     pub family: &'static str,
@@ -357,6 +359,7 @@ pub(crate) struct PipelineKey {
     pub nt: u32,
     pub rows: u32,
     pub subgroups: bool,
+    pub f16: bool,
 }
 
 /// A device, its queue, the memory account and the pipeline cache.
@@ -367,6 +370,7 @@ pub struct GpuContext {
     mem: Arc<MemAccount>,
     page_limit: u64,
     subgroups: bool,
+    f16: bool,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     matmul_layout: wgpu::BindGroupLayout,
     matmul_pipeline_layout: wgpu::PipelineLayout,
@@ -469,6 +473,7 @@ impl GpuContext {
             device,
             queue,
             subgroups: summary.subgroups && !opts.disable_subgroups,
+            f16: summary.shader_f16 && !opts.disable_f16,
             summary,
             mem: Arc::new(MemAccount {
                 used: AtomicU64::new(0),
@@ -498,6 +503,12 @@ impl GpuContext {
     /// Whether the kernels use subgroup operations.
     pub fn uses_subgroups(&self) -> bool {
         self.subgroups
+    }
+
+    /// Whether the matrix kernels of F16, Q8_0, Q4_K and Q6_K weights compute their products in
+    /// f16 pairs (`shader-f16`; f32 accumulation).
+    pub fn uses_f16(&self) -> bool {
+        self.f16
     }
 
     /// Bytes of device buffers allocated through this context and alive.
@@ -689,12 +700,13 @@ impl GpuContext {
             return Ok(p.clone());
         }
         let label = format!(
-            "{}_{}_nt{}_r{}{}",
+            "{}_{}_nt{}_r{}{}{}",
             key.family,
             key.ty,
             key.nt,
             key.rows,
-            if key.subgroups { "_sg" } else { "" }
+            if key.subgroups { "_sg" } else { "" },
+            if key.f16 { "_f16" } else { "" }
         );
         let src = source();
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);

@@ -8,8 +8,9 @@
 //!   per MoE layer, the router's selection from the read-back router logits (`n x n_routed`,
 //!   with [`crate::model::moe::route_logits`], so the choice is the CPU's exactly);
 //! - device: everything else — RMSNorms, the query/KV projections, RoPE from the CPU's own
-//!   cos/sin table, absorbed MLA over the f32 latent cache (scores, causal softmax, latent
-//!   sum, per-head `W_UK`/`W_UV` products), the output projection, dense and shared-expert
+//!   cos/sin table, absorbed MLA over the latent cache (f32, or f16/bf16 rounded exactly as
+//!   the CPU's [`crate::model::kv_cache::KvCache`] rounds: cache write, scores, causal
+//!   softmax, latent sum, per-head `W_UK`/`W_UV` products), the output projection, dense and shared-expert
 //!   SwiGLU blocks, residual adds, the final norm and the head;
 //! - routed experts: on the device when the [`RoutedExperts`] is a [`GpuExperts`] on the same
 //!   context; otherwise the MoE layer's normalised hidden state is read back together with the
@@ -23,10 +24,10 @@
 use std::sync::Arc;
 
 use super::experts::{routing_pairs, GpuExperts};
-use super::ops::{grid_1d, Kernels, Op, Readback};
+use super::ops::{cache_row, grid_1d, Kernels, Op, Readback};
 use super::{GpuBuffer, GpuContext, GpuError, GpuMatrix};
 use crate::config::ModelConfig;
-use crate::model::kv_cache::ContextFull;
+use crate::model::kv_cache::{CacheType, ContextFull};
 use crate::model::moe::{self, MoeScratch, Pair, RoutedExperts, RouterScratch, Routing};
 use crate::model::rope::RopeTable;
 use crate::model::weights::{Ffn, Mlp, QProj};
@@ -88,16 +89,154 @@ struct Layer {
     kv_norm: Op,
     rope_k: Op,
     rope_q: Op,
-    k_b: Vec<GpuMatrix>,
-    v_b: Vec<GpuMatrix>,
-    scores: Op,
-    softmax: Op,
-    latent: Op,
+    attn: GpuAttention,
     o: GpuMatrix,
     add_attn: Op,
     ffn_norm: Op,
     ffn: GpuFfn,
     add_ffn: Op,
+}
+
+/// The shape of absorbed MLA: the model's head dimensions, the cache's capacity and type.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttnShape {
+    pub heads: usize,
+    pub lora: usize,
+    pub rd: usize,
+    pub nope: usize,
+    pub vh: usize,
+    pub scale: f32,
+    pub capacity: usize,
+    pub cache: CacheType,
+}
+
+impl AttnShape {
+    fn qk(&self) -> usize {
+        self.nope + self.rd
+    }
+
+    fn row(&self) -> usize {
+        self.lora + self.rd
+    }
+}
+
+/// The buffers absorbed MLA reads and writes (every layer shares them): `q` (`n x heads x
+/// qk`, q_pe rotated), `kv` (`n x row`, the new cache rows), and the intermediates `qabs` and
+/// `lat` (`n x heads x lora`), `scores` (`n x heads x capacity`), `out` (`n x heads x v_head`).
+pub(crate) struct AttnBufs<'a> {
+    pub q: &'a GpuBuffer,
+    pub kv: &'a GpuBuffer,
+    pub qabs: &'a GpuBuffer,
+    pub scores: &'a GpuBuffer,
+    pub lat: &'a GpuBuffer,
+    pub out: &'a GpuBuffer,
+}
+
+/// Absorbed MLA of one layer over its latent cache. Every head and every token of a pass run in
+/// one dispatch per stage: cache write, `q̃ = W_UKᵀ q_nope` (all heads' `k_b` stacked, a
+/// grouped product), scores, causal softmax, latent sum, `o = W_UV õ` (stacked `v_b`); six
+/// dispatches whatever the head count (plus one per extra weight page).
+pub(crate) struct GpuAttention {
+    k_b: GpuMatrix,
+    v_b: GpuMatrix,
+    cache_write: Op,
+    scores: Op,
+    softmax: Op,
+    latent: Op,
+}
+
+impl GpuAttention {
+    /// Stacks and uploads the per-head `k_b` (`lora x nope`) and `v_b` (`v_head x lora`) and
+    /// binds the kernels to `cache` and `b`.
+    pub fn new(
+        ctx: &GpuContext,
+        k: &Kernels,
+        k_b: &[Matrix],
+        v_b: &[Matrix],
+        cache: &GpuBuffer,
+        b: &AttnBufs,
+    ) -> Result<Self, GpuError> {
+        Ok(GpuAttention {
+            k_b: GpuMatrix::upload_stacked(ctx, k_b)?,
+            v_b: GpuMatrix::upload_stacked(ctx, v_b)?,
+            cache_write: Op::new(ctx, &k.cache_write, &[(7, cache), (8, b.kv)])?,
+            scores: Op::new(
+                ctx,
+                &k.scores,
+                &[(1, b.qabs), (2, b.q), (3, cache), (4, b.scores)],
+            )?,
+            softmax: Op::new(ctx, &k.softmax, &[(1, b.scores)])?,
+            latent: Op::new(ctx, &k.latent, &[(3, cache), (5, b.scores), (6, b.lat)])?,
+        })
+    }
+
+    /// Records attention for `n` tokens at positions `pos0..`: their rows of `b.kv` go into
+    /// the cache, their head outputs into `b.out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode(
+        &self,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        s: &AttnShape,
+        b: &AttnBufs,
+        pos0: usize,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        let (heads, lora, vh, qk) = (s.heads, s.lora, s.vh, s.qk());
+        let (crow, row_bytes) = cache_row(s.cache, s.row());
+        let (nn, hh) = (n as u32, heads as u32);
+        let att = [
+            nn,
+            hh,
+            pos0 as u32,
+            lora as u32,
+            s.rd as u32,
+            s.row() as u32,
+            qk as u32,
+            s.nope as u32,
+            s.scale.to_bits(),
+            s.capacity as u32,
+            crow as u32,
+        ];
+        let words = (row_bytes / 4) as u32;
+        self.cache_write
+            .encode(ctx, enc, &att, (words.div_ceil(64), nn, 1));
+        self.k_b.encode_matmul_grouped(
+            ctx,
+            enc,
+            b.q,
+            0,
+            heads * qk,
+            (lora, qk),
+            n,
+            b.qabs,
+            0,
+            heads * lora,
+        )?;
+        let ctx_len = (pos0 + n) as u32;
+        self.scores
+            .encode(ctx, enc, &att, (ctx_len.div_ceil(64), hh, nn));
+        self.softmax.encode(
+            ctx,
+            enc,
+            &[nn * hh, s.capacity as u32, pos0 as u32 + 1, hh, 0],
+            (nn * hh, 1, 1),
+        );
+        self.latent
+            .encode(ctx, enc, &att, ((lora as u32).div_ceil(64), hh, nn));
+        self.v_b.encode_matmul_grouped(
+            ctx,
+            enc,
+            b.lat,
+            0,
+            heads * lora,
+            (vh, lora),
+            n,
+            b.out,
+            0,
+            heads * vh,
+        )
+    }
 }
 
 struct Bufs {
@@ -119,6 +258,19 @@ struct Bufs {
     _rope: GpuBuffer,
 }
 
+impl Bufs {
+    fn attn(&self) -> AttnBufs<'_> {
+        AttnBufs {
+            q: &self.q,
+            kv: &self.kv,
+            qabs: &self.qabs,
+            scores: &self.scores,
+            lat: &self.lat,
+            out: &self.heads_out,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Host {
     x: Vec<f32>,
@@ -131,7 +283,8 @@ struct Host {
     logits: Vec<f32>,
 }
 
-/// The dense part of a model and its latent cache (f32) on a GPU; see the module docs.
+/// The dense part of a model and its latent cache (f32, f16 or bf16) on a GPU; see the module
+/// docs.
 pub struct GpuModel {
     ctx: Arc<GpuContext>,
     pub cfg: ModelConfig,
@@ -141,13 +294,13 @@ pub struct GpuModel {
     final_norm: Op,
     head: GpuMatrix,
     b: Bufs,
-    cache: Vec<GpuBuffer>,
+    _cache: Vec<GpuBuffer>,
+    shape: AttnShape,
     len: usize,
     capacity: usize,
     n_max: usize,
     readback: Readback,
     host: Host,
-    scale: f32,
     half: usize,
     interleaved: bool,
 }
@@ -158,6 +311,7 @@ impl std::fmt::Debug for GpuModel {
             .field("adapter", &self.ctx.adapter().name)
             .field("len", &self.len)
             .field("capacity", &self.capacity)
+            .field("cache", &self.shape.cache)
             .finish()
     }
 }
@@ -172,14 +326,20 @@ impl GpuModel {
         ctx: Arc<GpuContext>,
         file: &ModelFile,
         capacity: usize,
+        cache: CacheType,
     ) -> Result<Self, GpuLoadError> {
         let model = file.load_model()?;
-        Ok(GpuModel::new(ctx, &model, capacity)?)
+        Ok(GpuModel::new(ctx, &model, capacity, cache)?)
     }
 
     /// Uploads `model`'s dense weights and allocates a latent cache of `capacity` positions
-    /// (capped by the model's limit) and every activation buffer.
-    pub fn new(ctx: Arc<GpuContext>, model: &Model, capacity: usize) -> Result<Self, GpuError> {
+    /// (capped by the model's limit) stored as `cache`, and every activation buffer.
+    pub fn new(
+        ctx: Arc<GpuContext>,
+        model: &Model,
+        capacity: usize,
+        cache: CacheType,
+    ) -> Result<Self, GpuError> {
         let c = model.cfg.clone();
         let capacity = capacity.min(c.max_positions).max(1);
         let (h, heads, lora, rd, nope, vh) = (
@@ -192,7 +352,8 @@ impl GpuModel {
         );
         let (qk, row) = (c.qk_head(), c.cache_row());
         let limit = ctx.page_limit() as usize;
-        let cache_bytes = capacity * row * 4;
+        let (_, row_bytes) = cache_row(cache, row);
+        let cache_bytes = capacity * row_bytes;
         if cache_bytes > limit {
             return Err(GpuError::BadArgument(format!(
                 "a layer's cache of {capacity} positions ({cache_bytes} bytes) exceeds one binding ({limit} bytes)"
@@ -209,7 +370,7 @@ impl GpuModel {
                 "one token's attention scores over {capacity} positions exceed one binding"
             )));
         }
-        let k = Kernels::new(&ctx)?;
+        let k = Kernels::new(&ctx, cache)?;
         let mut inter = 0;
         let mut mlp_inters = |m: &Mlp| inter = inter.max(m.gate.rows);
         for l in &model.w.layers {
@@ -242,7 +403,7 @@ impl GpuModel {
             logits: ctx.alloc_f32("logits", n_max * c.vocab_size)?,
             _rope: ctx.upload_f32("rope", &rope.cos_sin_table(capacity))?,
         };
-        let mut cache = Vec::with_capacity(c.n_layers);
+        let mut caches = Vec::with_capacity(c.n_layers);
         let mut layers = Vec::with_capacity(c.n_layers);
         let up = |m: &Matrix| GpuMatrix::upload(&ctx, m);
         let mlp = |m: &Mlp, b: &Bufs| -> Result<GpuMlp, GpuError> {
@@ -255,7 +416,8 @@ impl GpuModel {
         };
         let add = |d: &GpuBuffer, s: &GpuBuffer| Op::new(&ctx, &k.add, &[(3, d), (4, s)]);
         for (l, lw) in model.w.layers.iter().enumerate() {
-            let cl = ctx.alloc_f32("kv cache", capacity * row)?;
+            let cl =
+                ctx.create_buffer("kv cache", cache_bytes as u64, wgpu::BufferUsages::STORAGE)?;
             let a = &lw.attn;
             let attn_norm_w = ctx.upload_f32("attn norm", &a.norm)?;
             let kv_norm_w = ctx.upload_f32("kv norm", &a.kv_norm)?;
@@ -288,15 +450,7 @@ impl GpuModel {
                 kv_norm: Op::new(&ctx, &k.rms_inplace, &[(1, &kv_norm_w), (3, &b.kv)])?,
                 rope_k: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.kv)])?,
                 rope_q: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.q)])?,
-                k_b: a.k_b.iter().map(up).collect::<Result<_, _>>()?,
-                v_b: a.v_b.iter().map(up).collect::<Result<_, _>>()?,
-                scores: Op::new(
-                    &ctx,
-                    &k.scores,
-                    &[(1, &b.qabs), (2, &b.q), (3, &cl), (4, &b.scores)],
-                )?,
-                softmax: Op::new(&ctx, &k.softmax, &[(1, &b.scores)])?,
-                latent: Op::new(&ctx, &k.latent, &[(3, &cl), (5, &b.scores), (6, &b.lat)])?,
+                attn: GpuAttention::new(&ctx, &k, &a.k_b, &a.v_b, &cl, &b.attn())?,
                 o: up(&a.o)?,
                 add_attn: add(&b.x, &b.branch)?,
                 ffn_norm: Op::new(&ctx, &k.rms, &[(1, &ffn_norm_w), (2, &b.x), (3, &b.xn)])?,
@@ -304,14 +458,13 @@ impl GpuModel {
                 add_ffn: add(&b.x, &b.branch)?,
                 _w: vec![attn_norm_w, kv_norm_w, ffn_norm_w],
             });
-            cache.push(cl);
+            caches.push(cl);
             debug_assert_eq!(layers.len(), l + 1);
         }
         let out_norm = ctx.upload_f32("out norm", &model.w.out_norm)?;
         let final_norm = Op::new(&ctx, &k.rms, &[(1, &out_norm), (2, &b.x), (3, &b.xn)])?;
         let head = up(&model.w.head)?;
         let readback = Readback::new(&ctx, (n_max * c.vocab_size).max(n_max * (c.n_routed + h)))?;
-        let _ = (nope, vh);
         Ok(GpuModel {
             embed: model.w.embed.clone(),
             layers,
@@ -319,13 +472,22 @@ impl GpuModel {
             final_norm,
             head,
             b,
-            cache,
+            _cache: caches,
+            shape: AttnShape {
+                heads,
+                lora,
+                rd,
+                nope,
+                vh,
+                scale: c.softmax_scale(),
+                capacity,
+                cache,
+            },
             len: 0,
             capacity,
             n_max,
             readback,
             host: Host::default(),
-            scale: c.softmax_scale(),
             half: rd / 2,
             interleaved: rope.interleaved(),
             cfg: c,
@@ -345,6 +507,11 @@ impl GpuModel {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// How the latent cache stores its values.
+    pub fn cache_type(&self) -> CacheType {
+        self.shape.cache
     }
 
     /// Positions the cache holds at most.
@@ -429,14 +596,7 @@ impl GpuModel {
         let b = &self.b;
         let n = tokens.len();
         let pos0 = self.len;
-        let (h, heads, lora, rd, nope, vh) = (
-            c.hidden,
-            c.n_heads,
-            c.kv_lora_rank,
-            c.qk_rope,
-            c.qk_nope,
-            c.v_head,
-        );
+        let (h, heads, lora, nope) = (c.hidden, c.n_heads, c.kv_lora_rank, c.qk_nope);
         let (qk, row, ne) = (c.qk_head(), c.cache_row(), c.n_routed);
         let eps = eps_bits(c);
         let hs = &mut self.host;
@@ -481,13 +641,6 @@ impl GpuModel {
                 &[nn, 1, lora as u32, row as u32, 0, pos0 as u32, half, inter],
                 (half.div_ceil(64), nn, 1),
             );
-            enc.copy_buffer_to_buffer(
-                b.kv.buffer(),
-                0,
-                self.cache[l].buffer(),
-                (pos0 * row * 4) as u64,
-                (n * row * 4) as u64,
-            );
             lw.rope_q.encode(
                 ctx,
                 &mut enc,
@@ -503,69 +656,8 @@ impl GpuModel {
                 ],
                 ((heads as u32 * half).div_ceil(64), nn, 1),
             );
-            for (hd, m) in lw.k_b.iter().enumerate() {
-                m.encode_matmul_strided(
-                    ctx,
-                    &mut enc,
-                    &b.q,
-                    hd * qk,
-                    heads * qk,
-                    n,
-                    &b.qabs,
-                    hd * lora,
-                    heads * lora,
-                )?;
-            }
-            let att = [
-                nn,
-                heads as u32,
-                pos0 as u32,
-                lora as u32,
-                rd as u32,
-                row as u32,
-                qk as u32,
-                nope as u32,
-                self.scale.to_bits(),
-                self.capacity as u32,
-            ];
-            let ctx_len = (pos0 + n) as u32;
-            lw.scores.encode(
-                ctx,
-                &mut enc,
-                &att,
-                (ctx_len.div_ceil(64), heads as u32, nn),
-            );
-            lw.softmax.encode(
-                ctx,
-                &mut enc,
-                &[
-                    nn * heads as u32,
-                    self.capacity as u32,
-                    pos0 as u32 + 1,
-                    heads as u32,
-                    0,
-                ],
-                (nn * heads as u32, 1, 1),
-            );
-            lw.latent.encode(
-                ctx,
-                &mut enc,
-                &att,
-                ((lora as u32).div_ceil(64), heads as u32, nn),
-            );
-            for (hd, m) in lw.v_b.iter().enumerate() {
-                m.encode_matmul_strided(
-                    ctx,
-                    &mut enc,
-                    &b.lat,
-                    hd * lora,
-                    heads * lora,
-                    n,
-                    &b.heads_out,
-                    hd * vh,
-                    heads * vh,
-                )?;
-            }
+            lw.attn
+                .encode(ctx, &mut enc, &self.shape, &b.attn(), pos0, n)?;
             lw.o.encode_matmul(ctx, &mut enc, &b.heads_out, 0, n, &b.branch, 0)?;
             let (w, g) = add_words(n * h);
             lw.add_attn.encode(ctx, &mut enc, &w, g);

@@ -9,12 +9,14 @@
 use std::sync::mpsc;
 
 use super::{GpuBuffer, GpuContext, GpuError};
+use crate::model::kv_cache::CacheType;
 
 /// Every pipeline of the model's non-matrix kernels.
 pub(crate) struct Kernels {
     pub rms: wgpu::ComputePipeline,
     pub rms_inplace: wgpu::ComputePipeline,
     pub rope: wgpu::ComputePipeline,
+    pub cache_write: wgpu::ComputePipeline,
     pub scores: wgpu::ComputePipeline,
     pub latent: wgpu::ComputePipeline,
     pub softmax: wgpu::ComputePipeline,
@@ -59,11 +61,27 @@ fn compile(
     Ok(out)
 }
 
+/// Elements of a latent cache row of `row` values stored as `cache` (rows padded to whole u32
+/// words), and the bytes of one such row.
+pub(crate) fn cache_row(cache: CacheType, row: usize) -> (usize, usize) {
+    match cache {
+        CacheType::F32 => (row, row * 4),
+        CacheType::F16 | CacheType::BF16 => (row.next_multiple_of(2), row.next_multiple_of(2) * 2),
+    }
+}
+
 impl Kernels {
-    pub fn new(ctx: &GpuContext) -> Result<Self, GpuError> {
+    /// Compiles every kernel, the attention family for a latent cache stored as `cache`.
+    pub fn new(ctx: &GpuContext, cache: CacheType) -> Result<Self, GpuError> {
         let mut rms = compile(ctx, "rmsnorm", shaders::RMSNORM, &["main", "inplace"])?;
         let mut rope = compile(ctx, "rope", shaders::ROPE, &["main"])?;
-        let mut att = compile(ctx, "attention", shaders::ATTENTION, &["scores", "latent"])?;
+        let store = match cache {
+            CacheType::F32 => shaders::CACHE_F32,
+            CacheType::F16 => shaders::CACHE_F16,
+            CacheType::BF16 => shaders::CACHE_BF16,
+        };
+        let att_src = format!("{}\n{store}\n{}", shaders::PRELUDE, shaders::ATTENTION);
+        let mut att = compile(ctx, "attention", &att_src, &["write", "scores", "latent"])?;
         let mut sm = compile(ctx, "softmax", shaders::SOFTMAX, &["main"])?;
         let mut el = compile(ctx, "elementwise", shaders::ELEMENTWISE, &["swiglu", "add"])?;
         let mut ex = compile(
@@ -81,6 +99,7 @@ impl Kernels {
             softmax: sm.pop().unwrap(),
             latent: att.pop().unwrap(),
             scores: att.pop().unwrap(),
+            cache_write: att.pop().unwrap(),
             rope: rope.pop().unwrap(),
             rms_inplace: rms.pop().unwrap(),
             rms: rms.pop().unwrap(),

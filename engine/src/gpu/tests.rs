@@ -3,8 +3,12 @@
 //!
 //! Tolerance of every product: |gpu - ref| <= 1e-5 * sum_c |w[r,c] x[c]| + 1e-6, where `ref`
 //! is the f64 dot product of the ggml-exact dequantised row (`Matrix::dequantize_row`) with x.
-//! The CPU backend (`Matrix::matmul`, f32 activations) is held to the same bound.
+//! The CPU backend (`Matrix::matmul`, f32 activations) is held to the same bound. Products in
+//! f16 pairs (`uses_f16`, the types of `f16_products`) round w, x and w·x to 11 significant
+//! bits, three relative errors of at most 2^-11 each: their bound is 1.5e-3 * sum |w x|, plus
+//! 2^-24 * sum (1 + |w| + |x|) for the absolute error of values below f16's normal range.
 
+use super::matrix::f16_products;
 use super::*;
 use crate::quant::dequant::test_util::{random_row, Rng};
 use crate::quant::QuantType;
@@ -61,7 +65,8 @@ fn random_x(n: usize, seed: u64) -> Vec<f32> {
 
 /// Checks `got` (n x rows) against the f64 reference; returns the worst error relative to the
 /// bound.
-fn check(m: &Matrix, xs: &[f32], n: usize, got: &[f32], what: &str) -> f64 {
+fn check(m: &Matrix, xs: &[f32], n: usize, got: &[f32], what: &str, f16: bool) -> f64 {
+    let f16 = f16 && f16_products(m.ty);
     assert_eq!(got.len(), n * m.rows, "{what}: output length");
     let mut w = vec![0f32; m.cols];
     let mut worst = 0f64;
@@ -69,14 +74,19 @@ fn check(m: &Matrix, xs: &[f32], n: usize, got: &[f32], what: &str) -> f64 {
         m.dequantize_row(r, &mut w).unwrap();
         for t in 0..n {
             let x = &xs[t * m.cols..(t + 1) * m.cols];
-            let (mut s, mut a) = (0f64, 0f64);
+            let (mut s, mut a, mut small) = (0f64, 0f64, 0f64);
             for (wv, xv) in w.iter().zip(x) {
                 let p = *wv as f64 * *xv as f64;
                 s += p;
                 a += p.abs();
+                small += 1.0 + wv.abs() as f64 + xv.abs() as f64;
             }
             let g = got[t * m.rows + r] as f64;
-            let tol = 1e-5 * a + 1e-6;
+            let tol = if f16 {
+                1.5e-3 * a + small * 2f64.powi(-24) + 1e-6
+            } else {
+                1e-5 * a + 1e-6
+            };
             let err = (g - s).abs();
             assert!(
                 err <= tol,
@@ -115,25 +125,41 @@ fn products_match(ctx: &GpuContext, types: &[QuantType], rows_cases: &[usize], n
                 for &n in ns {
                     let xs = random_x(n * cols, seed ^ n as u64);
                     let got = g.matmul_host(ctx, &xs, n).unwrap();
-                    worst = worst.max(check(&m, &xs, n, &got, "gpu"));
+                    worst = worst.max(check(&m, &xs, n, &got, "gpu", ctx.uses_f16()));
                     if m.act_type() == QuantType::F32 {
                         let mut cpu = vec![0f32; n * rows];
                         m.matmul(&xs, n, &mut cpu, &mut cpu_scratch);
-                        check(&m, &xs, n, &cpu, "cpu");
+                        check(&m, &xs, n, &cpu, "cpu", false);
                     }
                 }
             }
         }
         eprintln!(
-            "{ty}: worst error {worst:.3} of the bound (subgroups: {})",
-            ctx.uses_subgroups()
+            "{ty}: worst error {worst:.3} of the bound (subgroups: {}, f16 products: {})",
+            ctx.uses_subgroups(),
+            ctx.uses_f16() && f16_products(ty)
         );
     }
 }
 
+/// With the adapter's features: f16 products where it has `shader-f16` (lavapipe does).
 #[test]
 fn every_type_matches_the_cpu() {
     let Some(ctx) = ctx() else { return };
+    assert_eq!(ctx.uses_f16(), ctx.adapter().shader_f16);
+    products_match(&ctx, &ALL, &[1, 5, 67], &[1, 3, 8, 9]);
+}
+
+/// The f32 fallback of adapters without `shader-f16`, forced: the f32 bound for every type.
+#[test]
+fn f32_products_match_the_cpu() {
+    let Some(ctx) = test_context(GpuOptions {
+        disable_f16: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    assert!(!ctx.uses_f16());
     products_match(&ctx, &ALL, &[1, 5, 67], &[1, 3, 8, 9]);
 }
 
@@ -173,7 +199,7 @@ fn paged_matrices_give_identical_results() {
             let ra = a.matmul_host(&whole, &xs, n).unwrap();
             let rb = b.matmul_host(&paged_ctx, &xs, n).unwrap();
             assert_eq!(ra, rb, "{ty} n={n}: paged result differs");
-            check(&m, &xs, n, &rb, "paged");
+            check(&m, &xs, n, &rb, "paged", paged_ctx.uses_f16());
         }
     }
 }
@@ -199,7 +225,7 @@ fn matrix_past_the_binding_limit() {
     assert_eq!(g.pages() as u64, expect_pages);
     let xs = random_x(cols, 1);
     let got = g.matvec_host(&ctx, &xs).unwrap();
-    check(&m, &xs, 1, &got, "large");
+    check(&m, &xs, 1, &got, "large", ctx.uses_f16());
 }
 
 #[test]
@@ -218,7 +244,14 @@ fn encode_matmul_with_offsets_and_reuse() {
         g.encode_matmul(&ctx, &mut enc, &x, 10, n, &out, 7).unwrap();
         ctx.submit_and_wait(enc).unwrap();
         let got = ctx.read_f32(&out, 7, n * 37).unwrap();
-        check(&m, &xs, n, &got, &format!("offsets, round {round}"));
+        check(
+            &m,
+            &xs,
+            n,
+            &got,
+            &format!("offsets, round {round}"),
+            ctx.uses_f16(),
+        );
         assert_eq!(ctx.read_f32(&out, 0, 7).unwrap(), vec![0f32; 7]);
     }
     // Out of range is a typed error, not a panic.
@@ -351,6 +384,7 @@ fn unsupported_types_are_typed_errors() {
 #[test]
 fn executor_runs_jobs_and_returns_errors() {
     let Some(ctx) = ctx() else { return };
+    let f16 = ctx.uses_f16();
     let ex = GpuExecutor::spawn(ctx, 2).unwrap();
     let m = random_matrix(QuantType::Q4_K, 9, 256, 2);
     let xs = random_x(256, 2);
@@ -358,7 +392,7 @@ fn executor_runs_jobs_and_returns_errors() {
     let got = ex
         .run(move |ctx| GpuMatrix::upload(ctx, &m2)?.matvec_host(ctx, &xs2))
         .unwrap();
-    check(&m, &xs, 1, &got, "executor");
+    check(&m, &xs, 1, &got, "executor", f16);
     let err = ex.run(|_| -> Result<(), GpuError> { Err(GpuError::BadArgument("no".into())) });
     assert_eq!(err, Err(GpuError::BadArgument("no".into())));
     let p = ex.run(|_| -> Result<(), GpuError> { panic!("boom") });

@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// device's memory size; default unlimited).
     #[arg(long)]
     gpu_memory: Option<f64>,
+    /// With `--backend wgpu`: products in f16 pairs where the adapter has `shader-f16`.
+    #[arg(long)]
+    gpu_f16: bool,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -206,6 +209,7 @@ fn gpu_bench(a: &BenchArgs) -> Result<()> {
     let ctx = engine::gpu::GpuContext::new(engine::gpu::GpuOptions {
         selector: a.gpu.clone(),
         memory_budget: a.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64),
+        f16_products: a.gpu_f16,
         ..Default::default()
     })?;
     println!("# wgpu adapter:\n{}", ctx.adapter());

@@ -119,6 +119,10 @@ struct GenerateArgs {
     /// device's memory; default unlimited).
     #[arg(long)]
     gpu_memory: Option<f64>,
+    /// With the wgpu backend: products in f16 pairs where the adapter has `shader-f16`
+    /// (less exact; off by default).
+    #[arg(long)]
+    gpu_f16: bool,
     /// Quantize activations to int8 per block for quantized weights, as llama.cpp does:
     /// faster integer kernels at the cost of exactness (default: f32 activations, exact).
     #[arg(long)]
@@ -356,6 +360,7 @@ fn open_gpu(
     let opts = GpuOptions {
         selector: a.gpu.clone(),
         memory_budget: a.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64),
+        f16_products: a.gpu_f16,
         ..Default::default()
     };
     let ctx = match GpuContext::new(opts) {

@@ -83,7 +83,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 /// A context with f32 products, or with f16 products where the adapter has `shader-f16`.
 fn ctx(f16: bool) -> Option<Arc<GpuContext>> {
     test_context(GpuOptions {
-        disable_f16: !f16,
+        f16_products: f16,
         ..Default::default()
     })
     .map(Arc::new)

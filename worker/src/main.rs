@@ -48,6 +48,10 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// With the wgpu backend: products in f16 pairs where the adapter has `shader-f16`
+    /// (less exact; off by default).
+    #[arg(long)]
+    gpu_f16: bool,
     /// Print the compute devices this worker can use and exit.
     #[arg(long)]
     list_gpus: bool,
@@ -111,7 +115,7 @@ fn real_main() -> Result<()> {
         Some(gib) => (gib * (1u64 << 30) as f64) as u64,
         None => available_memory() / 10 * 9,
     };
-    let gpu = open_gpu(&cli.backend, &cli.gpu, memory)?;
+    let gpu = open_gpu(&cli.backend, &cli.gpu, memory, cli.gpu_f16)?;
     tracing::info!("measuring expert throughput");
     let (speed, device) = match &gpu {
         Some(ctx) => {
@@ -183,6 +187,7 @@ fn open_gpu(
     backend: &str,
     selector: &engine::gpu::GpuSelector,
     memory: u64,
+    f16_products: bool,
 ) -> Result<Option<Arc<engine::gpu::GpuContext>>> {
     let auto = match backend {
         "cpu" => return Ok(None),
@@ -192,6 +197,7 @@ fn open_gpu(
     let opts = engine::gpu::GpuOptions {
         selector: selector.clone(),
         memory_budget: Some(memory),
+        f16_products,
         ..Default::default()
     };
     match engine::gpu::GpuContext::new(opts) {

@@ -25,11 +25,7 @@ use crate::Bytes;
 
 /// The f32 products: these kernels are held to f32 bounds (f16 products are `tests.rs`'s).
 fn ctx() -> Option<Arc<GpuContext>> {
-    test_context(GpuOptions {
-        disable_f16: true,
-        ..Default::default()
-    })
-    .map(Arc::new)
+    test_context(GpuOptions::default()).map(Arc::new)
 }
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {

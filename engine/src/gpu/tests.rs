@@ -33,7 +33,10 @@ const ALL: [QuantType; 14] = [
 ];
 
 fn ctx() -> Option<GpuContext> {
-    test_context(GpuOptions::default())
+    test_context(GpuOptions {
+        f16_products: true,
+        ..Default::default()
+    })
 }
 
 /// A random `rows x cols` matrix of `ty` (valid scales; FP8 without NaN codes, with a grid).
@@ -142,7 +145,7 @@ fn products_match(ctx: &GpuContext, types: &[QuantType], rows_cases: &[usize], n
     }
 }
 
-/// With the adapter's features: f16 products where it has `shader-f16` (lavapipe does).
+/// f16 products asked for: used where the adapter has `shader-f16` (lavapipe does).
 #[test]
 fn every_type_matches_the_cpu() {
     let Some(ctx) = ctx() else { return };
@@ -150,13 +153,11 @@ fn every_type_matches_the_cpu() {
     products_match(&ctx, &ALL, &[1, 5, 67], &[1, 3, 8, 9]);
 }
 
-/// The f32 fallback of adapters without `shader-f16`, forced: the f32 bound for every type.
+/// The default f32 products (also the only ones of adapters without `shader-f16`): the f32
+/// bound for every type.
 #[test]
 fn f32_products_match_the_cpu() {
-    let Some(ctx) = test_context(GpuOptions {
-        disable_f16: true,
-        ..Default::default()
-    }) else {
+    let Some(ctx) = test_context(GpuOptions::default()) else {
         return;
     };
     assert!(!ctx.uses_f16());

@@ -504,26 +504,19 @@ pub fn kernel_ceiling(ty: QuantType, cols: usize, time: Duration) -> CeilingResu
     let rb = ty.row_bytes(cols).expect("whole blocks");
     let a = random_activation(ty.vec_dot_type(), cols, 2);
     let mut sink = 0f32;
-    let mut bytes = 0usize;
-    let (cpu0, start) = (thread_cpu_ns(), Instant::now());
-    while bytes == 0 || start.elapsed() < time {
+    let (gb_per_cpu_s, cpu_share) = per_cpu_second(time, || {
         for r in w.chunks_exact(rb) {
             sink += crate::quant::vec_dot(ty, cols, r, &a);
         }
-        bytes += w.len();
-    }
+        w.len()
+    });
     std::hint::black_box(sink);
-    let wall = start.elapsed().as_nanos() as u64;
-    let cpu = match (cpu0, thread_cpu_ns()) {
-        (Some(a), Some(b)) if b > a => b - a,
-        _ => wall,
-    };
     CeilingResult {
         ty,
         cols,
         tokens: 1,
-        gb_per_cpu_s: bytes as f64 / cpu as f64,
-        cpu_share: cpu as f64 / wall.max(1) as f64,
+        gb_per_cpu_s,
+        cpu_share,
     }
 }
 
@@ -542,28 +535,37 @@ pub fn kernel_ceiling_multi(ty: QuantType, cols: usize, time: Duration) -> Ceili
         .collect();
     let mut out = [0f32; MULTI];
     let mut sink = 0f32;
-    let mut bytes = 0usize;
-    let (cpu0, start) = (thread_cpu_ns(), Instant::now());
-    while bytes == 0 || start.elapsed() < time {
+    let (gb_per_cpu_s, cpu_share) = per_cpu_second(time, || {
         for r in w.chunks_exact(rb) {
             multi(cols, r, &a, arb, &mut out);
             sink += out[0];
         }
-        bytes += w.len();
-    }
+        w.len()
+    });
     std::hint::black_box(sink);
+    CeilingResult {
+        ty,
+        cols,
+        tokens: MULTI,
+        gb_per_cpu_s,
+        cpu_share,
+    }
+}
+
+/// Runs `pass` (which returns the bytes it read) for at least `time`: GB per second of this
+/// thread's CPU time, and CPU time over wall time.
+fn per_cpu_second(time: Duration, mut pass: impl FnMut() -> usize) -> (f64, f64) {
+    let mut bytes = 0usize;
+    let (cpu0, start) = (thread_cpu_ns(), Instant::now());
+    while bytes == 0 || start.elapsed() < time {
+        bytes += pass();
+    }
     let wall = start.elapsed().as_nanos() as u64;
     let cpu = match (cpu0, thread_cpu_ns()) {
         (Some(a), Some(b)) if b > a => b - a,
         _ => wall,
     };
-    CeilingResult {
-        ty,
-        cols,
-        tokens: MULTI,
-        gb_per_cpu_s: bytes as f64 / cpu as f64,
-        cpu_share: cpu as f64 / wall.max(1) as f64,
-    }
+    (bytes as f64 / cpu as f64, cpu as f64 / wall.max(1) as f64)
 }
 
 /// On-CPU nanoseconds of the calling thread, where the OS says (Linux schedstat).

@@ -497,17 +497,40 @@ unsafe fn q4_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
             let bits = ld(qs.add(32 * j));
             let lo = _mm256_and_si256(bits, m4);
             let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-            let (sl, sh) = (scale_k(sc, 2 * j), scale_k(sc, 2 * j + 1));
-            for t in 0..T {
-                let q8 = a[t].add(i * 292 + Y_QS);
-                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, ld(q8.add(64 * j))));
-                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, ld(q8.add(64 * j + 32))));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
-            }
+            k4_quarter(
+                &mut sumi,
+                lo,
+                hi,
+                scale_k(sc, 2 * j),
+                scale_k(sc, 2 * j + 1),
+                a,
+                i * 292 + Y_QS + 64 * j,
+            );
         }
         k4_block_end(&mut acc, &sumi, x, mn, a, i * 292);
     }
     hsums(acc)
+}
+
+/// One 64-value quarter of a Q4_K/Q5_K block for `T` tokens: `sumi[t] += sl·Σ lo·y + sh·Σ hi·y`
+/// with the token's 64 Q8_K values at byte `off` of its row.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_quarter<const T: usize>(
+    sumi: &mut [__m256i; T],
+    lo: __m256i,
+    hi: __m256i,
+    sl: __m256i,
+    sh: __m256i,
+    a: [*const u8; T],
+    off: usize,
+) {
+    for t in 0..T {
+        let q8 = a[t].add(off);
+        let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, ld(q8)));
+        let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, ld(q8.add(32))));
+        sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
+    }
 }
 
 /// The float part of a Q4_K/Q5_K block for `T` tokens: `acc += d·dy·Σ sc·q·y − dmin·dy·Σ m·bsum`.
@@ -556,13 +579,15 @@ unsafe fn q5_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
             hbits = _mm256_srli_epi16(hbits, 2);
             let lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h_lo);
             let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h_hi);
-            let (sl, sh) = (scale_k(sc, 2 * j), scale_k(sc, 2 * j + 1));
-            for t in 0..T {
-                let q8 = a[t].add(i * 292 + Y_QS);
-                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, ld(q8.add(64 * j))));
-                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, ld(q8.add(64 * j + 32))));
-                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
-            }
+            k4_quarter(
+                &mut sumi,
+                lo,
+                hi,
+                scale_k(sc, 2 * j),
+                scale_k(sc, 2 * j + 1),
+                a,
+                i * 292 + Y_QS + 64 * j,
+            );
         }
         k4_block_end(&mut acc, &sumi, x, mn, a, i * 292);
     }

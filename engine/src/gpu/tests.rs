@@ -168,6 +168,7 @@ fn f32_products_match_the_cpu() {
 fn shared_memory_reduction_matches_the_cpu() {
     let Some(ctx) = test_context(GpuOptions {
         disable_subgroups: true,
+        f16_products: true,
         ..Default::default()
     }) else {
         return;
@@ -188,6 +189,7 @@ fn paged_matrices_give_identical_results() {
         let stride = m.row_bytes.next_multiple_of(4) as u64;
         let paged_ctx = test_context(GpuOptions {
             max_binding_override: Some(stride * 40 + 3),
+            f16_products: true,
             ..Default::default()
         })
         .unwrap();

@@ -246,8 +246,12 @@ mod x86 {
             pack32([q[0], q[1], q[2], q[3]], qs.add(64 * p));
             pack32([q[4], q[5], q[6], q[7]], qs.add(64 * p + 32));
             // Group sums: g_j = q[2j] + q[2j+1], then a horizontal add tree.
-            let g: [__m256i; 4] =
-                core::array::from_fn(|j| _mm256_add_epi32(q[2 * j], q[2 * j + 1]));
+            let g = [
+                _mm256_add_epi32(q[0], q[1]),
+                _mm256_add_epi32(q[2], q[3]),
+                _mm256_add_epi32(q[4], q[5]),
+                _mm256_add_epi32(q[6], q[7]),
+            ];
             let h = _mm256_hadd_epi32(_mm256_hadd_epi32(g[0], g[1]), _mm256_hadd_epi32(g[2], g[3]));
             let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
             let s16 = _mm_packs_epi32(s, s);

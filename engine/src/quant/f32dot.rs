@@ -248,7 +248,13 @@ mod x86 {
         /// The N totals.
         #[inline(always)]
         unsafe fn sum(&self) -> [f32; N] {
-            std::array::from_fn(|j| hsum(self.a[j]))
+            // A loop, not `array::from_fn`: a closure would not inherit the caller's target
+            // features, and the intrinsics inside it would become calls.
+            let mut out = [0f32; N];
+            for (o, &a) in out.iter_mut().zip(&self.a) {
+                *o = hsum(a);
+            }
+            out
         }
     }
 

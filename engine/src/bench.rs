@@ -524,20 +524,20 @@ pub fn kernel_ceiling(ty: QuantType, cols: usize, time: Duration) -> CeilingResu
 #[cfg(target_arch = "x86_64")]
 pub fn kernel_ceiling_multi(ty: QuantType, cols: usize, time: Duration) -> CeilingResult {
     use crate::quant::avx2::MULTI;
-    let multi = crate::quant::avx2::kernel_multi(ty).expect("a multi-token kernel");
+    let (multi, width) = crate::quant::avx2::kernel_multi(ty).expect("a multi-token kernel");
     let rows = 64;
     let w = random_weights(ty, rows * cols, 1);
     let rb = ty.row_bytes(cols).expect("whole blocks");
     let at = ty.vec_dot_type();
     let arb = at.row_bytes(cols).expect("whole blocks");
-    let a: Vec<u8> = (0..MULTI)
+    let a: Vec<u8> = (0..width)
         .flat_map(|t| random_activation(at, cols, 2 + t as u64))
         .collect();
     let mut out = [0f32; MULTI];
     let mut sink = 0f32;
     let (gb_per_cpu_s, cpu_share) = per_cpu_second(time, || {
         for r in w.chunks_exact(rb) {
-            multi(cols, r, &a, arb, &mut out);
+            multi(cols, r, &a, arb, &mut out[..width]);
             sink += out[0];
         }
         w.len()
@@ -546,7 +546,7 @@ pub fn kernel_ceiling_multi(ty: QuantType, cols: usize, time: Duration) -> Ceili
     CeilingResult {
         ty,
         cols,
-        tokens: MULTI,
+        tokens: width,
         gb_per_cpu_s,
         cpu_share,
     }

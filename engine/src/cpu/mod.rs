@@ -25,7 +25,7 @@ type MultiDotFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
 #[cfg(target_arch = "x86_64")]
 const MULTI_I8: usize = quant::avx2::MULTI;
 #[cfg(not(target_arch = "x86_64"))]
-const MULTI_I8: usize = 4;
+const MULTI_I8: usize = 8;
 use crate::tensor::Matrix;
 
 /// Rows per chunk are a multiple of this (64 bytes of f32 output: no false sharing).
@@ -204,11 +204,11 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
             r0 = r1;
             continue;
         }
-        if let Some(multi) = dot.multi {
-            // Integer kernels: each weight block is unpacked once for up to MULTI tokens.
+        if let Some((multi, width)) = dot.multi {
+            // Integer kernels: each weight block is unpacked once for up to `width` tokens.
             let mut t0 = 0;
             while t0 < n {
-                let g = (n - t0).min(MULTI_I8);
+                let g = (n - t0).min(width);
                 let mut res = [0f32; MULTI_I8];
                 for r in r0..r1 {
                     multi(w.cols, w.row(r), &xq[t0 * arb..], arb, &mut res[..g]);
@@ -261,8 +261,9 @@ struct RowDot<'a> {
     w: &'a Matrix,
     data: &'a [u8],
     kind: Kind,
-    /// With int8 activations: the kernel that takes several tokens per weight pass.
-    multi: Option<MultiDotFn>,
+    /// With int8 activations: the kernel that takes several tokens per weight pass, and how
+    /// many it takes best (at most `MULTI_I8`).
+    multi: Option<(MultiDotFn, usize)>,
 }
 
 enum Kind {
@@ -353,12 +354,12 @@ fn fast_kernel(_ty: QuantType) -> Option<DotFn> {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn fast_kernel_multi(ty: QuantType) -> Option<MultiDotFn> {
+fn fast_kernel_multi(ty: QuantType) -> Option<(MultiDotFn, usize)> {
     quant::avx2::kernel_multi(ty)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn fast_kernel_multi(_ty: QuantType) -> Option<MultiDotFn> {
+fn fast_kernel_multi(_ty: QuantType) -> Option<(MultiDotFn, usize)> {
     None
 }
 

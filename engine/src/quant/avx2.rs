@@ -57,8 +57,8 @@ pub fn kernel(ty: QuantType) -> Option<DotFn> {
     Some(f)
 }
 
-/// Tokens a multi-token kernel takes at once.
-pub const MULTI: usize = 4;
+/// Most tokens a multi-token kernel takes at once.
+pub const MULTI: usize = 8;
 
 /// A multi-token kernel: `(n, weight row, activation rows, stride, out)` sets `out[t]` to the
 /// dot of the weight row with the activation row at byte `t * stride`, for `t < out.len()`
@@ -67,19 +67,21 @@ pub const MULTI: usize = 4;
 pub type MultiDotFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
 
 /// The multi-token kernel for weights of type `ty`, where there is one (the common K-quant and
-/// legacy types; prefill's batched products use it).
-pub fn kernel_multi(ty: QuantType) -> Option<MultiDotFn> {
+/// legacy types; prefill's batched products use it), with the number of tokens it is fastest
+/// at (measured: Q4_K's unpacking is dear enough to share among 8 tokens; the others run out
+/// of registers past 4).
+pub fn kernel_multi(ty: QuantType) -> Option<(MultiDotFn, usize)> {
     if !full() {
         return None;
     }
     use QuantType::*;
-    let f: MultiDotFn = match ty {
-        Q4_K => q4_k_multi,
-        Q5_K => q5_k_multi,
-        Q6_K => q6_k_multi,
-        Q8_0 => q8_0_multi,
-        Q4_0 => q4_0_multi,
-        Q5_0 => q5_0_multi,
+    let f: (MultiDotFn, usize) = match ty {
+        Q4_K => (q4_k_multi, 8),
+        Q5_K => (q5_k_multi, 4),
+        Q6_K => (q6_k_multi, 4),
+        Q8_0 => (q8_0_multi, 4),
+        Q4_0 => (q4_0_multi, 4),
+        Q5_0 => (q5_0_multi, 4),
         _ => return None,
     };
     Some(f)
@@ -159,7 +161,23 @@ macro_rules! wrapper_multi {
                     1 => out.copy_from_slice(&$kern::<1>(nb, w, [p(0)])),
                     2 => out.copy_from_slice(&$kern::<2>(nb, w, [p(0), p(1)])),
                     3 => out.copy_from_slice(&$kern::<3>(nb, w, [p(0), p(1), p(2)])),
-                    _ => out.copy_from_slice(&$kern::<4>(nb, w, [p(0), p(1), p(2), p(3)])),
+                    4 => out.copy_from_slice(&$kern::<4>(nb, w, [p(0), p(1), p(2), p(3)])),
+                    5 => out.copy_from_slice(&$kern::<5>(nb, w, [p(0), p(1), p(2), p(3), p(4)])),
+                    6 => out.copy_from_slice(&$kern::<6>(
+                        nb,
+                        w,
+                        [p(0), p(1), p(2), p(3), p(4), p(5)],
+                    )),
+                    7 => out.copy_from_slice(&$kern::<7>(
+                        nb,
+                        w,
+                        [p(0), p(1), p(2), p(3), p(4), p(5), p(6)],
+                    )),
+                    _ => out.copy_from_slice(&$kern::<8>(
+                        nb,
+                        w,
+                        [p(0), p(1), p(2), p(3), p(4), p(5), p(6), p(7)],
+                    )),
                 }
             }
         }
@@ -977,7 +995,7 @@ mod tests {
             QuantType::Q4_0,
             QuantType::Q5_0,
         ] {
-            let multi = kernel_multi(ty).expect("multi kernel");
+            let (multi, _) = kernel_multi(ty).expect("multi kernel");
             let one = kernel(ty).unwrap();
             for (k, n) in [256usize, 512, 768, 2048].into_iter().enumerate() {
                 let w = random_weights(ty, n, 7 + k as u64);

@@ -234,7 +234,7 @@ fn padding_ids_are_reported_unused() {
 /// block scales, wherever the index puts them (layer 2's experts span both shards here).
 #[test]
 fn expert_pieces_cover_stacked_slices_and_per_expert_fp8_tensors() {
-    use engine::model::weights::{ExpertMatrix, ExpertPiece};
+    use engine::model::weights::ExpertPiece;
     let bytes = |f: &ModelFile, p: &ExpertPiece| {
         let t = f.source.tensor(&p.tensor).unwrap();
         t.data[p.range.start as usize..p.range.end as usize].to_vec()
@@ -251,11 +251,7 @@ fn expert_pieces_cover_stacked_slices_and_per_expert_fp8_tensors() {
         let mlp = experts.layers[p.layer].as_ref().unwrap().experts[p.expert]
             .as_ref()
             .unwrap();
-        let m = match p.matrix {
-            ExpertMatrix::Gate => &mlp.gate,
-            ExpertMatrix::Up => &mlp.up,
-            ExpertMatrix::Down => &mlp.down,
-        };
+        let m = mlp.matrix(p.matrix);
         assert_eq!(p.tensor, p.matrix.gguf_name(p.layer));
         assert_eq!(p.shape, [m.rows, m.cols]);
         assert_eq!(bytes(&gguf, p), &m.data[..]);
@@ -271,11 +267,7 @@ fn expert_pieces_cover_stacked_slices_and_per_expert_fp8_tensors() {
         let mlp = experts.layers[p.layer].as_ref().unwrap().experts[p.expert]
             .as_ref()
             .unwrap();
-        let m = match p.matrix {
-            ExpertMatrix::Gate => &mlp.gate,
-            ExpertMatrix::Up => &mlp.up,
-            ExpertMatrix::Down => &mlp.down,
-        };
+        let m = mlp.matrix(p.matrix);
         let weight = p.matrix.hf_name(p.layer, p.expert);
         if p.scales {
             assert_eq!(p.tensor, format!("{}_scale_inv", weight));

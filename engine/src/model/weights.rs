@@ -73,6 +73,15 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// One of the three matrices.
+    pub fn matrix(&self, m: ExpertMatrix) -> &Matrix {
+        match m {
+            ExpertMatrix::Gate => &self.gate,
+            ExpertMatrix::Up => &self.up,
+            ExpertMatrix::Down => &self.down,
+        }
+    }
+
     /// Bytes of the three matrices as stored (FP8 block scales not counted).
     pub fn bytes(&self) -> usize {
         self.gate.data.len() + self.up.data.len() + self.down.data.len()

@@ -387,7 +387,7 @@ impl RoutedExperts for RemoteExperts {
         let mut answers: Vec<Option<ExpertResult>> = p.batches.iter().map(|_| None).collect();
         let mut answered = vec![false; p.batches.len()];
         let mut got = 0;
-        if got < p.sent {
+        if p.sent > 0 {
             // The answers are a network round trip away: the kernels' idle threads park rather
             // than spin on the cores the runtime needs to receive them.
             engine::cpu::pool::global().rest();

@@ -131,16 +131,18 @@ pub fn forward(
     // Attention in three passes on the kernels' pool. The two per-head products run per head
     // over groups of tokens (each weight block unpacked once per group); the scores and the
     // attended latent per (token, head). Buffers are head-major (`heads x n_pad x width`), so
-    // every task writes one contiguous piece; `n_pad` rounds `n` up to whole groups.
-    let n_pad = n.next_multiple_of(MULTI_MAX);
-    let groups = n_pad / MULTI_MAX;
+    // every task writes one contiguous piece; `n_pad` rounds `n` up to whole groups of `gsz`
+    // tokens (a decode step is a group of one, with no padding).
+    let gsz = n.clamp(1, MULTI_MAX);
+    let n_pad = n.next_multiple_of(gsz);
+    let groups = n_pad / gsz;
     let pool = crate::cpu::pool::global();
     let q = &s.q;
     s.q_abs.resize(heads * n_pad * lora, 0.0);
-    pool.for_each_chunk_mut(&mut s.q_abs, MULTI_MAX * lora, |c, dst| {
-        let (h, t0) = (c / groups, (c % groups) * MULTI_MAX);
+    pool.for_each_chunk_mut(&mut s.q_abs, gsz * lora, |c, dst| {
+        let (h, t0) = (c / groups, (c % groups) * gsz);
         let xs = |t: usize| &q[(t * heads + h) * qk..(t * heads + h) * qk + nope];
-        head_products(&w.k_b[h], t0..n.min(t0 + MULTI_MAX), xs, dst);
+        head_products(&w.k_b[h], t0..n.min(t0 + gsz), xs, dst);
     });
 
     s.latent.resize(heads * n_pad * lora, 0.0);
@@ -169,10 +171,10 @@ pub fn forward(
 
     s.v_out.resize(heads * n_pad * vh, 0.0);
     let latent = &s.latent;
-    pool.for_each_chunk_mut(&mut s.v_out, MULTI_MAX * vh, |c, dst| {
-        let (h, t0) = (c / groups, (c % groups) * MULTI_MAX);
+    pool.for_each_chunk_mut(&mut s.v_out, gsz * vh, |c, dst| {
+        let (h, t0) = (c / groups, (c % groups) * gsz);
         let xs = |t: usize| &latent[(h * n_pad + t) * lora..(h * n_pad + t + 1) * lora];
-        head_products(&w.v_b[h], t0..n.min(t0 + MULTI_MAX), xs, dst);
+        head_products(&w.v_b[h], t0..n.min(t0 + gsz), xs, dst);
     });
     // Token-major for the output projection.
     s.heads_out.resize(n * heads * vh, 0.0);

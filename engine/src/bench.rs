@@ -533,13 +533,20 @@ pub fn kernel_ceiling_multi(ty: QuantType, cols: usize, time: Duration) -> Ceili
     let a: Vec<u8> = (0..width)
         .flat_map(|t| random_activation(at, cols, 2 + t as u64))
         .collect();
-    let mut out = [0f32; MULTI];
+    let mut out = [0f32; MULTI * 64];
     let mut sink = 0f32;
+    let tile = crate::quant::avx2::Tile {
+        cols,
+        w: &w,
+        row_bytes: rb,
+        a: &a,
+        stride: arb,
+        tokens: width,
+        out_stride: rows,
+    };
     let (gb_per_cpu_s, cpu_share) = per_cpu_second(time, || {
-        for r in w.chunks_exact(rb) {
-            multi(cols, r, &a, arb, &mut out[..width]);
-            sink += out[0];
-        }
+        multi(&tile, &mut out[..width * rows]);
+        sink += out[0];
         w.len()
     });
     std::hint::black_box(sink);

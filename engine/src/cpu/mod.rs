@@ -19,8 +19,25 @@ use crate::quant::{self, QuantType};
 
 /// A row kernel: `(n, weight row bytes, activation row bytes) -> dot`.
 type DotFn = fn(usize, &[u8], &[u8]) -> f32;
-/// A multi-token row kernel (see `quant::avx2::MultiDotFn`).
-type MultiDotFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
+/// A multi-token kernel over a tile of rows (see `quant::avx2::MultiDotFn`).
+#[cfg(target_arch = "x86_64")]
+use quant::avx2::{MultiDotFn, Tile};
+#[cfg(not(target_arch = "x86_64"))]
+type MultiDotFn = fn(&Tile, &mut [f32]);
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(dead_code)]
+struct Tile<'a> {
+    cols: usize,
+    w: &'a [u8],
+    row_bytes: usize,
+    a: &'a [u8],
+    stride: usize,
+    tokens: usize,
+    out_stride: usize,
+}
+/// Rows per call of a multi-token kernel in `matmul` (its results pass through a buffer on
+/// the stack, as other threads own the rows in between in the output).
+const SUB_ROWS: usize = 64;
 /// Tokens per pass of a multi-token integer kernel.
 #[cfg(target_arch = "x86_64")]
 const MULTI_I8: usize = quant::avx2::MULTI;
@@ -205,18 +222,33 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
             continue;
         }
         if let Some((multi, width)) = dot.multi {
-            // Integer kernels: each weight block is unpacked once for up to `width` tokens.
-            let mut t0 = 0;
-            while t0 < n {
-                let g = (n - t0).min(width);
-                let mut res = [0f32; MULTI_I8];
-                for r in r0..r1 {
-                    multi(w.cols, w.row(r), &xq[t0 * arb..], arb, &mut res[..g]);
-                    for (i, &v) in res[..g].iter().enumerate() {
-                        out.slice((t0 + i) * w.rows + r, 1)[0] = v;
+            // Integer kernels: each weight block is unpacked once for up to `width` tokens,
+            // `SUB_ROWS` rows per call.
+            let rb = w.row_bytes;
+            let mut buf = [0f32; MULTI_I8 * SUB_ROWS];
+            let mut s0 = r0;
+            while s0 < r1 {
+                let s1 = (s0 + SUB_ROWS).min(r1);
+                let len = s1 - s0;
+                let mut t0 = 0;
+                while t0 < n {
+                    let g = (n - t0).min(width);
+                    let tile = Tile {
+                        cols: w.cols,
+                        w: &dot.data[s0 * rb..s1 * rb],
+                        row_bytes: rb,
+                        a: &xq[t0 * arb..],
+                        stride: arb,
+                        tokens: g,
+                        out_stride: len,
+                    };
+                    multi(&tile, &mut buf[..g * len]);
+                    for (i, res) in buf[..g * len].chunks_exact(len).enumerate() {
+                        out.slice((t0 + i) * w.rows + s0, len).copy_from_slice(res);
                     }
+                    t0 += g;
                 }
-                t0 += g;
+                s0 = s1;
             }
             r0 = r1;
             continue;
@@ -316,6 +348,19 @@ impl<'a> RowDot<'a> {
         let (n, rb) = (self.w.cols, self.w.row_bytes);
         let rows = &self.data[r0 * rb..(r0 + out.len()) * rb];
         match self.kind {
+            Kind::Fast(_) if self.multi.is_some() => {
+                let (multi, _) = self.multi.expect("checked");
+                let tile = Tile {
+                    cols: n,
+                    w: rows,
+                    row_bytes: rb,
+                    a: x,
+                    stride: x.len(),
+                    tokens: 1,
+                    out_stride: out.len(),
+                };
+                multi(&tile, out);
+            }
             Kind::Fast(f) => {
                 for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
                     *o = f(n, row, x);

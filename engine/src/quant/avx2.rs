@@ -15,6 +15,7 @@
 //! (one compare per row), so a wrong length panics instead of reading out of bounds.
 
 use core::arch::x86_64::*;
+use std::array::from_fn;
 
 use super::{QuantType, QK_K};
 
@@ -60,11 +61,29 @@ pub fn kernel(ty: QuantType) -> Option<DotFn> {
 /// Most tokens a multi-token kernel takes at once.
 pub const MULTI: usize = 8;
 
-/// A multi-token kernel: `(n, weight row, activation rows, stride, out)` sets `out[t]` to the
-/// dot of the weight row with the activation row at byte `t * stride`, for `t < out.len()`
-/// (at most [`MULTI`]). Each token's result is bit for bit what the one-token kernel gives:
-/// the same operations in the same order, only the weight unpacking is shared.
-pub type MultiDotFn = fn(usize, &[u8], &[u8], usize, &mut [f32]);
+/// One call of a multi-token kernel: several weight rows against up to [`MULTI`] tokens.
+#[derive(Clone, Copy)]
+pub struct Tile<'a> {
+    /// Elements per row.
+    pub cols: usize,
+    /// Weight rows back to back, `row_bytes` apart (any number of them).
+    pub w: &'a [u8],
+    pub row_bytes: usize,
+    /// The tokens' activation rows (`vec_dot_type`), token `t` at byte `t * stride`.
+    pub a: &'a [u8],
+    pub stride: usize,
+    /// Tokens, 1 to [`MULTI`].
+    pub tokens: usize,
+    /// Where token `t`'s result for row `r` goes: `out[t * out_stride + r]`.
+    pub out_stride: usize,
+}
+
+/// A multi-token kernel: for every weight row `r` of the tile and token `t < tile.tokens`,
+/// `out[t * tile.out_stride + r]` = the dot of the row with the token's activations. Each
+/// token's result is bit for bit what the one-token kernel gives: the same operations in the
+/// same order, only the weight unpacking is shared. Bounds are checked once per call, so a
+/// tile of many short rows costs one call, not one per row.
+pub type MultiDotFn = fn(&Tile, &mut [f32]);
 
 /// The multi-token kernel for weights of type `ty`, where there is one (the common K-quant and
 /// legacy types; prefill's batched products use it), with the number of tokens it is fastest
@@ -147,41 +166,61 @@ wrapper!(bf16_row, bf16_avx2, 1, 2, 4);
 
 macro_rules! wrapper_multi {
     ($name:ident, $kern:ident, $be:expr, $wb:expr, $ab:expr) => {
-        fn $name(n: usize, w: &[u8], a: &[u8], stride: usize, out: &mut [f32]) {
-            let t = out.len();
+        fn $name(j: &Tile, out: &mut [f32]) {
+            let t = j.tokens;
             assert!((1..=MULTI).contains(&t), "1 to {MULTI} tokens, not {t}");
-            let nb = check(n, w, &a[(t - 1) * stride..], $be, $wb, $ab);
-            assert!(stride >= nb * $ab, "activation rows overlap");
-            let p = |k: usize| a[k * stride..].as_ptr();
-            let w = w.as_ptr();
-            // SAFETY: as in `wrapper!`; the last row is checked above and the earlier ones lie
-            // before it, `stride` apart and no shorter.
+            let nb = check(j.cols, j.w, &j.a[(t - 1) * j.stride..], $be, $wb, $ab);
+            assert!(t == 1 || j.stride >= nb * $ab, "activation rows overlap");
+            assert!(j.row_bytes >= nb * $wb, "weight rows overlap");
+            let rows = j.w.len().checked_div(j.row_bytes).unwrap_or(0);
+            assert!(
+                rows == 0
+                    || (t == 1 || j.out_stride >= rows)
+                        && (t - 1) * j.out_stride + rows <= out.len(),
+                "output too short"
+            );
+            let p = |k: usize| j.a[k * j.stride..].as_ptr();
+            let (w, rb, o, os) = (j.w.as_ptr(), j.row_bytes, out.as_mut_ptr(), j.out_stride);
+            // SAFETY: as in `wrapper!`: every row holds `nb` blocks (`row_bytes` is no shorter,
+            // and `rows` whole rows fit in `w`); the last token's row is checked above and the
+            // earlier ones lie before it, `stride` apart and no shorter; every output index
+            // `t * out_stride + r` is below the bound checked above.
             unsafe {
                 match t {
-                    1 => out.copy_from_slice(&$kern::<1>(nb, w, [p(0)])),
-                    2 => out.copy_from_slice(&$kern::<2>(nb, w, [p(0), p(1)])),
-                    3 => out.copy_from_slice(&$kern::<3>(nb, w, [p(0), p(1), p(2)])),
-                    4 => out.copy_from_slice(&$kern::<4>(nb, w, [p(0), p(1), p(2), p(3)])),
-                    5 => out.copy_from_slice(&$kern::<5>(nb, w, [p(0), p(1), p(2), p(3), p(4)])),
-                    6 => out.copy_from_slice(&$kern::<6>(
-                        nb,
-                        w,
-                        [p(0), p(1), p(2), p(3), p(4), p(5)],
-                    )),
-                    7 => out.copy_from_slice(&$kern::<7>(
-                        nb,
-                        w,
-                        [p(0), p(1), p(2), p(3), p(4), p(5), p(6)],
-                    )),
-                    _ => out.copy_from_slice(&$kern::<8>(
-                        nb,
-                        w,
-                        [p(0), p(1), p(2), p(3), p(4), p(5), p(6), p(7)],
-                    )),
+                    1 => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<1>(nb, w, a)),
+                    2 => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<2>(nb, w, a)),
+                    3 => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<3>(nb, w, a)),
+                    4 => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<4>(nb, w, a)),
+                    5 => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<5>(nb, w, a)),
+                    6 => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<6>(nb, w, a)),
+                    7 => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<7>(nb, w, a)),
+                    _ => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<8>(nb, w, a)),
                 }
             }
         }
     };
+}
+
+/// `out[t * os + r] = kern(row r, tokens)[t]` for `rows` weight rows `rb` bytes apart.
+///
+/// # Safety
+/// Every row and output index must be valid (the wrappers check them).
+#[inline(always)]
+unsafe fn each_row<const T: usize>(
+    rows: usize,
+    w: *const u8,
+    rb: usize,
+    a: [*const u8; T],
+    out: *mut f32,
+    os: usize,
+    kern: impl Fn(*const u8, [*const u8; T]) -> [f32; T],
+) {
+    for r in 0..rows {
+        let v = kern(w.add(r * rb), a);
+        for (t, &x) in v.iter().enumerate() {
+            *out.add(t * os + r) = x;
+        }
+    }
 }
 
 wrapper_multi!(q4_k_multi, q4_k_n, QK_K, 144, 292);
@@ -350,11 +389,11 @@ unsafe fn q8_0_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
             acc0[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc0[t]);
         }
     }
-    let mut out = [0f32; T];
+    let mut acc = acc0;
     for t in 0..T {
-        out[t] = hsum_ps(_mm256_add_ps(acc0[t], acc1[t]));
+        acc[t] = _mm256_add_ps(acc0[t], acc1[t]);
     }
-    out
+    hsums(acc)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -412,13 +451,36 @@ unsafe fn legacy_block_i8<const T: usize>(
     }
 }
 
-/// Each accumulator's horizontal sum.
+/// Each accumulator's horizontal sum, always as `((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7))`
+/// whatever `T` is, so a token's sum does not depend on the others: four at a time with three
+/// `hadd`s (a fraction of four separate sums' shuffles), a lone one with two shuffles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsums<const T: usize>(acc: [__m256; T]) -> [f32; T] {
     let mut out = [0f32; T];
-    for t in 0..T {
-        out[t] = hsum_ps(acc[t]);
+    let z = _mm256_setzero_ps();
+    let mut t = 0;
+    while t + 1 < T {
+        let c = if t + 2 < T { acc[t + 2] } else { z };
+        let d = if t + 3 < T { acc[t + 3] } else { z };
+        let ab = _mm256_hadd_ps(acc[t], acc[t + 1]);
+        let cd = _mm256_hadd_ps(c, d);
+        let s = _mm256_hadd_ps(ab, cd);
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let mut four = [0f32; 4];
+        _mm_storeu_ps(four.as_mut_ptr(), s);
+        for (k, &v) in four.iter().enumerate().take(T - t) {
+            out[t + k] = v;
+        }
+        t += 4;
+    }
+    if t < T {
+        // Pairs (commutative adds: the same bits as `hadd`'s), then pairs of pairs, then halves.
+        let v = acc[t];
+        let v = _mm256_add_ps(v, _mm256_permute_ps(v, 0b10_11_00_01));
+        let v = _mm256_add_ps(v, _mm256_permute_ps(v, 0b01_00_11_10));
+        let s = _mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        out[t] = _mm_cvtss_f32(s);
     }
     out
 }
@@ -981,7 +1043,8 @@ mod tests {
         }
     }
 
-    /// The multi-token kernels give each token exactly the one-token kernel's bits.
+    /// The multi-token kernels give each token and row exactly the one-token kernel's bits,
+    /// where the tile says, and write nothing else.
     #[test]
     fn multi_token_kernels_equal_the_one_token_kernel() {
         if !full() {
@@ -998,7 +1061,9 @@ mod tests {
             let (multi, _) = kernel_multi(ty).expect("multi kernel");
             let one = kernel(ty).unwrap();
             for (k, n) in [256usize, 512, 768, 2048].into_iter().enumerate() {
-                let w = random_weights(ty, n, 7 + k as u64);
+                let rows = 1 + k;
+                let w = random_weights(ty, rows * n, 7 + k as u64);
+                let wb = ty.row_bytes(n).unwrap();
                 let at = ty.vec_dot_type();
                 let rb = at.row_bytes(n).unwrap();
                 // Rows with a gap between them: the stride need not be the row size.
@@ -1009,18 +1074,65 @@ mod tests {
                     a[t * stride..t * stride + rb].copy_from_slice(&row);
                 }
                 for count in 1..=MULTI {
-                    let mut out = vec![f32::NAN; count];
-                    multi(n, &w, &a, stride, &mut out);
-                    for (t, &o) in out.iter().enumerate() {
-                        let want = one(n, &w, &a[t * stride..t * stride + rb]);
+                    let os = rows + 2;
+                    let mut out = vec![f32::NAN; (count - 1) * os + rows];
+                    let tile = Tile {
+                        cols: n,
+                        w: &w,
+                        row_bytes: wb,
+                        a: &a,
+                        stride,
+                        tokens: count,
+                        out_stride: os,
+                    };
+                    multi(&tile, &mut out);
+                    for (i, &o) in out.iter().enumerate() {
+                        let (t, r) = (i / os, i % os);
+                        if r >= rows {
+                            assert!(o.is_nan(), "{ty} wrote between token rows");
+                            continue;
+                        }
+                        let want = one(n, &w[r * wb..], &a[t * stride..t * stride + rb]);
                         assert_eq!(
                             o.to_bits(),
                             want.to_bits(),
-                            "{ty} n={n} token {t} of {count}"
+                            "{ty} n={n} row {r} token {t} of {count}"
                         );
                     }
                 }
             }
+        }
+    }
+
+    /// The lone and the grouped horizontal sums add in the same order.
+    #[test]
+    fn horizontal_sums_do_not_depend_on_the_group() {
+        if !full() {
+            return;
+        }
+        let vals = crate::bench::random_f32(8 * 8, 3);
+        // SAFETY: features checked above; loads of 8 floats from slices of 8.
+        unsafe {
+            let mut v = [_mm256_setzero_ps(); 8];
+            for (t, v) in v.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(vals[8 * t..].as_ptr());
+            }
+            let all = hsums(v);
+            for t in 0..8 {
+                let x = &vals[8 * t..8 * t + 8];
+                let want = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+                assert_eq!(all[t].to_bits(), want.to_bits(), "token {t} of 8");
+                assert_eq!(
+                    hsums([v[t]])[0].to_bits(),
+                    want.to_bits(),
+                    "token {t} alone"
+                );
+            }
+            let three = hsums([v[0], v[1], v[2]]);
+            assert_eq!(
+                three.map(f32::to_bits),
+                [all[0], all[1], all[2]].map(f32::to_bits)
+            );
         }
     }
 

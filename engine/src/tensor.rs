@@ -151,6 +151,7 @@ impl Matrix {
 pub struct ActBuf {
     /// u64 storage so that f32 activations viewed through it are aligned.
     buf: Vec<u64>,
+    tasks: Vec<(u32, u32, u32)>,
 }
 
 impl ActBuf {
@@ -174,16 +175,84 @@ impl ActBuf {
             self.buf.resize(words, 0);
         }
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.buf[..words]);
-        for (src, dst) in xs
-            .chunks_exact(cols)
-            .zip(bytes.chunks_exact_mut(rb))
-            .take(n)
-        {
-            quant::quantize_activation(ty, src, dst).expect("activation type is quantisable");
-        }
+        let seg = QuantSeg {
+            ty,
+            src: xs.as_ptr(),
+            dst: bytes.as_mut_ptr(),
+            cols,
+            rb,
+            n,
+        };
+        // SAFETY: `xs` holds `n` rows of `cols` values and `bytes` `n` rows of `rb` bytes.
+        unsafe { quantize_segments(&[seg], &mut self.tasks) };
         &bytes[..rb * n]
     }
 }
+
+/// Rows of activations to quantise: `n` rows of `cols` f32 at `src` into rows of `rb` bytes
+/// of `ty` at `dst`.
+#[derive(Clone, Copy)]
+struct QuantSeg {
+    ty: QuantType,
+    src: *const f32,
+    dst: *mut u8,
+    cols: usize,
+    rb: usize,
+    n: usize,
+}
+
+/// Values below which quantising runs on the calling thread (a dispatch costs more).
+const PARALLEL_QUANT_VALUES: usize = 32 * 1024;
+
+/// Quantises every segment, spread over the kernels' pool when there is enough of it (a
+/// prefill's activations: serial, this was the largest part of the time one thread spent
+/// alone). `tasks` is scratch.
+///
+/// # Safety
+/// Each segment's `src` must be valid for `n * cols` reads and `dst` for `n * rb` writes,
+/// no destination overlapping another or any source.
+unsafe fn quantize_segments(segs: &[QuantSeg], tasks: &mut Vec<(u32, u32, u32)>) {
+    let run = |k: usize, r0: usize, r1: usize| {
+        let g = segs[k];
+        for r in r0..r1 {
+            // SAFETY: row `r < n` of the segment, per the caller's contract.
+            let (src, dst) = unsafe {
+                (
+                    std::slice::from_raw_parts(g.src.add(r * g.cols), g.cols),
+                    std::slice::from_raw_parts_mut(g.dst.add(r * g.rb), g.rb),
+                )
+            };
+            quant::quantize_activation(g.ty, src, dst).expect("activation type is quantisable");
+        }
+    };
+    let total: usize = segs.iter().map(|g| g.n * g.cols).sum();
+    let pool = crate::cpu::pool::global();
+    if total < PARALLEL_QUANT_VALUES || pool.threads() <= 1 {
+        for (k, g) in segs.iter().enumerate() {
+            run(k, 0, g.n);
+        }
+        return;
+    }
+    // Tasks of about a few thousand values each.
+    tasks.clear();
+    for (k, g) in segs.iter().enumerate() {
+        let per = (4096 / g.cols.max(1)).max(1);
+        let mut r0 = 0;
+        while r0 < g.n {
+            let r1 = (r0 + per).min(g.n);
+            tasks.push((k as u32, r0 as u32, r1 as u32));
+            r0 = r1;
+        }
+    }
+    let tasks = &*tasks;
+    pool.for_each(tasks.len(), |i| {
+        let (k, r0, r1) = tasks[i];
+        run(k as usize, r0 as usize, r1 as usize);
+    });
+}
+
+/// `QuantSeg` holds raw pointers only for the length of `quantize_segments`.
+unsafe impl Sync for QuantSeg {}
 
 /// Reusable buffers of [`Group`]: quantised activations, the job list and the task list.
 #[derive(Default)]
@@ -195,6 +264,8 @@ pub struct GroupBuf {
     items: Vec<(crate::cpu::RawJob, *const f32, usize)>,
     jobs: Vec<crate::cpu::RawJob>,
     tasks: Vec<crate::cpu::Task>,
+    segs: Vec<QuantSeg>,
+    quant_tasks: Vec<(u32, u32, u32)>,
 }
 
 // SAFETY: the raw pointers in `items` and `jobs` are only set and read inside a `Group`'s
@@ -271,10 +342,11 @@ impl<'a> Group<'a> {
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut b.buf[..words]);
         let base = bytes.as_mut_ptr();
         b.jobs.clear();
+        b.segs.clear();
         for k in 0..n_items {
             let (mut job, xs, xs_len) = b.items[k];
-            // SAFETY: `job.w` and `xs` borrow data for 'a.
-            let (w, x) = unsafe { (&*job.w, std::slice::from_raw_parts(xs, xs_len)) };
+            // SAFETY: `job.w` borrows a matrix for 'a.
+            let w = unsafe { &*job.w };
             let ty = w.act_type();
             let off = job.xq_len;
             if off == usize::MAX {
@@ -285,21 +357,28 @@ impl<'a> Group<'a> {
                     .row_bytes(w.cols)
                     .expect("matrix shapes are checked at load time");
                 let len = rb * job.n;
-                // An earlier product with the same segment has quantised it already.
+                // An earlier product with the same segment quantises it already.
                 let first = b.items[..k].iter().all(|&(pj, _, _)| pj.xq_len != off);
                 // SAFETY: segments are disjoint ranges of `buf`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(base.add(off), len) };
+                let dst = unsafe { base.add(off) };
                 if first {
-                    for (src, d) in x.chunks_exact(w.cols).zip(dst.chunks_exact_mut(rb)) {
-                        quant::quantize_activation(ty, src, d)
-                            .expect("activation type is quantisable");
-                    }
+                    b.segs.push(QuantSeg {
+                        ty,
+                        src: xs,
+                        dst,
+                        cols: w.cols,
+                        rb,
+                        n: job.n,
+                    });
                 }
-                job.xq = dst.as_ptr();
+                job.xq = dst;
                 job.xq_len = len;
             }
             b.jobs.push(job);
         }
+        // SAFETY: each segment's input is `n x cols` (checked by `push`) and its destination
+        // its own range of `buf`.
+        unsafe { quantize_segments(&b.segs, &mut b.quant_tasks) };
         // SAFETY: every matrix, input and output is borrowed for 'a (outputs mutably, so they
         // are disjoint from each other and from every input); the quantised inputs live in
         // `buf`, untouched until the dispatch returns.

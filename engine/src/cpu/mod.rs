@@ -48,7 +48,7 @@ use crate::tensor::Matrix;
 /// Rows per chunk are a multiple of this (64 bytes of f32 output: no false sharing).
 const ROW_ALIGN: usize = 16;
 /// Chunks per thread: enough for stealing to even out a slow thread, few enough to be cheap.
-const CHUNKS_PER_THREAD: usize = 4;
+const CHUNKS_PER_THREAD: usize = 8;
 /// Below this many weight bytes a product runs on the calling thread: splitting costs more.
 const PARALLEL_MIN_BYTES: usize = 64 * 1024;
 /// Weight bytes of one `matmul` row tile (stays in L2 while every token passes over it).
@@ -130,13 +130,12 @@ pub(crate) struct Task {
 pub(crate) unsafe fn matmul_group(jobs: &[RawJob], tasks: &mut Vec<Task>) {
     let pool = pool::global();
     let threads = pool.threads();
-    let total: usize = jobs
-        .iter()
-        .filter(|j| j.n > 0)
-        .map(|j| (*j.w).rows * (*j.w).row_bytes)
-        .sum();
+    // A job's cost: its weight bytes times its tokens (each token passes over every byte).
+    let cost = |j: &RawJob| (*j.w).rows * (*j.w).row_bytes * j.n;
+    let total: usize = jobs.iter().map(|j| cost(j)).sum();
     tasks.clear();
-    // Chunk bytes: a few chunks per thread over the whole group (whole jobs when small).
+    // Chunk cost: a few chunks per thread over the whole group (whole jobs when small), so
+    // a job with many tokens is cut finer than one with few and the threads finish together.
     let serial = threads <= 1 || total < PARALLEL_MIN_BYTES;
     let target = (total / (threads * CHUNKS_PER_THREAD)).max(PARALLEL_MIN_BYTES / 4);
     for (k, j) in jobs.iter().enumerate() {
@@ -147,7 +146,7 @@ pub(crate) unsafe fn matmul_group(jobs: &[RawJob], tasks: &mut Vec<Task>) {
         let chunk = if serial {
             w.rows
         } else {
-            (target / w.row_bytes.max(1))
+            (target / (w.row_bytes * j.n).max(1))
                 .next_multiple_of(ROW_ALIGN)
                 .clamp(1, w.rows)
         };

@@ -25,8 +25,9 @@ pub struct AttnScratch {
     kv: Vec<f32>,
     /// Cached rows converted to f32 when a cache stores f16/bf16, sequence after sequence.
     rows: Vec<f32>,
-    /// `heads x n_pad x kv_lora`: absorbed queries, then attended latents.
+    /// `heads x n_pad x kv_lora`: absorbed queries.
     q_abs: Vec<f32>,
+    /// `n x heads x kv_lora`: attended latents.
     latent: Vec<f32>,
     /// `heads x n_pad x v_head`: head outputs, then `heads_out`: the same `n x heads x v_head`.
     v_out: Vec<f32>,
@@ -46,6 +47,8 @@ thread_local! {
 
 #[derive(Default)]
 struct HeadScratch {
+    /// A group of heads' absorbed queries and rotated rotary queries, then their scores.
+    q_abs: Vec<f32>,
     q_pe: Vec<f32>,
     scores: Vec<f32>,
 }
@@ -145,14 +148,15 @@ pub fn forward(
         head_products(&w.k_b[h], t0..n.min(t0 + gsz), xs, dst);
     });
 
-    s.latent.resize(heads * n_pad * lora, 0.0);
+    // Scores and attended latents per token for a group of heads at a time (every head
+    // reads the same cached rows, so a group shares their loads); `latent` is token-major
+    // (`n x heads x kv_lora`).
+    let hg = [4, 2, 1].into_iter().find(|g| heads % g == 0).unwrap_or(1);
+    s.latent.resize(n * heads * lora, 0.0);
     let (q_abs, spans, conv, converted) = (&s.q_abs, &s.spans, &s.conv, &s.rows);
     let seqs = &*seqs;
-    pool.for_each_chunk_mut(&mut s.latent, lora, |c, latent| {
-        let (h, t) = (c / n_pad, c % n_pad);
-        if t >= n {
-            return;
-        }
+    pool.for_each_chunk_mut(&mut s.latent, hg * lora, |c, latent| {
+        let (t, h0) = (c / (heads / hg), (c % (heads / hg)) * hg);
         let (i, pos) = (spans[t].0 as usize, spans[t].1 as usize);
         let rows = match conv[i] {
             usize::MAX => seqs[i]
@@ -161,11 +165,18 @@ pub fn forward(
                 .expect("an f32 cache"),
             at => &converted[at..at + (pos + 1) * row],
         };
-        let q_pe = &q[(t * heads + h) * qk + nope..(t * heads + h + 1) * qk];
-        let q_abs = &q_abs[c * lora..(c + 1) * lora];
         HEAD_SCRATCH.with(|hs| {
             let hs = &mut *hs.borrow_mut();
-            attend(rope, scale, q_abs, q_pe, lora, row, rows, pos, latent, hs);
+            hs.q_abs.clear();
+            hs.q_pe.clear();
+            for h in h0..h0 + hg {
+                hs.q_abs
+                    .extend_from_slice(&q_abs[(h * n_pad + t) * lora..(h * n_pad + t + 1) * lora]);
+                hs.q_pe
+                    .extend_from_slice(&q[(t * heads + h) * qk + nope..(t * heads + h + 1) * qk]);
+            }
+            rope.apply(&mut hs.q_pe, pos);
+            attend(scale, lora, row, rows, pos + 1, latent, hs);
         });
     });
 
@@ -173,7 +184,7 @@ pub fn forward(
     let latent = &s.latent;
     pool.for_each_chunk_mut(&mut s.v_out, gsz * vh, |c, dst| {
         let (h, t0) = (c / groups, (c % groups) * gsz);
-        let xs = |t: usize| &latent[(h * n_pad + t) * lora..(h * n_pad + t + 1) * lora];
+        let xs = |t: usize| &latent[(t * heads + h) * lora..(t * heads + h + 1) * lora];
         head_products(&w.v_b[h], t0..n.min(t0 + gsz), xs, dst);
     });
     // Token-major for the output projection.
@@ -213,35 +224,206 @@ fn head_products<'x>(
     }
 }
 
-/// One head of one token at position `pos` (attends to positions `0..=pos`): the scores of
-/// the absorbed query `q_abs` and the rotary part `q_pe` (rotated here) against the cached
-/// rows, and the attended latent `Σ_t p(t) c_t` into `latent`.
-#[allow(clippy::too_many_arguments)]
+/// A group of heads of one token attending to the first `npos` cached rows: the scores of
+/// the absorbed queries (`hs.q_abs`, `g x kv_lora`) and the rotated rotary parts (`hs.q_pe`,
+/// `g x rope`) against the rows, a softmax per head, and the attended latents
+/// `Σ_t p(t) c_t` into `latent` (`g x kv_lora`).
 fn attend(
-    rope: &RopeTable,
     scale: f32,
-    q_abs: &[f32],
-    q_pe: &[f32],
     lora: usize,
     row: usize,
     rows: &[f32],
-    pos: usize,
+    npos: usize,
     latent: &mut [f32],
     hs: &mut HeadScratch,
 ) {
-    hs.q_pe.clear();
-    hs.q_pe.extend_from_slice(q_pe);
-    rope.apply(&mut hs.q_pe, pos);
-
-    hs.scores.resize(pos + 1, 0.0);
-    for (p, sc) in hs.scores.iter_mut().enumerate() {
-        let r = &rows[p * row..(p + 1) * row];
-        *sc = scale * (ops::dot(q_abs, &r[..lora]) + ops::dot(&hs.q_pe, &r[lora..]));
+    let g = latent.len() / lora;
+    let rope_dim = row - lora;
+    hs.scores.resize(g * npos, 0.0);
+    let rows = &rows[..npos * row];
+    #[cfg(target_arch = "x86_64")]
+    if g == 4 && ops::simd_available() {
+        // SAFETY: the CPU has AVX2/FMA; every slice was sized for `g` heads and `npos` rows.
+        unsafe {
+            simd::scores4(
+                &hs.q_abs,
+                &hs.q_pe,
+                lora,
+                rows,
+                row,
+                npos,
+                scale,
+                &mut hs.scores,
+            );
+        }
+        for sc in hs.scores.chunks_exact_mut(npos) {
+            ops::softmax(sc);
+        }
+        // SAFETY: as above.
+        unsafe { simd::latent4(&hs.scores, rows, row, npos, lora, latent) };
+        return;
     }
-    ops::softmax(&mut hs.scores);
+    for (h, sc) in hs.scores.chunks_exact_mut(npos).enumerate() {
+        let q_abs = &hs.q_abs[h * lora..(h + 1) * lora];
+        let q_pe = &hs.q_pe[h * rope_dim..(h + 1) * rope_dim];
+        for (p, v) in sc.iter_mut().enumerate() {
+            let r = &rows[p * row..(p + 1) * row];
+            *v = scale * (ops::dot(q_abs, &r[..lora]) + ops::dot(q_pe, &r[lora..]));
+        }
+        ops::softmax(sc);
+        let out = &mut latent[h * lora..(h + 1) * lora];
+        out.fill(0.0);
+        for (p, &pr) in sc.iter().enumerate() {
+            ops::axpy(out, pr, &rows[p * row..p * row + lora]);
+        }
+    }
+}
 
-    latent.fill(0.0);
-    for (p, &pr) in hs.scores.iter().enumerate() {
-        ops::axpy(latent, pr, &rows[p * row..p * row + lora]);
+/// Four heads at a time: each cached value loaded once for all four.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use core::arch::x86_64::*;
+
+    /// `scores[h * npos + p] = scale (q_abs[h] · c_p + q_pe[h] · kpe_p)` for 4 heads.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `q_abs` is `4 x lora`, `q_pe` `4 x (row - lora)`, `rows`
+    /// `npos x row`, `scores` `4 x npos`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores4(
+        q_abs: &[f32],
+        q_pe: &[f32],
+        lora: usize,
+        rows: &[f32],
+        row: usize,
+        npos: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let rd = row - lora;
+        assert!(q_abs.len() >= 4 * lora && q_pe.len() >= 4 * rd);
+        assert!(rows.len() >= npos * row && scores.len() >= 4 * npos);
+        let (qa, qp) = (q_abs.as_ptr(), q_pe.as_ptr());
+        for p in 0..npos {
+            let r = rows.as_ptr().add(p * row);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut tail = [0f32; 4];
+            // The latent part against q_abs, then the rotary part against q_pe.
+            for (q, width, base) in [(qa, lora, 0), (qp, rd, lora)] {
+                let mut k = 0;
+                while k + 8 <= width {
+                    let c = _mm256_loadu_ps(r.add(base + k));
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(h * width + k)), c, *a);
+                    }
+                    k += 8;
+                }
+                while k < width {
+                    let c = *r.add(base + k);
+                    for (h, t) in tail.iter_mut().enumerate() {
+                        *t = (*q.add(h * width + k)).mul_add(c, *t);
+                    }
+                    k += 1;
+                }
+            }
+            // Four horizontal sums with three hadds.
+            let s = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let mut four = [0f32; 4];
+            _mm_storeu_ps(four.as_mut_ptr(), s);
+            for h in 0..4 {
+                scores[h * npos + p] = scale * (four[h] + tail[h]);
+            }
+        }
+    }
+
+    /// `latent[h * lora + k] = Σ_p probs[h * npos + p] · c_p[k]` for 4 heads.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `probs` is `4 x npos`, `rows` `npos x row` with `lora <= row`,
+    /// `latent` `4 x lora`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn latent4(
+        probs: &[f32],
+        rows: &[f32],
+        row: usize,
+        npos: usize,
+        lora: usize,
+        latent: &mut [f32],
+    ) {
+        assert!(probs.len() >= 4 * npos && rows.len() >= npos * row && lora <= row);
+        assert!(latent.len() >= 4 * lora);
+        let (pr, out) = (probs.as_ptr(), latent.as_mut_ptr());
+        let mut k = 0;
+        // 16 values of 4 heads (8 accumulators) per pass over the rows.
+        while k + 16 <= lora {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            for p in 0..npos {
+                let r = rows.as_ptr().add(p * row + k);
+                let (c0, c1) = (_mm256_loadu_ps(r), _mm256_loadu_ps(r.add(8)));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let w = _mm256_broadcast_ss(&*pr.add(h * npos + p));
+                    a[0] = _mm256_fmadd_ps(w, c0, a[0]);
+                    a[1] = _mm256_fmadd_ps(w, c1, a[1]);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(h * lora + k), a[0]);
+                _mm256_storeu_ps(out.add(h * lora + k + 8), a[1]);
+            }
+            k += 16;
+        }
+        while k < lora {
+            for h in 0..4 {
+                let mut v = 0f32;
+                for p in 0..npos {
+                    v = (*pr.add(h * npos + p)).mul_add(*rows.as_ptr().add(p * row + k), v);
+                }
+                *out.add(h * lora + k) = v;
+            }
+            k += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::random_f32;
+
+    /// Four heads at once (the vector kernels where the CPU has them) against each head alone
+    /// (the plain path), at widths with and without vector tails.
+    #[test]
+    fn a_group_of_heads_attends_like_each_head_alone() {
+        for (lora, rd, npos) in [(64, 16, 1), (64, 16, 9), (40, 12, 5), (512, 64, 33)] {
+            let row = lora + rd;
+            let rows = random_f32(npos * row, 1);
+            let mut group = HeadScratch {
+                q_abs: random_f32(4 * lora, 2),
+                q_pe: random_f32(4 * rd, 3),
+                scores: Vec::new(),
+            };
+            let mut together = vec![0f32; 4 * lora];
+            attend(0.3, lora, row, &rows, npos, &mut together, &mut group);
+            for h in 0..4 {
+                let mut one = HeadScratch {
+                    q_abs: group.q_abs[h * lora..(h + 1) * lora].to_vec(),
+                    q_pe: group.q_pe[h * rd..(h + 1) * rd].to_vec(),
+                    scores: Vec::new(),
+                };
+                let mut alone = vec![0f32; lora];
+                attend(0.3, lora, row, &rows, npos, &mut alone, &mut one);
+                for (k, (&a, &b)) in together[h * lora..].iter().zip(&alone).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "lora {lora} npos {npos} head {h} value {k}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -100,6 +100,13 @@ pub fn axpy(dst: &mut [f32], a: f32, src: &[f32]) {
     }
 }
 
+/// Whether the AVX2/FMA forms run on this CPU (model code with its own AVX2 kernels asks).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn simd_available() -> bool {
+    simd::available()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use core::arch::x86_64::*;

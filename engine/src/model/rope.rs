@@ -79,9 +79,11 @@ impl RopeTable {
         t
     }
 
-    /// Rotates `x` (one head's `dim` rotary channels) in place for position `pos`.
+    /// Rotates `x` in place for position `pos`: one head's `dim` rotary channels, or several
+    /// heads' back to back (each angle's sine and cosine computed once for all of them).
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let half = self.inv_freq.len();
+        let dim = 2 * half;
         let p = pos as f32;
         for (i, &f) in self.inv_freq.iter().enumerate() {
             let angle = p * f;
@@ -92,9 +94,11 @@ impl RopeTable {
             } else {
                 (i, i + half)
             };
-            let (x0, x1) = (x[a], x[b]);
-            x[a] = x0 * c - x1 * s;
-            x[b] = x0 * s + x1 * c;
+            for x in x.chunks_exact_mut(dim) {
+                let (x0, x1) = (x[a], x[b]);
+                x[a] = x0 * c - x1 * s;
+                x[b] = x0 * s + x1 * c;
+            }
         }
     }
 }

@@ -519,9 +519,12 @@ fn put_vectors(v: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
     match dtype {
         Dtype::F32 => out.extend_from_slice(bytemuck::cast_slice(v)),
         Dtype::Bf16 => {
-            out.reserve(v.len() * 2);
-            for &x in v {
-                out.extend_from_slice(&bf16::from_f32(x).to_bits().to_le_bytes());
+            // Sized once and filled in place: a loop the compiler can keep in registers,
+            // rather than a capacity check per element.
+            let at = out.len();
+            out.resize(at + v.len() * 2, 0);
+            for (o, &x) in out[at..].chunks_exact_mut(2).zip(v) {
+                o.copy_from_slice(&bf16::from_f32(x).to_bits().to_le_bytes());
             }
         }
     }
@@ -533,10 +536,14 @@ fn get_vectors(b: &[u8], dtype: Dtype) -> Vec<f32> {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect(),
-        Dtype::Bf16 => b
-            .chunks_exact(2)
-            .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
+        Dtype::Bf16 => {
+            let mut v = vec![0f32; b.len() / 2];
+            for (o, c) in v.iter_mut().zip(b.chunks_exact(2)) {
+                // bf16 is the top half of an f32: widening is exact.
+                *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+            }
+            v
+        }
     }
 }
 

@@ -140,7 +140,7 @@ impl Cluster {
             .await
             .with_context(|| format!("listening on {}", opts.listen))?;
         let addr = tcp.local_addr()?;
-        let quic = quinn::Endpoint::server(trust::quic_server_config(&identity)?, addr)
+        let quic = trust::quic_endpoint(addr, Some(trust::quic_server_config(&identity)?))
             .with_context(|| format!("listening for QUIC on udp {addr}"))?;
         let tls = trust::server_config(&identity, ClientAuth::Optional)?;
         let incoming = TlsIncoming::new(tcp, Arc::new(tls))?;

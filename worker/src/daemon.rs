@@ -204,7 +204,7 @@ async fn session(
     } else {
         "[::]:0".parse()?
     };
-    let mut endpoint = quinn::Endpoint::client(bind)?;
+    let mut endpoint = trust::quic_endpoint(bind, None)?;
     endpoint.set_default_client_config(trust::quic_client_config(identity, &identity.ca_pem)?);
     let conn = endpoint
         .connect(data_addr, trust::COORDINATOR_NAME)?

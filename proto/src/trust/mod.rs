@@ -42,10 +42,10 @@ pub use grpc::{
     HANDSHAKE_TIMEOUT,
 };
 pub use tls::{
-    client_config, peer_identity_of_cert, quic_client_config, quic_peer_identity,
+    client_config, peer_identity_of_cert, quic_client_config, quic_endpoint, quic_peer_identity,
     quic_server_config, quic_transport_config, server_config, CaFingerprintMismatch, ClientAuth,
     ConnectError, PeerIdentity, Role, Trust, ALPN_DATA, ALPN_GRPC, QUIC_CONNECTION_WINDOW,
-    QUIC_IDLE_TIMEOUT, QUIC_KEEP_ALIVE, QUIC_MAX_STREAMS, QUIC_STREAM_WINDOW,
+    QUIC_IDLE_TIMEOUT, QUIC_KEEP_ALIVE, QUIC_MAX_STREAMS, QUIC_MAX_UDP_PAYLOAD, QUIC_STREAM_WINDOW,
 };
 
 use std::path::PathBuf;

@@ -326,8 +326,16 @@ pub const QUIC_MAX_STREAMS: u32 = 256;
 pub const QUIC_STREAM_WINDOW: u32 = 16 << 20;
 pub const QUIC_CONNECTION_WINDOW: u32 = 64 << 20;
 
+/// Largest UDP payload the data plane accepts, and the ceiling of path MTU discovery (which
+/// starts at QUIC's 1200 bytes and probes upwards; probes a path cannot carry are only lost).
+/// An Ethernet path stays at its 1472; jumbo frames (9000) and loopback carry bigger datagrams,
+/// so a 7168-wide bf16 vector (14 KiB) crosses loopback in one datagram instead of ten, each of
+/// which costs a system call, a decryption and an acknowledgement.
+pub const QUIC_MAX_UDP_PAYLOAD: u16 = 16384;
+
 /// The data plane's transport limits (both sides): idle timeout, keep-alive, bounded streams and
-/// flow-control windows, no unidirectional streams, no datagrams.
+/// flow-control windows, no unidirectional streams, no datagrams; MTU discovery up to
+/// [`QUIC_MAX_UDP_PAYLOAD`].
 pub fn quic_transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
@@ -340,7 +348,34 @@ pub fn quic_transport_config() -> quinn::TransportConfig {
     t.receive_window(QUIC_CONNECTION_WINDOW.into());
     t.send_window(u64::from(QUIC_CONNECTION_WINDOW));
     t.datagram_receive_buffer_size(None);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(QUIC_MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// A QUIC endpoint bound to `addr` that accepts datagrams of up to [`QUIC_MAX_UDP_PAYLOAD`]
+/// (both ends must, for MTU discovery to go past Ethernet's size): a server when `server` is
+/// given, else a client only. Call it within the runtime that is to drive the endpoint.
+pub fn quic_endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(std::io::Error::other(
+            "a QUIC endpoint needs a Tokio runtime",
+        ));
+    }
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(QUIC_MAX_UDP_PAYLOAD)
+        .expect("QUIC_MAX_UDP_PAYLOAD is within QUIC's bounds");
+    quinn::Endpoint::new(
+        config,
+        server,
+        std::net::UdpSocket::bind(addr)?,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// The coordinator's QUIC server configuration: TLS 1.3, ALPN [`ALPN_DATA`], client certificates

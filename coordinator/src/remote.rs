@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use engine::model::moe::{ExpertError, LocalExperts, MoeScratch, Pair, RoutedExperts, Routing};
@@ -196,14 +196,53 @@ pub struct RemoteExperts {
     pending: Mutex<Option<Pending>>,
 }
 
-type Answer = (usize, Result<ExpertResult, String>, Duration);
+type Answer = (usize, Result<ExpertResult, String>);
+
+/// A layer's answers as they arrive. The waiting thread is woken once, by the last answer (or
+/// by its deadline), not once per worker: each wake-up of the forward thread costs a context
+/// switch on a machine that is busy receiving the other answers.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    all_in: Condvar,
+}
+
+#[derive(Default)]
+struct InboxState {
+    answers: Vec<Answer>,
+    /// How many batches went out (`None` while they are still being sent).
+    expected: Option<usize>,
+}
+
+impl Inbox {
+    fn put(&self, a: Answer) {
+        let mut g = self.state.lock().expect("inbox lock");
+        g.answers.push(a);
+        if g.expected == Some(g.answers.len()) {
+            self.all_in.notify_one();
+        }
+    }
+
+    /// Every answer that arrived before `deadline` (all of them, unless it passed).
+    fn wait(&self, deadline: Instant) -> Vec<Answer> {
+        let mut g = self.state.lock().expect("inbox lock");
+        while g.expected.is_some_and(|n| g.answers.len() < n) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = self.all_in.wait_timeout(g, left).expect("inbox lock").0;
+        }
+        std::mem::take(&mut g.answers)
+    }
+}
 
 struct Pending {
     layer: usize,
     batches: Vec<Batch>,
     /// Batches that went out, by index into `batches`.
     sent: usize,
-    rx: mpsc::Receiver<Answer>,
+    inbox: Arc<Inbox>,
     /// Batches that could not be sent (worker not connected): index and reason.
     unsent: Vec<(usize, String)>,
     started: Instant,
@@ -246,7 +285,7 @@ impl RemoteExperts {
                 layer,
                 detail: e.to_string(),
             })?;
-        let (tx, rx) = mpsc::channel();
+        let inbox = Arc::new(Inbox::default());
         let mut sent = 0;
         let mut unsent = Vec::new();
         let local = self.local().map(|(id, _)| id);
@@ -269,7 +308,7 @@ impl RemoteExperts {
             stats
                 .bytes_out
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            let tx = tx.clone();
+            let inbox = inbox.clone();
             let id = b.request.request_id;
             let t0 = Instant::now();
             self.rt.spawn(async move {
@@ -288,15 +327,16 @@ impl RemoteExperts {
                         stats.errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                let _ = tx.send((i, r, dt));
+                inbox.put((i, r));
             });
             sent += 1;
         }
+        inbox.state.lock().expect("inbox lock").expected = Some(sent);
         Ok(Pending {
             layer,
             batches,
             sent,
-            rx,
+            inbox,
             unsent,
             started: Instant::now(),
         })
@@ -386,41 +426,32 @@ impl RoutedExperts for RemoteExperts {
         // arrival order: a token's sum is then the same on every run and in every batch.
         let mut answers: Vec<Option<ExpertResult>> = p.batches.iter().map(|_| None).collect();
         let mut answered = vec![false; p.batches.len()];
-        let mut got = 0;
         if p.sent > 0 {
             // The answers are a network round trip away: the kernels' idle threads park rather
             // than spin on the cores the runtime needs to receive them.
             engine::cpu::pool::global().rest();
         }
-        while got < p.sent {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match p.rx.recv_timeout(left) {
-                Ok((i, r, _)) => {
-                    got += 1;
-                    answered[i] = true;
-                    match r {
-                        Ok(res) => answers[i] = Some(res),
-                        Err(e) => failed.push((i, e)),
-                    }
-                }
-                Err(_) => {
-                    // Deadline: every remote batch without an answer has failed.
-                    for (i, b) in p.batches.iter().enumerate() {
-                        let wid = b.worker as WorkerId;
-                        let here = local.as_ref().is_some_and(|(id, _)| *id == wid);
-                        if !here && !answered[i] {
-                            failed.push((
-                                i,
-                                format!(
-                                    "{} did not answer within {:?}",
-                                    self.routes.describe(wid),
-                                    self.cfg.timeout
-                                ),
-                            ));
-                        }
-                    }
-                    break;
-                }
+        let got = p.inbox.wait(deadline);
+        for (i, r) in got {
+            answered[i] = true;
+            match r {
+                Ok(res) => answers[i] = Some(res),
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        // Past the deadline: every remote batch without an answer has failed.
+        for (i, b) in p.batches.iter().enumerate() {
+            let wid = b.worker as WorkerId;
+            let here = local.as_ref().is_some_and(|(id, _)| *id == wid);
+            if !here && !answered[i] {
+                failed.push((
+                    i,
+                    format!(
+                        "{} did not answer within {:?}",
+                        self.routes.describe(wid),
+                        self.cfg.timeout
+                    ),
+                ));
             }
         }
         if failed.is_empty() {
@@ -436,5 +467,50 @@ impl RoutedExperts for RemoteExperts {
             return Err(self.missing(layer, &p, &failed));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(i: usize) -> Answer {
+        (i, Err(format!("answer {i}")))
+    }
+
+    #[test]
+    fn the_inbox_returns_when_the_last_answer_is_in_or_at_its_deadline() {
+        // All in: the wait ends with the last answer, long before the deadline.
+        let inbox = Arc::new(Inbox::default());
+        inbox.put(answer(0));
+        inbox.state.lock().unwrap().expected = Some(3);
+        let late = {
+            let inbox = inbox.clone();
+            std::thread::spawn(move || {
+                for i in 1..3 {
+                    std::thread::sleep(Duration::from_millis(20));
+                    inbox.put(answer(i));
+                }
+            })
+        };
+        let t0 = Instant::now();
+        let mut got: Vec<usize> = inbox
+            .wait(t0 + Duration::from_secs(30))
+            .into_iter()
+            .map(|a| a.0)
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, [0, 1, 2]);
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        late.join().unwrap();
+
+        // One missing: what arrived, once the deadline has passed.
+        let inbox = Inbox::default();
+        inbox.state.lock().unwrap().expected = Some(2);
+        inbox.put(answer(1));
+        let t0 = Instant::now();
+        let got = inbox.wait(t0 + Duration::from_millis(50));
+        assert_eq!(got.len(), 1);
+        assert!(t0.elapsed() >= Duration::from_millis(50));
     }
 }

@@ -3,11 +3,12 @@
 //! 1. **One MoE layer's round trip for one token** over loopback QUIC with real TLS: the token's
 //!    hidden vector (DeepSeek-V3's 7168 wide by default) and its 8 experts, chosen like the
 //!    router does (from at most 4 of 8 groups), spread over 3 workers that each hold whole
-//!    groups. The workers run the real data-plane server and compute thread over tiny experts
-//!    (width 16), so their compute is small and measured separately: each result frame carries
-//!    the worker's compute time. Reported: the layer's round trip p50/p99 as the generation
-//!    loop sees it, the workers' compute, the codec's time for the same frames (serialisation),
-//!    and what is left (network stack, QUIC, TLS, task wake-ups), plus bytes on the wire.
+//!    groups. The workers run the real data-plane server, each on a runtime of its own as in
+//!    the worker process, over tiny experts (width 16), so their compute is small and measured
+//!    separately: each result frame carries the worker's compute time. Reported: the layer's
+//!    round trip p50/p99 as the generation loop sees it, the workers' compute, the codec's time
+//!    for the same frames (serialisation), and what is left (network stack, QUIC, TLS, task
+//!    wake-ups), plus bytes on the wire.
 //! 2. **Decode through a cluster** (`--model`): tokens per second of the same model and prompt
 //!    with the experts in this process and with them on `--workers` worker processes on
 //!    loopback (the `worker` binary next to this one), and their ratio.
@@ -167,9 +168,9 @@ fn round_trip(
 
     let endpoint = {
         let _g = rt.enter();
-        quinn::Endpoint::server(
-            trust::quic_server_config(&server_id)?,
+        trust::quic_endpoint(
             "127.0.0.1:0".parse()?,
+            Some(trust::quic_server_config(&server_id)?),
         )?
     };
     let addr = endpoint.local_addr()?;
@@ -196,16 +197,21 @@ fn round_trip(
                 anyhow::Ok(inc.await?)
             })
         };
-        let conn = rt.block_on(async {
-            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        // Each worker on a runtime of its own, as in the worker process.
+        let wrt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let conn = wrt.block_on(async {
+            let mut ep = trust::quic_endpoint("127.0.0.1:0".parse()?, None)?;
             ep.set_default_client_config(trust::quic_client_config(&id, &id.ca_pem)?);
             let c = ep.connect(addr, trust::COORDINATOR_NAME)?.await?;
             anyhow::Ok((ep, c))
         })?;
         let incoming = rt.block_on(accept)??;
-        rt.spawn(worker::dataplane::serve(conn.1.clone(), rx, stats));
+        wrt.spawn(worker::dataplane::serve(conn.1.clone(), rx, stats));
         routes.connect(w, name, incoming);
-        keep.push((conn, _tx));
+        keep.push((conn, _tx, wrt));
     }
     let remote = RemoteExperts::new(
         rt.handle().clone(),
@@ -223,7 +229,7 @@ fn round_trip(
     let mut scratch = MoeScratch::default();
     let mut totals = Vec::with_capacity(iters);
     let mut workers_touched = 0usize;
-    // Warm-up (connections, pipelines of the compute threads).
+    // Warm-up (connections, congestion windows, path MTU discovery).
     for i in 0..50 {
         remote.eval(LAYER, &xs, &routing(i), &mut out, &mut scratch)?;
     }

@@ -87,22 +87,58 @@ pub fn run(a: BenchArgs) -> Result<()> {
         print!("{}", engine::bench::format_report(&lines));
     }
     if let Some(model) = &a.model {
-        let (pp, tg) = model_speed(model, a.prompt, a.decode, a.reps, a.kv_cache)?;
+        let mut speed = ModelSpeed::load(model, a.prompt, a.decode, a.kv_cache)?;
+        let Some(bin) = &a.llama_bench else {
+            let (mut pps, mut tgs) = (Vec::new(), Vec::new());
+            for _ in 0..a.reps.max(1) {
+                let (pp, tg) = speed.rep()?;
+                pps.push(pp);
+                tgs.push(tg);
+            }
+            println!(
+                "model {}: prefill {} tokens {:.1} tok/s, decode {:.2} tok/s (median of {})",
+                model.display(),
+                a.prompt,
+                median(pps),
+                median(tgs),
+                a.reps.max(1)
+            );
+            return Ok(());
+        };
+        // Rounds of one repetition each, the engine's then llama-bench's, so both run on the
+        // machine as it is at that moment (a shared host's speed drifts over minutes); the
+        // ratio is the median of the rounds' ratios.
+        let mut rounds = Vec::new();
+        for _ in 0..a.reps.max(1) {
+            let (pp, tg) = speed.rep()?;
+            let (lpp, ltg) = llama_bench(bin, model, threads, a.prompt, a.decode, 1)?;
+            rounds.push((pp, tg, lpp, ltg));
+        }
+        let col = |f: fn(&(f64, f64, f64, f64)) -> f64| median(rounds.iter().map(f).collect());
         println!(
-            "model {}: prefill {} tokens {pp:.1} tok/s, decode {tg:.2} tok/s (median of {})",
+            "model {}: prefill {} tokens {:.1} tok/s, decode {:.2} tok/s (median of {})",
             model.display(),
             a.prompt,
-            a.reps
+            col(|r| r.0),
+            col(|r| r.1),
+            rounds.len()
         );
-        if let Some(bin) = &a.llama_bench {
-            let (lpp, ltg) = llama_bench(bin, model, threads, a.prompt, a.decode, a.reps)?;
-            println!("llama.cpp: prefill {lpp:.1} tok/s, decode {ltg:.2} tok/s");
-            println!(
-                "ratio engine/llama.cpp: prefill {:.2}x, decode {:.2}x",
-                pp / lpp,
-                tg / ltg
-            );
-        }
+        println!(
+            "llama.cpp: prefill {:.1} tok/s, decode {:.2} tok/s (median of {}, one repetition after each of the engine's)",
+            col(|r| r.2),
+            col(|r| r.3),
+            rounds.len()
+        );
+        println!(
+            "ratio engine/llama.cpp, median of the rounds: prefill {:.2}x, decode {:.2}x",
+            col(|r| r.0 / r.2),
+            col(|r| r.1 / r.3)
+        );
+        let each: Vec<String> = rounds
+            .iter()
+            .map(|r| format!("{:.2}/{:.2}", r.0 / r.2, r.1 / r.3))
+            .collect();
+        println!("  rounds (prefill/decode ratio): {}", each.join(" "));
     }
     Ok(())
 }
@@ -112,38 +148,51 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Prefill tokens/s for `prompt` tokens and decode tokens/s over `decode` steps.
-fn model_speed(
-    path: &Path,
-    prompt: usize,
+/// A model loaded for speed measurements: prefill of a fixed pseudo-random prompt, then
+/// greedy decode steps.
+struct ModelSpeed {
+    model: engine::model::Model,
+    experts: engine::model::moe::LocalExperts,
+    ids: Vec<u32>,
     decode: usize,
-    reps: usize,
     kv: CacheType,
-) -> Result<(f64, f64)> {
-    let mf = ModelFile::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let model = mf.load_model()?;
-    let experts = mf.load_experts(&ExpertFilter::All)?;
-    let vocab = model.cfg.vocab_size as u64;
-    // Deterministic pseudo-random prompt (ids inside the vocabulary).
-    let ids: Vec<u32> = (0..prompt as u64)
-        .map(|i| (engine::bench::splitmix(i + 1) % vocab) as u32)
-        .collect();
-    let mut ws = Workspace::default();
-    let (mut pps, mut tgs) = (Vec::new(), Vec::new());
-    for _ in 0..reps.max(1) {
-        let mut cache = model.new_cache(kv, prompt + decode + 1);
+    ws: Workspace,
+}
+
+impl ModelSpeed {
+    fn load(path: &Path, prompt: usize, decode: usize, kv: CacheType) -> Result<Self> {
+        let mf = ModelFile::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let model = mf.load_model()?;
+        let experts = mf.load_experts(&ExpertFilter::All)?;
+        let vocab = model.cfg.vocab_size as u64;
+        // Deterministic pseudo-random prompt (ids inside the vocabulary).
+        let ids = (0..prompt as u64)
+            .map(|i| (engine::bench::splitmix(i + 1) % vocab) as u32)
+            .collect();
+        Ok(ModelSpeed {
+            model,
+            experts,
+            ids,
+            decode,
+            kv,
+            ws: Workspace::default(),
+        })
+    }
+
+    /// One repetition: (prefill tokens/s, decode tokens/s).
+    fn rep(&mut self) -> Result<(f64, f64)> {
+        let (prompt, decode) = (self.ids.len(), self.decode);
+        let mut cache = self.model.new_cache(self.kv, prompt + decode + 1);
+        let (m, e, ws) = (&self.model, &self.experts, &mut self.ws);
         let t = Instant::now();
-        let logits = model.forward(&ids, &mut cache, &experts, &mut ws, Logits::Last)?;
-        let mut next = argmax(logits);
-        pps.push(prompt as f64 / t.elapsed().as_secs_f64());
+        let mut next = argmax(m.forward(&self.ids, &mut cache, e, ws, Logits::Last)?);
+        let pp = prompt as f64 / t.elapsed().as_secs_f64();
         let t = Instant::now();
         for _ in 0..decode {
-            let logits = model.forward(&[next], &mut cache, &experts, &mut ws, Logits::Last)?;
-            next = argmax(logits);
+            next = argmax(m.forward(&[next], &mut cache, e, ws, Logits::Last)?);
         }
-        tgs.push(decode as f64 / t.elapsed().as_secs_f64());
+        Ok((pp, decode as f64 / t.elapsed().as_secs_f64()))
     }
-    Ok((median(pps), median(tgs)))
 }
 
 fn argmax(v: &[f32]) -> u32 {

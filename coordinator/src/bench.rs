@@ -88,6 +88,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if let Some(model) = &a.model {
         let mut speed = ModelSpeed::load(model, a.prompt, a.decode, a.kv_cache)?;
+        // Untimed: the first pass faults the mapped weights in (llama-bench warms up too).
+        speed.rep()?;
         let Some(bin) = &a.llama_bench else {
             let (mut pps, mut tgs) = (Vec::new(), Vec::new());
             for _ in 0..a.reps.max(1) {

@@ -346,20 +346,20 @@ impl<'a> RowDot<'a> {
     fn rows(&self, r0: usize, x: &[u8], out: &mut [f32]) {
         let (n, rb) = (self.w.cols, self.w.row_bytes);
         let rows = &self.data[r0 * rb..(r0 + out.len()) * rb];
+        if let Some((multi, _)) = self.multi {
+            // The integer kernels take the whole row range in one call.
+            let tile = Tile {
+                cols: n,
+                w: rows,
+                row_bytes: rb,
+                a: x,
+                stride: x.len(),
+                tokens: 1,
+                out_stride: out.len(),
+            };
+            return multi(&tile, out);
+        }
         match self.kind {
-            Kind::Fast(_) if self.multi.is_some() => {
-                let (multi, _) = self.multi.expect("checked");
-                let tile = Tile {
-                    cols: n,
-                    w: rows,
-                    row_bytes: rb,
-                    a: x,
-                    stride: x.len(),
-                    tokens: 1,
-                    out_stride: out.len(),
-                };
-                multi(&tile, out);
-            }
             Kind::Fast(f) => {
                 for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
                     *o = f(n, row, x);

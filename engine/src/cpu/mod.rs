@@ -15,26 +15,10 @@
 pub mod pool;
 
 use crate::quant::f32dot::{self, MULTI_MAX};
-use crate::quant::{self, QuantType};
+use crate::quant::{self, MultiDotFn, QuantType, Tile};
 
 /// A row kernel: `(n, weight row bytes, activation row bytes) -> dot`.
 type DotFn = fn(usize, &[u8], &[u8]) -> f32;
-/// A multi-token kernel over a tile of rows (see `quant::avx2::MultiDotFn`).
-#[cfg(target_arch = "x86_64")]
-use quant::avx2::{MultiDotFn, Tile};
-#[cfg(not(target_arch = "x86_64"))]
-type MultiDotFn = fn(&Tile, &mut [f32]);
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(dead_code)]
-struct Tile<'a> {
-    cols: usize,
-    w: &'a [u8],
-    row_bytes: usize,
-    a: &'a [u8],
-    stride: usize,
-    tokens: usize,
-    out_stride: usize,
-}
 /// Rows per call of a multi-token kernel in `matmul` (its results pass through a buffer on
 /// the stack, as other threads own the rows in between in the output).
 const SUB_ROWS: usize = 64;
@@ -132,7 +116,7 @@ pub(crate) unsafe fn matmul_group(jobs: &[RawJob], tasks: &mut Vec<Task>) {
     let threads = pool.threads();
     // A job's cost: its weight bytes times its tokens (each token passes over every byte).
     let cost = |j: &RawJob| (*j.w).rows * (*j.w).row_bytes * j.n;
-    let total: usize = jobs.iter().map(|j| cost(j)).sum();
+    let total: usize = jobs.iter().map(cost).sum();
     tasks.clear();
     // Chunk cost: a few chunks per thread over the whole group (whole jobs when small), so
     // a job with many tokens is cut finer than one with few and the threads finish together.

@@ -64,29 +64,7 @@ const PREFETCH: usize = 2048;
 /// Most tokens a multi-token kernel takes at once.
 pub const MULTI: usize = 8;
 
-/// One call of a multi-token kernel: several weight rows against up to [`MULTI`] tokens.
-#[derive(Clone, Copy)]
-pub struct Tile<'a> {
-    /// Elements per row.
-    pub cols: usize,
-    /// Weight rows back to back, `row_bytes` apart (any number of them).
-    pub w: &'a [u8],
-    pub row_bytes: usize,
-    /// The tokens' activation rows (`vec_dot_type`), token `t` at byte `t * stride`.
-    pub a: &'a [u8],
-    pub stride: usize,
-    /// Tokens, 1 to [`MULTI`].
-    pub tokens: usize,
-    /// Where token `t`'s result for row `r` goes: `out[t * out_stride + r]`.
-    pub out_stride: usize,
-}
-
-/// A multi-token kernel: for every weight row `r` of the tile and token `t < tile.tokens`,
-/// `out[t * tile.out_stride + r]` = the dot of the row with the token's activations. Each
-/// token's result is bit for bit what the one-token kernel gives: the same operations in the
-/// same order, only the weight unpacking is shared. Bounds are checked once per call, so a
-/// tile of many short rows costs one call, not one per row.
-pub type MultiDotFn = fn(&Tile, &mut [f32]);
+pub use super::{MultiDotFn, Tile};
 
 /// The multi-token kernel for weights of type `ty`, where there is one (the common K-quant and
 /// legacy types; prefill's batched products use it), with the number of tokens it is fastest
@@ -409,11 +387,10 @@ unsafe fn q8_0_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
             acc0[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc0[t]);
         }
     }
-    let mut acc = acc0;
     for t in 0..T {
-        acc[t] = _mm256_add_ps(acc0[t], acc1[t]);
+        acc0[t] = _mm256_add_ps(acc0[t], acc1[t]);
     }
-    hsums(acc)
+    hsums(acc0)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -22,6 +22,30 @@ use thiserror::Error;
 /// Elements per K-quant super-block.
 pub const QK_K: usize = 256;
 
+/// One call of a multi-token kernel: several weight rows against up to `avx2::MULTI` (8) tokens.
+#[derive(Clone, Copy)]
+pub struct Tile<'a> {
+    /// Elements per row.
+    pub cols: usize,
+    /// Weight rows back to back, `row_bytes` apart (any number of them).
+    pub w: &'a [u8],
+    pub row_bytes: usize,
+    /// The tokens' activation rows (`vec_dot_type`), token `t` at byte `t * stride`.
+    pub a: &'a [u8],
+    pub stride: usize,
+    /// Tokens, 1 to `avx2::MULTI` (8).
+    pub tokens: usize,
+    /// Where token `t`'s result for row `r` goes: `out[t * out_stride + r]`.
+    pub out_stride: usize,
+}
+
+/// A multi-token kernel: for every weight row `r` of the tile and token `t < tile.tokens`,
+/// `out[t * tile.out_stride + r]` = the dot of the row with the token's activations. Each
+/// token's result is bit for bit what the one-token kernel gives: the same operations in the
+/// same order, only the weight unpacking is shared. Bounds are checked once per call, so a
+/// tile of many short rows costs one call, not one per row.
+pub type MultiDotFn = fn(&Tile, &mut [f32]);
+
 /// A tensor element format. GGML ids are those of `ggml.h`; `F8E4M3` is the safetensors FP8
 /// format of the official checkpoint (no GGML id; its 128x128 block scales live beside it).
 #[allow(non_camel_case_types)]

@@ -151,7 +151,10 @@ pub fn forward(
     // Scores and attended latents per token for a group of heads at a time (every head
     // reads the same cached rows, so a group shares their loads); `latent` is token-major
     // (`n x heads x kv_lora`).
-    let hg = [4, 2, 1].into_iter().find(|g| heads % g == 0).unwrap_or(1);
+    let hg = [4, 2]
+        .into_iter()
+        .find(|&g| heads.is_multiple_of(g))
+        .unwrap_or(1);
     s.latent.resize(n * heads * lora, 0.0);
     let (q_abs, spans, conv, converted) = (&s.q_abs, &s.spans, &s.conv, &s.rows);
     let seqs = &*seqs;
@@ -241,9 +244,14 @@ fn attend(
     let rope_dim = row - lora;
     hs.scores.resize(g * npos, 0.0);
     let rows = &rows[..npos * row];
+    // Four heads in one pass over the rows where the CPU has AVX2, else head by head.
     #[cfg(target_arch = "x86_64")]
-    if g == 4 && ops::simd_available() {
-        // SAFETY: the CPU has AVX2/FMA; every slice was sized for `g` heads and `npos` rows.
+    let four = g == 4 && ops::simd_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let four = false;
+    if four {
+        // SAFETY: the CPU has AVX2/FMA (the kernels check the slices' sizes).
+        #[cfg(target_arch = "x86_64")]
         unsafe {
             simd::scores4(
                 &hs.q_abs,
@@ -254,27 +262,37 @@ fn attend(
                 npos,
                 scale,
                 &mut hs.scores,
-            );
+            )
+        };
+    } else {
+        for (h, sc) in hs.scores.chunks_exact_mut(npos).enumerate() {
+            let q_abs = &hs.q_abs[h * lora..(h + 1) * lora];
+            let q_pe = &hs.q_pe[h * rope_dim..(h + 1) * rope_dim];
+            for (p, v) in sc.iter_mut().enumerate() {
+                let r = &rows[p * row..(p + 1) * row];
+                *v = scale * (ops::dot(q_abs, &r[..lora]) + ops::dot(q_pe, &r[lora..]));
+            }
         }
-        for sc in hs.scores.chunks_exact_mut(npos) {
-            ops::softmax(sc);
-        }
-        // SAFETY: as above.
-        unsafe { simd::latent4(&hs.scores, rows, row, npos, lora, latent) };
-        return;
     }
-    for (h, sc) in hs.scores.chunks_exact_mut(npos).enumerate() {
-        let q_abs = &hs.q_abs[h * lora..(h + 1) * lora];
-        let q_pe = &hs.q_pe[h * rope_dim..(h + 1) * rope_dim];
-        for (p, v) in sc.iter_mut().enumerate() {
-            let r = &rows[p * row..(p + 1) * row];
-            *v = scale * (ops::dot(q_abs, &r[..lora]) + ops::dot(q_pe, &r[lora..]));
-        }
+    for sc in hs.scores.chunks_exact_mut(npos) {
         ops::softmax(sc);
-        let out = &mut latent[h * lora..(h + 1) * lora];
-        out.fill(0.0);
-        for (p, &pr) in sc.iter().enumerate() {
-            ops::axpy(out, pr, &rows[p * row..p * row + lora]);
+    }
+    if four {
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            simd::latent4(&hs.scores, rows, row, npos, lora, latent)
+        };
+    } else {
+        for (sc, out) in hs
+            .scores
+            .chunks_exact(npos)
+            .zip(latent.chunks_exact_mut(lora))
+        {
+            out.fill(0.0);
+            for (p, &pr) in sc.iter().enumerate() {
+                ops::axpy(out, pr, &rows[p * row..p * row + lora]);
+            }
         }
     }
 }

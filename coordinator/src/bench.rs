@@ -90,57 +90,48 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut speed = ModelSpeed::load(model, a.prompt, a.decode, a.kv_cache)?;
         // Untimed: the first pass faults the mapped weights in (llama-bench warms up too).
         speed.rep()?;
-        let Some(bin) = &a.llama_bench else {
-            let (mut pps, mut tgs) = (Vec::new(), Vec::new());
-            for _ in 0..a.reps.max(1) {
-                let (pp, tg) = speed.rep()?;
-                pps.push(pp);
-                tgs.push(tg);
-            }
-            println!(
-                "model {}: prefill {} tokens {:.1} tok/s, decode {:.2} tok/s (median of {})",
-                model.display(),
-                a.prompt,
-                median(pps),
-                median(tgs),
-                a.reps.max(1)
-            );
-            return Ok(());
-        };
-        // Rounds of one repetition each, the engine's then llama-bench's, so both run on the
-        // machine as it is at that moment (a shared host's speed drifts over minutes); the
-        // ratio is the median of the rounds' ratios.
-        let mut rounds = Vec::new();
+        // With llama-bench: rounds of one repetition each, the engine's then llama-bench's, so
+        // both run on the machine as it is at that moment (a shared host's speed drifts over
+        // minutes); the ratio is the median of the rounds' ratios.
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..a.reps.max(1) {
-            let (pp, tg) = speed.rep()?;
-            let (lpp, ltg) = llama_bench(bin, model, threads, a.prompt, a.decode, 1)?;
-            rounds.push((pp, tg, lpp, ltg));
+            ours.push(speed.rep()?);
+            if let Some(bin) = &a.llama_bench {
+                theirs.push(llama_bench(bin, model, threads, a.prompt, a.decode)?);
+            }
         }
-        let col = |f: fn(&(f64, f64, f64, f64)) -> f64| median(rounds.iter().map(f).collect());
+        let med = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(v.iter().map(f).collect());
         println!(
             "model {}: prefill {} tokens {:.1} tok/s, decode {:.2} tok/s (median of {})",
             model.display(),
             a.prompt,
-            col(|r| r.0),
-            col(|r| r.1),
-            rounds.len()
+            med(&ours, |r| r.0),
+            med(&ours, |r| r.1),
+            ours.len()
         );
-        println!(
-            "llama.cpp: prefill {:.1} tok/s, decode {:.2} tok/s (median of {}, one repetition after each of the engine's)",
-            col(|r| r.2),
-            col(|r| r.3),
-            rounds.len()
-        );
-        println!(
-            "ratio engine/llama.cpp, median of the rounds: prefill {:.2}x, decode {:.2}x",
-            col(|r| r.0 / r.2),
-            col(|r| r.1 / r.3)
-        );
-        let each: Vec<String> = rounds
-            .iter()
-            .map(|r| format!("{:.2}/{:.2}", r.0 / r.2, r.1 / r.3))
-            .collect();
-        println!("  rounds (prefill/decode ratio): {}", each.join(" "));
+        if !theirs.is_empty() {
+            let ratios: Vec<(f64, f64)> = ours
+                .iter()
+                .zip(&theirs)
+                .map(|(o, t)| (o.0 / t.0, o.1 / t.1))
+                .collect();
+            println!(
+                "llama.cpp: prefill {:.1} tok/s, decode {:.2} tok/s (median of {}, one repetition after each of the engine's)",
+                med(&theirs, |r| r.0),
+                med(&theirs, |r| r.1),
+                theirs.len()
+            );
+            println!(
+                "ratio engine/llama.cpp, median of the rounds: prefill {:.2}x, decode {:.2}x",
+                med(&ratios, |r| r.0),
+                med(&ratios, |r| r.1)
+            );
+            let each: Vec<String> = ratios
+                .iter()
+                .map(|r| format!("{:.2}/{:.2}", r.0, r.1))
+                .collect();
+            println!("  rounds (prefill/decode ratio): {}", each.join(" "));
+        }
     }
     Ok(())
 }
@@ -203,15 +194,8 @@ fn argmax(v: &[f32]) -> u32 {
         .fold(0, |b, (i, &x)| if x > v[b] { i } else { b }) as u32
 }
 
-/// Runs `llama-bench -o json` and returns (prefill, decode) tokens/s.
-fn llama_bench(
-    bin: &Path,
-    model: &Path,
-    threads: usize,
-    p: usize,
-    n: usize,
-    reps: usize,
-) -> Result<(f64, f64)> {
+/// Runs `llama-bench -r 1 -o json` (one repetition) and returns (prefill, decode) tokens/s.
+fn llama_bench(bin: &Path, model: &Path, threads: usize, p: usize, n: usize) -> Result<(f64, f64)> {
     let out = Command::new(bin)
         .args([
             "-m",
@@ -225,7 +209,7 @@ fn llama_bench(
             "-n",
             &n.to_string(),
             "-r",
-            &reps.to_string(),
+            "1",
             "-o",
             "json",
         ])

@@ -4,8 +4,10 @@
 //!    hidden vector (DeepSeek-V3's 7168 wide by default) and its 8 experts, chosen like the
 //!    router does (from at most 4 of 8 groups), spread over 3 workers that each hold whole
 //!    groups. The workers run the real data-plane server, each on a runtime of its own as in
-//!    the worker process, over tiny experts (width 16), so their compute is small and measured
-//!    separately: each result frame carries the worker's compute time. Reported: the layer's
+//!    the worker process, over stand-in experts of intermediate width `--expert-inter` (1 by
+//!    default, so that nearly all that is left is the transport; on a small machine the three
+//!    workers' compute would otherwise compete for the same cores and blur the split). Each
+//!    result frame carries the worker's compute time. Reported: the layer's
 //!    round trip p50/p99 as the generation loop sees it, the workers' compute, the codec's time
 //!    for the same frames (serialisation), and what is left (network stack, QUIC, TLS, task
 //!    wake-ups), plus bytes on the wire.
@@ -32,6 +34,7 @@ use engine::quant::QuantType;
 use engine::tensor::Matrix;
 use engine::Bytes;
 use proto::control::JoinReply;
+use proto::runtime::DataPlaneRuntime;
 use proto::trust::{self, ClusterCa, Validity, WorkerKey};
 use proto::wire::{Dtype, ExpertRequest, ExpertResult, Frame};
 use tokio::sync::watch;
@@ -56,9 +59,16 @@ pub struct ClusterBenchArgs {
     /// Tokens to decode in each run of the comparison.
     #[arg(long, default_value_t = 32)]
     decode: usize,
-    /// Compute threads of this process (workers get one each).
+    /// Compute threads of this process.
     #[arg(long)]
     threads: Option<usize>,
+    /// Compute threads of each worker process of the decode comparison.
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
+    /// Intermediate width of the round trip's stand-in experts: 1 leaves almost nothing but
+    /// the transport; larger values add real (BF16) expert compute to each round trip.
+    #[arg(long, default_value_t = 1)]
+    expert_inter: usize,
 }
 
 const WORKERS: usize = 3;
@@ -78,16 +88,15 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    round_trip(&rt, a.hidden, a.iters, dtype)?;
+    round_trip(&rt, a.hidden, a.expert_inter.max(1), a.iters, dtype)?;
     if let Some(model) = &a.model {
-        decode_comparison(&rt, model, a.workers, a.decode, dtype)?;
+        decode_comparison(&rt, model, a.workers, a.worker_threads, a.decode, dtype)?;
     }
     Ok(())
 }
 
-/// Tiny experts of the given width (inter 16, BF16) for the experts in `held`.
-fn tiny_experts(hidden: usize, held: impl Fn(usize) -> bool) -> LocalExperts {
-    let inter = 16;
+/// Tiny BF16 experts of the given widths for the experts in `held`.
+fn tiny_experts(hidden: usize, inter: usize, held: impl Fn(usize) -> bool) -> LocalExperts {
     let m = |rows: usize, cols: usize, seed: u64| {
         let data: Vec<u8> = (0..rows * cols)
             .flat_map(|i| {
@@ -155,6 +164,7 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
 fn round_trip(
     rt: &tokio::runtime::Runtime,
     hidden: usize,
+    inter: usize,
     iters: usize,
     dtype: Dtype,
 ) -> Result<()> {
@@ -166,8 +176,10 @@ fn round_trip(
     let owners: Vec<u64> = (0..N_EXPERTS).map(owner_of).collect();
     routes.set_owners(LAYER as u32, owners);
 
+    // Both ends as in the daemons: each endpoint on a data-plane runtime of its own.
+    let dp = Arc::new(DataPlaneRuntime::new()?);
     let endpoint = {
-        let _g = rt.enter();
+        let _g = dp.handle().enter();
         trust::quic_endpoint(
             "127.0.0.1:0".parse()?,
             Some(trust::quic_server_config(&server_id)?),
@@ -186,35 +198,32 @@ fn round_trip(
             },
             &token,
         )?;
-        let experts = Arc::new(tiny_experts(hidden, |e| owner_of(e) == w));
+        let experts = Arc::new(tiny_experts(hidden, inter, |e| owner_of(e) == w));
         let exec = worker::compute::Executor::start(experts);
         let (_tx, rx) = watch::channel(Some(exec));
         let stats = Arc::new(worker::dataplane::Stats::default());
         let accept = {
             let endpoint = endpoint.clone();
-            rt.spawn(async move {
+            dp.handle().spawn(async move {
                 let inc = endpoint.accept().await.context("no connection")?;
                 anyhow::Ok(inc.await?)
             })
         };
-        // Each worker on a runtime of its own, as in the worker process.
-        let wrt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let conn = wrt.block_on(async {
+        let wdp = DataPlaneRuntime::new()?;
+        let quic_client = trust::quic_client_config(&id, &id.ca_pem)?;
+        let conn = rt.block_on(wdp.spawn(async move {
             let mut ep = trust::quic_endpoint("127.0.0.1:0".parse()?, None)?;
-            ep.set_default_client_config(trust::quic_client_config(&id, &id.ca_pem)?);
+            ep.set_default_client_config(quic_client);
             let c = ep.connect(addr, trust::COORDINATOR_NAME)?.await?;
             anyhow::Ok((ep, c))
-        })?;
+        }))??;
         let incoming = rt.block_on(accept)??;
-        wrt.spawn(worker::dataplane::serve(conn.1.clone(), rx, stats));
+        let serving = wdp.spawn(worker::dataplane::serve(conn.1.clone(), rx, stats));
         routes.connect(w, name, incoming);
-        keep.push((conn, _tx, wrt));
+        keep.push((conn, _tx, serving, wdp));
     }
     let remote = RemoteExperts::new(
-        rt.handle().clone(),
+        dp.clone(),
         routes.clone(),
         RemoteConfig {
             hidden,
@@ -240,6 +249,16 @@ fn round_trip(
             s.bytes_in.store(0, Ordering::Relaxed);
         }
     }
+    // UDP datagrams both ways, counted at the workers' ends of the connections.
+    let datagrams = || -> u64 {
+        keep.iter()
+            .map(|k| {
+                let s = k.0 .1.stats();
+                s.udp_tx.datagrams + s.udp_rx.datagrams
+            })
+            .sum()
+    };
+    let datagrams_before = datagrams();
     for i in 0..iters {
         let r = routing(1000 + i as u64);
         let mut ws: Vec<u64> = r.experts.iter().map(|&e| owner_of(e as usize)).collect();
@@ -294,8 +313,9 @@ fn round_trip(
     let p50 = pct(&mut totals.clone(), 0.5);
     let p99 = pct(&mut totals, 0.99);
     let per_layer_bytes = bytes as f64 / iters as f64;
+    let per_layer_datagrams = (datagrams() - datagrams_before) as f64 / iters as f64;
     println!(
-        "MoE layer round trip, 1 token, hidden {hidden} {:?}, {TOP_K} experts over {WORKERS} workers (avg {:.2} touched), {iters} layers:",
+        "MoE layer round trip, 1 token, hidden {hidden} {:?}, {TOP_K} experts (inter {inter}) over {WORKERS} workers (avg {:.2} touched), {iters} layers:",
         dtype,
         workers_touched as f64 / iters as f64
     );
@@ -307,7 +327,7 @@ fn round_trip(
         p50 - compute50 - ser
     );
     println!(
-        "  bytes on the wire: {per_layer_bytes:.0} per layer and token, {:.0} KB per token over 58 MoE layers",
+        "  bytes on the wire: {per_layer_bytes:.0} per layer and token, {:.0} KB per token over 58 MoE layers; {per_layer_datagrams:.2} UDP datagrams per layer",
         per_layer_bytes * 58.0 / 1e3
     );
     drop(keep);
@@ -328,6 +348,7 @@ fn decode_comparison(
     rt: &tokio::runtime::Runtime,
     path: &std::path::Path,
     workers: usize,
+    worker_threads: usize,
     n_decode: usize,
     dtype: Dtype,
 ) -> Result<()> {
@@ -380,7 +401,7 @@ fn decode_comparison(
                 "--name",
                 &format!("bench-{w}"),
                 "--threads",
-                "1",
+                &worker_threads.to_string(),
                 "--memory",
                 "64",
             ])
@@ -409,11 +430,16 @@ fn decode_comparison(
         path.display(),
         m / o
     );
-    let st = cluster.status();
-    for w in &st.workers {
+    let compute: std::collections::HashMap<String, (u32, u32)> = cluster
+        .worker_stats()
+        .into_iter()
+        .filter_map(|(name, s)| Some((name, s.compute_percentiles()?)))
+        .collect();
+    for w in &cluster.status().workers {
+        let (c50, c99) = compute.get(&w.name).copied().unwrap_or_default();
         println!(
-            "  {}: {} experts, round trip p50 {} us p99 {} us, {} requests",
-            w.name, w.experts_held, w.rtt_p50_us, w.rtt_p99_us, w.requests_served
+            "  {}: {} experts, {} requests, round trip p50 {} us p99 {} us, its compute p50 {c50} us p99 {c99} us",
+            w.name, w.experts_held, w.requests_served, w.rtt_p50_us, w.rtt_p99_us
         );
     }
     drop(procs);

@@ -3,7 +3,7 @@
 //! over their QUIC connections, and adding up the partial sums they return.
 //!
 //! The forward pass runs on a plain thread (never on the async runtime); `begin` spawns one
-//! task per worker batch on the runtime and returns at once, so the shared expert is computed
+//! task per worker batch on the data plane's runtime and returns at once, so the shared expert is computed
 //! while the workers compute; `eval` waits for the answers with a deadline. A worker that is
 //! missing, closes its stream, answers with an error or misses the deadline makes the layer fail
 //! with an error that names the worker and the experts it was asked for.
@@ -14,7 +14,8 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use engine::model::moe::{ExpertError, LocalExperts, MoeScratch, Pair, RoutedExperts, Routing};
-use proto::stream::{read_frame, write_bytes, StreamError};
+use proto::runtime::DataPlaneRuntime;
+use proto::stream::{read_only_frame, write_bytes, StreamError};
 use proto::wire::{Dtype, ExpertResult, Frame};
 
 use crate::dispatch::{self, Batch};
@@ -187,7 +188,8 @@ pub struct RemoteConfig {
 
 /// Routed experts held by workers (and optionally by this process).
 pub struct RemoteExperts {
-    rt: tokio::runtime::Handle,
+    /// Where the round trips run: the runtime the QUIC endpoint was made in.
+    dp: Arc<DataPlaneRuntime>,
     routes: Arc<Routes>,
     cfg: RemoteConfig,
     /// Experts this process holds itself, under its own worker id (no network hop).
@@ -250,13 +252,13 @@ struct Pending {
 
 impl RemoteExperts {
     pub fn new(
-        rt: tokio::runtime::Handle,
+        dp: Arc<DataPlaneRuntime>,
         routes: Arc<Routes>,
         cfg: RemoteConfig,
         local: Option<(WorkerId, Arc<LocalExperts>)>,
     ) -> Self {
         RemoteExperts {
-            rt,
+            dp,
             routes,
             cfg,
             local: RwLock::new(local),
@@ -311,7 +313,7 @@ impl RemoteExperts {
             let inbox = inbox.clone();
             let id = b.request.request_id;
             let t0 = Instant::now();
-            self.rt.spawn(async move {
+            self.dp.handle().spawn(async move {
                 let r = round_trip(&conn, &bytes, id).await;
                 let r = r.map_err(|e| format!("worker {wid} ({name:?}): {e}"));
                 let dt = t0.elapsed();
@@ -368,7 +370,7 @@ async fn round_trip(
         .await
         .map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
-    match read_frame(&mut recv).await {
+    match read_only_frame(&mut recv).await {
         Ok(Frame::Result(r)) if r.request_id == id => Ok(r),
         Ok(Frame::Error(e)) => Err(format!("refused (code {}): {}", e.code, e.message)),
         Ok(f) => Err(format!(

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use proto::control::{self, ConvertError};
 use proto::grpc::{self, pb};
+use proto::runtime::DataPlaneRuntime;
 use proto::trust::{self, ClientAuth, ClusterCa, JoinToken, TlsIncoming};
 use proto::wire::Dtype;
 use tokio::sync::watch;
@@ -114,6 +115,7 @@ pub struct Cluster {
     pub addr: SocketAddr,
     pub token: JoinToken,
     experts: Arc<RemoteExperts>,
+    dp: Arc<DataPlaneRuntime>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -140,8 +142,14 @@ impl Cluster {
             .await
             .with_context(|| format!("listening on {}", opts.listen))?;
         let addr = tcp.local_addr()?;
-        let quic = trust::quic_endpoint(addr, Some(trust::quic_server_config(&identity)?))
-            .with_context(|| format!("listening for QUIC on udp {addr}"))?;
+        // The QUIC endpoint (and so every worker's connection) runs on the data plane's own
+        // thread, apart from the control plane and the API.
+        let dp = Arc::new(DataPlaneRuntime::new().context("starting the data plane's thread")?);
+        let quic = {
+            let _in_dp = dp.handle().enter();
+            trust::quic_endpoint(addr, Some(trust::quic_server_config(&identity)?))
+                .with_context(|| format!("listening for QUIC on udp {addr}"))?
+        };
         let tls = trust::server_config(&identity, ClientAuth::Optional)?;
         let incoming = TlsIncoming::new(tcp, Arc::new(tls))?;
 
@@ -196,7 +204,7 @@ impl Cluster {
         };
         let routes = Arc::new(Routes::default());
         let experts = Arc::new(RemoteExperts::new(
-            tokio::runtime::Handle::current(),
+            dp.clone(),
             routes.clone(),
             RemoteConfig {
                 hidden: opts.hidden,
@@ -234,7 +242,9 @@ impl Cluster {
                 tracing::error!("control plane stopped: {e}");
             }
         }));
-        tasks.push(tokio::spawn(accept_quic(quic, shared.clone())));
+        // Accepted on the data plane's runtime: a connection's driver runs where it was
+        // accepted.
+        tasks.push(dp.handle().spawn(accept_quic(quic, shared.clone())));
         tasks.push(tokio::spawn(drive(shared.clone())));
         tracing::info!("cluster listening on {addr} (gRPC over TLS on tcp, QUIC on udp)");
         Ok(Cluster {
@@ -242,6 +252,7 @@ impl Cluster {
             addr,
             token,
             experts,
+            dp,
             tasks,
         })
     }
@@ -255,7 +266,7 @@ impl Cluster {
     /// uses the `dtype` it was started with).
     pub fn experts_with(&self, dtype: Dtype) -> Arc<RemoteExperts> {
         Arc::new(RemoteExperts::new(
-            tokio::runtime::Handle::current(),
+            self.dp.clone(),
             self.shared.routes.clone(),
             RemoteConfig {
                 hidden: self.shared.opts.hidden,

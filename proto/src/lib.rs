@@ -7,11 +7,15 @@
 //!   project's own domain types and the validating conversions from and to the generated protobuf
 //!   types; [`grpc`] re-exports the generated tonic client and server for the daemons.
 //!
+//! [`runtime`] is the data plane's own one-thread runtime; [`stream`] reads and writes frames on
+//! QUIC streams.
+//!
 //! [`trust`] is the cluster's trust layer under both: the cluster CA, join tokens, identities,
 //! rustls configurations for gRPC and QUIC, and the TLS glue tonic needs.
 
 pub mod control;
 pub mod grpc;
+pub mod runtime;
 pub mod stream;
 pub mod trust;
 pub mod wire;

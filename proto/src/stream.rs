@@ -14,6 +14,8 @@ pub enum StreamError {
     Io(#[from] std::io::Error),
     #[error("malformed frame: {0}")]
     Wire(#[from] WireError),
+    #[error("bytes after the stream's one frame")]
+    Trailing,
 }
 
 /// Reads one frame. The body is allocated only after the header has passed its checks, so a
@@ -25,6 +27,19 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Stream
     let mut body = vec![0u8; h.body_len];
     read_exact(r, &mut body).await?;
     Ok(Frame::decode(&h, &body)?)
+}
+
+/// Reads a stream's one frame and then its end. Reading the stream to its end, rather than
+/// dropping it after the frame, lets QUIC retire it without a STOP_SENDING of its own (a
+/// packet, and a wake-up at the peer, per request); the sender's end-of-stream normally
+/// arrives with the frame's last bytes, so this waits for nothing more.
+pub async fn read_only_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, StreamError> {
+    let f = read_frame(r).await?;
+    let mut extra = [0u8; 1];
+    match r.read(&mut extra).await? {
+        0 => Ok(f),
+        _ => Err(StreamError::Trailing),
+    }
 }
 
 /// Writes an encoded frame.
@@ -66,10 +81,26 @@ mod tests {
             write_bytes(&mut a, &b2).await.unwrap();
             write_bytes(&mut a, &b2[..30]).await.unwrap();
         });
-        assert_eq!(read_frame(&mut z).await.unwrap(), Frame::Request(req));
+        assert_eq!(
+            read_frame(&mut z).await.unwrap(),
+            Frame::Request(req.clone())
+        );
         writer.await.unwrap();
         // The second frame is cut short: a clean `Closed`, not a hang or a panic.
         assert!(matches!(read_frame(&mut z).await, Err(StreamError::Closed)));
+        // One frame and then the end: accepted; anything after it: refused.
+        let mut r = &b[..];
+        assert_eq!(
+            read_only_frame(&mut r).await.unwrap(),
+            Frame::Request(req.clone())
+        );
+        let mut two = b.clone();
+        two.push(0);
+        let mut r = &two[..];
+        assert!(matches!(
+            read_only_frame(&mut r).await,
+            Err(StreamError::Trailing)
+        ));
         // A header announcing a huge body is refused before anything is allocated.
         let mut huge = b.clone();
         huge[16..20].copy_from_slice(&u32::MAX.to_le_bytes());

@@ -19,6 +19,7 @@ use engine::model::moe::LocalExperts;
 use engine::model::weights::ExpertFilter;
 use engine::model::ModelFile;
 use proto::control::{self, Assignment, Heartbeat, Hello, JoinRequest, WorkerState};
+use proto::runtime::DataPlaneRuntime;
 use proto::trust::{self, Identity, JoinToken, Trust, WorkerKey};
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
@@ -151,10 +152,11 @@ pub async fn run(opts: Options, identity: Identity) -> Result<()> {
     let opts = Arc::new(opts);
     let loaded: Arc<watch::Sender<Option<Executor>>> = Arc::new(watch::channel(None).0);
     let stats = Arc::new(Stats::default());
+    let dp = DataPlaneRuntime::new().context("starting the data plane's thread")?;
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = std::time::Instant::now();
-        match session(&opts, &identity, &loaded, &stats).await {
+        match session(&opts, &identity, &dp, &loaded, &stats).await {
             Ok(()) => tracing::warn!("the coordinator closed the session"),
             Err(e) => tracing::warn!("session with {} ended: {e:#}", opts.coordinator),
         }
@@ -170,6 +172,7 @@ pub async fn run(opts: Options, identity: Identity) -> Result<()> {
 async fn session(
     opts: &Arc<Options>,
     identity: &Identity,
+    dp: &DataPlaneRuntime,
     loaded: &Arc<watch::Sender<Option<Executor>>>,
     stats: &Arc<Stats>,
 ) -> Result<()> {
@@ -204,12 +207,20 @@ async fn session(
     } else {
         "[::]:0".parse()?
     };
-    let mut endpoint = trust::quic_endpoint(bind, None)?;
-    endpoint.set_default_client_config(trust::quic_client_config(identity, &identity.ca_pem)?);
-    let conn = endpoint
-        .connect(data_addr, trust::COORDINATOR_NAME)?
+    // The endpoint is made on the data plane's runtime, so its connection runs there too.
+    let quic_client = trust::quic_client_config(identity, &identity.ca_pem)?;
+    let (_endpoint, conn) = dp
+        .spawn(async move {
+            let mut endpoint = trust::quic_endpoint(bind, None)?;
+            endpoint.set_default_client_config(quic_client);
+            let conn = endpoint
+                .connect(data_addr, trust::COORDINATOR_NAME)?
+                .await
+                .with_context(|| format!("dialling the data plane at {data_addr}"))?;
+            anyhow::Ok((endpoint, conn))
+        })
         .await
-        .with_context(|| format!("dialling the data plane at {data_addr}"))?;
+        .map_err(|e| anyhow!("the data plane's task: {e}"))??;
 
     let progress = Arc::new(Progress::default());
     *progress.state.lock().expect("progress lock") = Some(match &*loaded.borrow() {
@@ -218,11 +229,12 @@ async fn session(
     });
 
     let serve = {
-        let rx = loaded.subscribe();
-        let stats = stats.clone();
+        let task = dp.spawn(dataplane::serve(conn, loaded.subscribe(), stats.clone()));
         async move {
-            let e = dataplane::serve(conn, rx, stats).await;
-            Err::<(), _>(anyhow!("data plane closed: {e}"))
+            Err::<(), _>(match task.await {
+                Ok(e) => anyhow!("data plane closed: {e}"),
+                Err(e) => anyhow!("the data plane's task: {e}"),
+            })
         }
     };
     let beats = heartbeats(client.clone(), worker_id, progress.clone(), stats.clone());

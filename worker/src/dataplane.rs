@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use proto::stream::{read_frame, write_bytes, StreamError};
+use proto::stream::{read_only_frame, write_bytes, StreamError};
 use proto::wire::{code, ErrorFrame, Frame};
 
 use tokio::sync::watch;
@@ -49,7 +49,7 @@ async fn handle(
     stats: Arc<Stats>,
 ) {
     let mut out = Vec::new();
-    match read_frame(&mut recv).await {
+    match read_only_frame(&mut recv).await {
         Ok(Frame::Request(req)) => {
             let bytes = req.xs.len() * req.dtype.size() + req.experts.len() * 6;
             stats.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);

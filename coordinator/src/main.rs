@@ -44,7 +44,7 @@ enum Command {
     /// Write a deterministic synthetic DeepSeek-V3-shaped model (GGUF).
     Synth(synth::SynthArgs),
     /// Run the cluster: hold the dense part, place the experts on workers, serve.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Measure the cluster's data plane (a MoE layer's round trip) and decode through a
     /// loopback cluster against one process.
     BenchCluster(netbench::ClusterBenchArgs),
@@ -106,23 +106,8 @@ struct GenerateArgs {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Backend: `auto` (a hardware GPU through wgpu if there is one, else the CPU; never a
-    /// software adapter), `cpu`, or `wgpu`.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "wgpu"])]
-    backend: String,
-    /// With the wgpu backend: the adapter, by index or name substring (`coordinator
-    /// --list-gpus`); default: the best hardware GPU. A software adapter (lavapipe) is used
-    /// only when named here.
-    #[arg(long, default_value = "auto")]
-    gpu: engine::gpu::GpuSelector,
-    /// With the wgpu backend: device memory this process may use, GiB (wgpu cannot report a
-    /// device's memory; default unlimited).
-    #[arg(long)]
-    gpu_memory: Option<f64>,
-    /// With the wgpu backend: products in f16 pairs where the adapter has `shader-f16`
-    /// (less exact; off by default).
-    #[arg(long)]
-    gpu_f16: bool,
+    #[command(flatten)]
+    gpu: GpuArgs,
     /// Quantize activations to int8 per block for quantized weights, as llama.cpp does:
     /// faster integer kernels at the cost of exactness (default: f32 activations, exact).
     #[arg(long)]
@@ -144,7 +129,7 @@ fn main() -> Result<()> {
         Some(Command::Generate(a)) => run_generate(a),
         Some(Command::Bench(a)) => bench::run(a),
         Some(Command::Synth(a)) => synth::run(a),
-        Some(Command::Serve(a)) => serve::run(a),
+        Some(Command::Serve(a)) => serve::run(*a),
         Some(Command::BenchCluster(a)) => netbench::run(a),
         Some(Command::BenchApi(a)) => apibench::run(a),
         None => bail!("no command given (see --help)"),
@@ -342,46 +327,83 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     a.p.run(seq, routed, &tokenizer, &req)
 }
 
-/// The wgpu backend for `generate`, or `None` for the CPU: `--backend wgpu` opens the chosen
-/// adapter or fails; `auto` takes a hardware GPU if there is one (never a software adapter)
-/// and falls back to the CPU when there is none or the model does not fit. The routed experts
-/// go to the device too when they fit; otherwise they stay on the host.
+/// Where the always-active part of the model runs (`generate` and `serve`).
+#[derive(Args, Clone)]
+struct GpuArgs {
+    /// Backend: `auto` (a hardware GPU through wgpu if there is one, else the CPU; never a
+    /// software adapter), `cpu`, or `wgpu`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "wgpu"])]
+    backend: String,
+    /// With the wgpu backend: the adapter, by index or name substring (`coordinator
+    /// --list-gpus`); default: the best hardware GPU. A software adapter (lavapipe) is used
+    /// only when named here.
+    #[arg(long, default_value = "auto")]
+    gpu: engine::gpu::GpuSelector,
+    /// With the wgpu backend: device memory this process may use, GiB (wgpu cannot report a
+    /// device's memory; default unlimited).
+    #[arg(long)]
+    gpu_memory: Option<f64>,
+    /// With the wgpu backend: products in f16 pairs where the adapter has `shader-f16`
+    /// (less exact; off by default).
+    #[arg(long)]
+    gpu_f16: bool,
+}
+
+impl GpuArgs {
+    /// The model's dense part on the GPU, or `None` for the CPU: `--backend wgpu` opens the
+    /// chosen adapter or fails; `auto` takes a hardware GPU if there is one (never a software
+    /// adapter) and falls back to the CPU when there is none or the model does not fit.
+    fn open_model(
+        &self,
+        model: &Model,
+        capacity: usize,
+        cache: CacheType,
+    ) -> Result<Option<GpuModel>> {
+        let auto = match self.backend.as_str() {
+            "cpu" => return Ok(None),
+            "wgpu" => false,
+            _ => true,
+        };
+        let opts = GpuOptions {
+            selector: self.gpu.clone(),
+            memory_budget: self.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64),
+            f16_products: self.gpu_f16,
+            ..Default::default()
+        };
+        let ctx = match GpuContext::new(opts) {
+            Ok(c) => std::sync::Arc::new(c),
+            Err(e @ GpuError::NoAdapter(_)) if auto => {
+                eprintln!("[backend: cpu ({e})]");
+                return Ok(None);
+            }
+            Err(e) => return Err(e).context("opening the GPU"),
+        };
+        match GpuModel::new(ctx.clone(), model, capacity, cache) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if auto => {
+                eprintln!(
+                    "[backend: cpu (the model does not go on {}: {e})]",
+                    ctx.adapter().name
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e).context("uploading the model to the GPU"),
+        }
+    }
+}
+
+/// The wgpu backend for `generate`, or `None` for the CPU (see [`GpuArgs::open_model`]). The
+/// routed experts go to the device too when they fit; otherwise they stay on the host.
 fn open_gpu(
     a: &GenerateArgs,
     model: &Model,
     experts: &LocalExperts,
     capacity: usize,
 ) -> Result<Option<(GpuModel, Option<GpuExperts>)>> {
-    let auto = match a.backend.as_str() {
-        "cpu" => return Ok(None),
-        "wgpu" => false,
-        _ => true,
+    let Some(gm) = a.gpu.open_model(model, capacity, a.p.kv_cache)? else {
+        return Ok(None);
     };
-    let opts = GpuOptions {
-        selector: a.gpu.clone(),
-        memory_budget: a.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64),
-        f16_products: a.gpu_f16,
-        ..Default::default()
-    };
-    let ctx = match GpuContext::new(opts) {
-        Ok(c) => std::sync::Arc::new(c),
-        Err(e @ GpuError::NoAdapter(_)) if auto => {
-            eprintln!("[backend: cpu ({e})]");
-            return Ok(None);
-        }
-        Err(e) => return Err(e).context("opening the GPU"),
-    };
-    let gm = match GpuModel::new(ctx.clone(), model, capacity, a.p.kv_cache) {
-        Ok(m) => m,
-        Err(e) if auto => {
-            eprintln!(
-                "[backend: cpu (the model does not go on {}: {e})]",
-                ctx.adapter().name
-            );
-            return Ok(None);
-        }
-        Err(e) => return Err(e).context("uploading the model to the GPU"),
-    };
+    let ctx = gm.context().clone();
     let has_experts = experts
         .layers
         .iter()

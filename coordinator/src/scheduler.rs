@@ -11,6 +11,10 @@
 //! into chunks at the same multiples of `prefill_chunk`, and the step budget only decides
 //! *when* the next chunk runs. With the engine's batch-invariant forward pass, a greedy request
 //! gives the same tokens whether it runs alone or among others.
+//!
+//! The passes run on a [`BatchModel`]: the CPU [`Model`] ([`CpuBatch`], every sequence with a
+//! cache of its own, batched together) or a GPU's [`GpuModel`] ([`GpuBatch`], whose device cache
+//! holds one sequence: it runs one request at a time, and the others wait their turn).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -18,9 +22,11 @@ use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use engine::generate::GenerateError;
+use engine::gpu::GpuModel;
 use engine::model::kv_cache::{CacheType, KvCache};
 use engine::model::moe::RoutedExperts;
-use engine::model::{BatchSeq, Model, Workspace};
+use engine::model::{BatchSeq, Logits, Model, Workspace};
 use engine::sampling::{Sampler, SamplingParams};
 use tokio::sync::mpsc;
 
@@ -50,6 +56,138 @@ impl Default for SchedulerConfig {
             prefill_chunk: 256,
             cache: CacheType::F16,
         }
+    }
+}
+
+/// What the scheduler runs its forward passes on.
+pub trait BatchModel: Send + 'static {
+    /// A sequence's own state (its cache, or where it is).
+    type Seq: Send;
+    fn vocab_size(&self) -> usize;
+    /// Positions a sequence can hold.
+    fn max_positions(&self) -> usize;
+    /// Sequences that can take part in one pass (`max_batch` is capped by it).
+    fn max_sequences(&self) -> usize;
+    /// A new, empty sequence of at most `capacity` positions.
+    fn new_seq(&mut self, cache: CacheType, capacity: usize) -> Self::Seq;
+    /// One pass: each sequence's `tokens` at its next positions. Returns one row of logits per
+    /// sequence, after its last token, in order.
+    fn forward(
+        &mut self,
+        seqs: &mut [(&[u32], &mut Self::Seq)],
+        experts: &dyn RoutedExperts,
+    ) -> Result<&[f32], GenerateError>;
+}
+
+/// The CPU backend: every sequence has its own latent cache, and a pass runs them together.
+pub struct CpuBatch {
+    model: Arc<Model>,
+    ws: Workspace,
+}
+
+impl CpuBatch {
+    pub fn new(model: Arc<Model>) -> Self {
+        CpuBatch {
+            model,
+            ws: Workspace::default(),
+        }
+    }
+}
+
+impl BatchModel for CpuBatch {
+    type Seq = KvCache;
+
+    fn vocab_size(&self) -> usize {
+        self.model.cfg.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.cfg.max_positions
+    }
+
+    fn max_sequences(&self) -> usize {
+        usize::MAX
+    }
+
+    fn new_seq(&mut self, cache: CacheType, capacity: usize) -> KvCache {
+        self.model.new_cache(cache, capacity)
+    }
+
+    fn forward(
+        &mut self,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        experts: &dyn RoutedExperts,
+    ) -> Result<&[f32], GenerateError> {
+        let mut batch: Vec<BatchSeq<'_>> = seqs
+            .iter_mut()
+            .map(|(tokens, cache)| BatchSeq { tokens, cache })
+            .collect();
+        Ok(self
+            .model
+            .forward_batch(&mut batch, experts, &mut self.ws)?)
+    }
+}
+
+/// A GPU's model: its device cache holds one sequence, so one request runs at a time (the
+/// cache is emptied when the next one starts).
+pub struct GpuBatch {
+    model: GpuModel,
+    /// The sequence the device cache holds.
+    holder: Option<u64>,
+    next_id: u64,
+}
+
+/// A sequence of a [`GpuBatch`].
+pub struct GpuSeq(u64);
+
+impl GpuBatch {
+    pub fn new(model: GpuModel) -> Self {
+        GpuBatch {
+            model,
+            holder: None,
+            next_id: 0,
+        }
+    }
+}
+
+impl BatchModel for GpuBatch {
+    type Seq = GpuSeq;
+
+    fn vocab_size(&self) -> usize {
+        self.model.cfg.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.capacity()
+    }
+
+    fn max_sequences(&self) -> usize {
+        1
+    }
+
+    fn new_seq(&mut self, _cache: CacheType, _capacity: usize) -> GpuSeq {
+        self.next_id += 1;
+        GpuSeq(self.next_id)
+    }
+
+    fn forward(
+        &mut self,
+        seqs: &mut [(&[u32], &mut GpuSeq)],
+        experts: &dyn RoutedExperts,
+    ) -> Result<&[f32], GenerateError> {
+        let [(tokens, seq)] = seqs else {
+            return Err(GenerateError::Gpu(engine::gpu::GpuError::BadArgument(
+                format!(
+                    "the GPU model runs one sequence per pass, not {}",
+                    seqs.len()
+                ),
+            )));
+        };
+        if self.holder != Some(seq.0) {
+            self.model.truncate(0);
+            self.holder = Some(seq.0);
+        }
+        Ok(self.model.forward(tokens, experts, Logits::Last)?)
     }
 }
 
@@ -122,7 +260,8 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the batching thread. `on_tokens` hears how many tokens each step generated.
+    /// Starts the batching thread on the CPU backend. `on_tokens` hears how many tokens each
+    /// step generated.
     pub fn start(
         model: Arc<Model>,
         experts: Arc<dyn RoutedExperts>,
@@ -131,15 +270,34 @@ impl Scheduler {
         metrics: Arc<Metrics>,
         on_tokens: Box<dyn Fn(u64) + Send>,
     ) -> std::io::Result<Scheduler> {
+        Scheduler::start_on(
+            CpuBatch::new(model),
+            experts,
+            cfg,
+            rules,
+            metrics,
+            on_tokens,
+        )
+    }
+
+    /// Starts the batching thread on `model` (see [`BatchModel`]).
+    pub fn start_on<M: BatchModel>(
+        model: M,
+        experts: Arc<dyn RoutedExperts>,
+        cfg: SchedulerConfig,
+        rules: TokenRules,
+        metrics: Arc<Metrics>,
+        on_tokens: Box<dyn Fn(u64) + Send>,
+    ) -> std::io::Result<Scheduler> {
         let cfg = SchedulerConfig {
-            max_batch: cfg.max_batch.max(1),
-            max_context: cfg.max_context.min(model.cfg.max_positions).max(2),
+            max_batch: cfg.max_batch.clamp(1, model.max_sequences().max(1)),
+            max_context: cfg.max_context.min(model.max_positions()).max(2),
             prefill_chunk: cfg.prefill_chunk.max(1),
             ..cfg
         };
         // Unbounded channel: `submit` bounds the queue with the depth counter.
         let (tx, rx) = std_mpsc::channel();
-        let vocab = model.cfg.vocab_size;
+        let vocab = model.vocab_size();
         let looped = Loop {
             model,
             experts,
@@ -148,7 +306,6 @@ impl Scheduler {
             metrics: metrics.clone(),
             on_tokens,
             active: Vec::new(),
-            ws: Workspace::default(),
         };
         std::thread::Builder::new()
             .name("scheduler".into())
@@ -206,9 +363,9 @@ impl Scheduler {
 }
 
 /// One sequence in the batch.
-struct Active {
+struct Active<S> {
     job: Job,
-    cache: KvCache,
+    seq: S,
     sampler: Sampler,
     /// Prompt tokens already in the cache.
     fed: usize,
@@ -223,7 +380,7 @@ struct Active {
     ended: bool,
 }
 
-impl Active {
+impl<S> Active<S> {
     fn in_prefill(&self) -> bool {
         self.fed < self.job.prompt.len()
     }
@@ -238,18 +395,17 @@ impl Active {
     }
 }
 
-struct Loop {
-    model: Arc<Model>,
+struct Loop<M: BatchModel> {
+    model: M,
     experts: Arc<dyn RoutedExperts>,
     cfg: SchedulerConfig,
     rules: TokenRules,
     metrics: Arc<Metrics>,
     on_tokens: Box<dyn Fn(u64) + Send>,
-    active: Vec<Active>,
-    ws: Workspace,
+    active: Vec<Active<M::Seq>>,
 }
 
-impl Loop {
+impl<M: BatchModel> Loop<M> {
     fn run(mut self, rx: std_mpsc::Receiver<Queued>) {
         let mut waiting: VecDeque<Queued> = VecDeque::new();
         loop {
@@ -298,7 +454,7 @@ impl Loop {
             .with_banned_from(self.rules.banned_from)
             .with_banned_ids(self.rules.banned_ids.iter().copied());
         self.active.push(Active {
-            cache: self.model.new_cache(self.cfg.cache, capacity),
+            seq: self.model.new_seq(self.cfg.cache, capacity),
             sampler,
             fed: 0,
             next: [0],
@@ -330,22 +486,21 @@ impl Loop {
                 1
             };
         }
-        let mut seqs: Vec<BatchSeq<'_>> = self
+        let mut seqs: Vec<(&[u32], &mut M::Seq)> = self
             .active
             .iter_mut()
             .filter(|s| s.step_tokens > 0)
-            .map(|s| BatchSeq {
-                tokens: if s.in_prefill() {
+            .map(|s| {
+                let tokens: &[u32] = if s.fed < s.job.prompt.len() {
                     &s.job.prompt[s.fed..s.fed + s.step_tokens]
                 } else {
                     &s.next
-                },
-                cache: &mut s.cache,
+                };
+                (tokens, &mut s.seq)
             })
             .collect();
-        let result = self
-            .model
-            .forward_batch(&mut seqs, self.experts.as_ref(), &mut self.ws);
+        let vocab = self.model.vocab_size();
+        let result = self.model.forward(&mut seqs, self.experts.as_ref());
         drop(seqs);
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
@@ -367,7 +522,6 @@ impl Loop {
                 return;
             }
         };
-        let vocab = self.model.cfg.vocab_size;
         let mut row = 0;
         let mut generated = 0u64;
         let mut prompt = 0u64;

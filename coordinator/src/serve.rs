@@ -10,9 +10,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use coordinator::api::{Api, ClusterView};
 use coordinator::metrics::{CountingExperts, ExpertHits, Metrics};
-use coordinator::scheduler::{Scheduler, SchedulerConfig, TokenRules};
+use coordinator::scheduler::{GpuBatch, Scheduler, SchedulerConfig, TokenRules};
 use coordinator::server::{Cluster, ClusterOptions, LocalWorker};
 use engine::generate::CpuSequence;
+use engine::gpu::GpuModel;
 use engine::model::ModelFile;
 use proto::wire::Dtype;
 
@@ -47,6 +48,11 @@ pub struct ServeArgs {
     request_timeout: f64,
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the always-active part runs. On a GPU the device cache holds one sequence, so the
+    /// API answers one request at a time (the others wait in the queue); on the CPU, up to
+    /// `--max-batch` are decoded together.
+    #[command(flatten)]
+    gpu: crate::GpuArgs,
     /// Once serving, run this prompt (`--prompt` or `--token-ids`, with the same options as
     /// `generate`) through the cluster, print the text, write `--logits-out`, and exit.
     #[command(flatten)]
@@ -83,6 +89,26 @@ pub fn run(a: ServeArgs) -> Result<()> {
         false => None,
     };
     let model = Arc::new(mf.load_model().context("loading the model")?);
+    let gpu = match &prompt {
+        Some(p) => a.gpu.open_model(&model, a.p.capacity(p), a.p.kv_cache)?,
+        None => a
+            .gpu
+            .open_model(&model, a.ctx_size, SchedulerConfig::default().cache)?,
+    };
+    if let Some(g) = &gpu {
+        let ctx = g.context();
+        eprintln!(
+            "[backend: wgpu on {} ({}), {:.1} MiB of device memory{}]",
+            ctx.adapter().name,
+            ctx.adapter().backend,
+            ctx.memory_used() as f64 / (1u64 << 20) as f64,
+            if prompt.is_none() {
+                "; one request at a time, the others queue"
+            } else {
+                ""
+            }
+        );
+    }
     let layout = mf.expert_layout().context("reading the expert layout")?;
     let total: u64 = layout.iter().map(|&(_, n, b)| n as u64 * b).sum();
     eprintln!(
@@ -134,15 +160,21 @@ pub fn run(a: ServeArgs) -> Result<()> {
             cluster.addr, cluster.token
         );
         let Some(prompt) = prompt else {
-            return serve_api(&a, cluster, &mf, model, tokenizer).await;
+            return serve_api(&a, cluster, &mf, model, gpu, tokenizer).await;
         };
         wait_serving(&cluster).await;
         eprintln!("serving: every expert is loaded");
         let experts = cluster.experts();
         let result = tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut seq = CpuSequence::new(&model, a.p.kv_cache, a.p.capacity(&prompt));
+            let capacity = a.p.capacity(&prompt);
             let req = a.p.request(&mf, &tokenizer, prompt);
-            a.p.run(&mut seq, experts.as_ref(), &tokenizer, &req)
+            match gpu {
+                Some(mut g) => a.p.run(&mut g, experts.as_ref(), &tokenizer, &req),
+                None => {
+                    let mut seq = CpuSequence::new(&model, a.p.kv_cache, capacity);
+                    a.p.run(&mut seq, experts.as_ref(), &tokenizer, &req)
+                }
+            }
         })
         .await?;
         // Keep the cluster up until the generation is over, then stop it.
@@ -158,9 +190,10 @@ async fn serve_api(
     cluster: Arc<Cluster>,
     mf: &ModelFile,
     model: Arc<engine::model::Model>,
+    gpu: Option<GpuModel>,
     tokenizer: engine::tokenizer::Tokenizer,
 ) -> Result<()> {
-    let api = api(a, &cluster, mf, model, tokenizer)?;
+    let api = api(a, &cluster, mf, model, gpu, tokenizer)?;
     let listener = tokio::net::TcpListener::bind(a.http)
         .await
         .with_context(|| format!("binding the API to {}", a.http))?;
@@ -202,6 +235,7 @@ fn api(
     cluster: &Arc<Cluster>,
     mf: &ModelFile,
     model: Arc<engine::model::Model>,
+    gpu: Option<GpuModel>,
     tokenizer: engine::tokenizer::Tokenizer,
 ) -> Result<Arc<Api>> {
     let hits = Arc::new(ExpertHits::new(&mf.expert_layout()?));
@@ -222,14 +256,18 @@ fn api(
         ..SchedulerConfig::default()
     };
     let meter = cluster.clone();
-    let scheduler = Scheduler::start(
-        model,
-        experts,
-        cfg,
-        rules,
-        metrics.clone(),
-        Box::new(move |n| meter.record_tokens(n)),
-    )?;
+    let on_tokens = Box::new(move |n| meter.record_tokens(n));
+    let scheduler = match gpu {
+        Some(g) => Scheduler::start_on(
+            GpuBatch::new(g),
+            experts,
+            cfg,
+            rules,
+            metrics.clone(),
+            on_tokens,
+        )?,
+        None => Scheduler::start(model, experts, cfg, rules, metrics.clone(), on_tokens)?,
+    };
     let template = mf
         .chat_template(&tokenizer)
         .context("compiling the chat template")?;

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use coordinator::api::{serve, Api};
 use coordinator::metrics::{CountingExperts, ExpertHits, Metrics};
-use coordinator::scheduler::{Scheduler, SchedulerConfig, TokenRules};
+use coordinator::scheduler::{GpuBatch, Scheduler, SchedulerConfig, TokenRules};
 use engine::generate::{generate, GenerateRequest};
+use engine::gpu::{test_context, GpuContext, GpuModel, GpuOptions};
 use engine::model::kv_cache::CacheType;
 use engine::model::moe::RoutedExperts;
 use engine::model::weights::ExpertFilter;
@@ -46,6 +47,16 @@ fn tiny(dir: &Path, chat: ChatStyle) -> std::path::PathBuf {
 }
 
 fn start(chat: ChatStyle, cfg: SchedulerConfig, api_key: Option<&str>) -> Server {
+    start_with(chat, cfg, api_key, None)
+}
+
+/// The server with the model's dense part on `gpu` when given (the experts stay on the host).
+fn start_with(
+    chat: ChatStyle,
+    cfg: SchedulerConfig,
+    api_key: Option<&str>,
+    gpu: Option<Arc<GpuContext>>,
+) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mf = Arc::new(ModelFile::open(&tiny(dir.path(), chat)).unwrap());
     let model = Arc::new(mf.load_model().unwrap());
@@ -62,14 +73,27 @@ fn start(chat: ChatStyle, cfg: SchedulerConfig, api_key: Option<&str>) -> Server
         inner: experts.clone(),
         hits,
     });
-    let scheduler = Scheduler::start(
-        model.clone(),
-        counting,
-        cfg,
-        rules,
-        metrics.clone(),
-        Box::new(|_| {}),
-    )
+    let scheduler = match gpu {
+        Some(ctx) => {
+            let g = GpuModel::new(ctx, &model, cfg.max_context, cfg.cache).unwrap();
+            Scheduler::start_on(
+                GpuBatch::new(g),
+                counting,
+                cfg,
+                rules,
+                metrics.clone(),
+                Box::new(|_| {}),
+            )
+        }
+        None => Scheduler::start(
+            model.clone(),
+            counting,
+            cfg,
+            rules,
+            metrics.clone(),
+            Box::new(|_| {}),
+        ),
+    }
     .unwrap();
     let api = Arc::new(Api::new(
         scheduler,
@@ -392,6 +416,56 @@ fn concurrent_streams_give_the_same_tokens_as_one_by_one() {
             steps < 32 * 16 / 2,
             "{steps} steps for 32 concurrent requests"
         );
+    });
+}
+
+/// With the model's dense part on a GPU (lavapipe in CI) the device cache holds one sequence:
+/// concurrent requests are answered in turn, each step runs one sequence, and every answer is
+/// the CPU's greedy answer in one process.
+#[test]
+fn a_gpu_answers_concurrent_requests_in_turn_with_the_cpus_tokens() {
+    let Some(ctx) = test_context(GpuOptions::default()) else {
+        return;
+    };
+    let cfg = SchedulerConfig {
+        max_batch: 8,
+        max_context: 256,
+        ..SchedulerConfig::default()
+    };
+    let s = start_with(ChatStyle::V3, cfg, None, Some(Arc::new(ctx)));
+    assert_eq!(s.api.scheduler.config().max_batch, 1);
+    let prompts: Vec<String> = (0..4)
+        .map(|i| format!("Question {i}: {}?", "how ".repeat(i + 1)))
+        .collect();
+    let max_new = 10;
+    s.rt.block_on(async {
+        let steps_before = s.api.metrics.steps.load(Ordering::Relaxed);
+        let tasks: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let (url, body) = (s.url("/v1/chat/completions"), chat_body(p, max_new, true));
+                tokio::spawn(async move {
+                    let r = reqwest::Client::new()
+                        .post(url)
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    parse_chat_stream(&r.text().await.unwrap()).1
+                })
+            })
+            .collect();
+        let mut generated = 0;
+        for (i, t) in tasks.into_iter().enumerate() {
+            let text = t.await.unwrap();
+            let (want, tokens) = s.reference(&prompts[i], max_new);
+            assert_eq!(text, want, "request {i}");
+            generated += tokens.len() as u64;
+        }
+        // One sequence per step: every step sampled exactly one token.
+        let steps = s.api.metrics.steps.load(Ordering::Relaxed) - steps_before;
+        assert_eq!(steps, generated);
     });
 }
 

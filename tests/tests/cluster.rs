@@ -514,20 +514,30 @@ async fn fetch_refusals(addr: &str, worker_state: &Path, file: &ModelFile) {
     );
 }
 
+/// The adapter GPU tests name: a software one (lavapipe) where there is one, else the first.
+/// `None` (the test skips with one line) without any, unless `REQUIRE_GPU_TESTS` is set (CI),
+/// where that fails.
+fn test_adapter(test: &str) -> Option<engine::gpu::AdapterSummary> {
+    let software = engine::gpu::list_adapters()
+        .into_iter()
+        .find(|a| a.is_software || a.device_type.to_lowercase().contains("cpu"));
+    let adapter = software.or_else(|| engine::gpu::list_adapters().into_iter().next());
+    if adapter.is_none() {
+        assert!(
+            std::env::var_os("REQUIRE_GPU_TESTS").is_none(),
+            "REQUIRE_GPU_TESTS is set but no GPU adapter was found"
+        );
+        eprintln!("skipping {test}: no GPU adapter");
+    }
+    adapter
+}
+
 /// A worker computing its experts on a GPU (lavapipe here, through wgpu) gives the same logits
 /// as the CPU in one process. Skips with one line when there is no adapter, unless
 /// `REQUIRE_GPU_TESTS` is set (CI), where a missing adapter fails.
 #[test]
 fn a_gpu_worker_serves_the_same_logits() {
-    let software = engine::gpu::list_adapters()
-        .into_iter()
-        .find(|a| a.is_software || a.device_type.to_lowercase().contains("cpu"));
-    let Some(adapter) = software.or_else(|| engine::gpu::list_adapters().into_iter().next()) else {
-        assert!(
-            std::env::var_os("REQUIRE_GPU_TESTS").is_none(),
-            "REQUIRE_GPU_TESTS is set but no GPU adapter was found"
-        );
-        eprintln!("skipping a_gpu_worker_serves_the_same_logits: no GPU adapter");
+    let Some(adapter) = test_adapter("a_gpu_worker_serves_the_same_logits") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -734,6 +744,64 @@ fn processes_match_one_process(model: &Path, reference: &str, stream: bool, bf16
         d > 0.0 && d < bf16_tolerance,
         "bf16 on the wire: logits differ by {d}"
     );
+}
+
+/// `coordinator serve --backend wgpu` (lavapipe here): the always-active part on the GPU, the
+/// routed experts on a worker process. The same greedy tokens as `coordinator generate` on the
+/// CPU in one process, and logits within 1e-3 with f32 on the wire.
+#[test]
+fn serve_on_a_gpu_matches_generate_on_the_cpu() {
+    let Some(adapter) = test_adapter("serve_on_a_gpu_matches_generate_on_the_cpu") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::data_dir().join("oracle/bg03/q8_0.gguf");
+    let prompt = common::Reference::load(&common::data_dir().join("oracle/bg03/ref-q8_0")).prompt;
+    let (want_tokens, want) = generate_in_one_process(&model, &prompt, &dir.path().join("one"));
+    let out = dir.path().join("serve-gpu");
+    let args: Vec<String> = [
+        "--backend",
+        "wgpu",
+        "--gpu",
+        &adapter.index.to_string(),
+        "--min-workers",
+        "1",
+        "--wire",
+        "f32",
+        "--token-ids",
+        &ids_arg(&prompt),
+        "--max-new-tokens",
+        &NEW_TOKENS.to_string(),
+        "--ignore-eos",
+        "--logits-out",
+        &out.display().to_string(),
+    ]
+    .map(str::to_string)
+    .to_vec();
+    let mut serve = Serve::start(&model, &dir.path().join("coordinator"), &args);
+    let _w = spawn(
+        &serve.addr,
+        Some(&serve.token),
+        Some(&model),
+        None,
+        &dir.path().join("w1"),
+        "w1",
+        "1",
+    );
+    serve.wait(Duration::from_secs(300));
+    assert!(
+        serve.log().contains("[backend: wgpu on "),
+        "serve did not run on the GPU: {}",
+        serve.log()
+    );
+    let (tokens, got, _) = read_outputs(&out);
+    assert_eq!(
+        tokens, want_tokens,
+        "greedy tokens with the GPU coordinator"
+    );
+    let d = max_diff(&got, &want);
+    eprintln!("serve on {}: max logit difference {d}", adapter.name);
+    assert!(d < 1e-3, "logits differ from the CPU by {d}");
 }
 
 // bf16 on the wire rounds the hidden vectors and every worker's partial sums to 8 significant

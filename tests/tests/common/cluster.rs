@@ -178,9 +178,15 @@ impl Drop for Serve {
 
 impl Serve {
     /// Starts `coordinator serve` on an ephemeral port with `args` and waits for the line that
-    /// gives its address and join token.
+    /// gives its address and join token. The always-active part runs on the CPU unless `args`
+    /// name a `--backend` (so a machine's GPU does not change what a test checks).
     pub fn start(model: &Path, state: &Path, args: &[String]) -> Serve {
         use std::io::BufRead;
+        let backend: &[&str] = if args.iter().any(|a| a == "--backend") {
+            &[]
+        } else {
+            &["--backend", "cpu"]
+        };
         let mut child = Command::new(coordinator_bin())
             .arg("serve")
             .arg("--model")
@@ -188,6 +194,7 @@ impl Serve {
             .arg("--state-dir")
             .arg(state)
             .args(["--listen", "127.0.0.1:0", "--threads", "1"])
+            .args(backend)
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

@@ -62,6 +62,10 @@ pub struct ClusterBenchArgs {
     /// Compute threads of this process.
     #[arg(long)]
     threads: Option<usize>,
+    /// Int8 activations for quantized products (llama.cpp's scheme), in this process and, told
+    /// by the coordinator, in the workers.
+    #[arg(long)]
+    int8_activations: bool,
     /// Compute threads of each worker process of the decode comparison.
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
@@ -79,6 +83,7 @@ const LAYER: usize = 3;
 
 pub fn run(a: ClusterBenchArgs) -> Result<()> {
     crate::set_threads(a.threads)?;
+    engine::tensor::set_int8_activations(a.int8_activations);
     let dtype = if a.wire == "f32" {
         Dtype::F32
     } else {
@@ -391,6 +396,7 @@ fn decode_comparison(
         names: vec![],
         local: None,
         model: Some(mf.clone()),
+        int8_activations: engine::tensor::int8_activations(),
     }))?;
     let mut procs = Vec::new();
     for w in 0..workers {

@@ -48,6 +48,11 @@ pub struct ServeArgs {
     request_timeout: f64,
     #[arg(long)]
     threads: Option<usize>,
+    /// Quantized products take activations rounded to int8 per block, as llama.cpp does:
+    /// faster CPU kernels at the cost of exactness (default: exact f32 activations). Every
+    /// worker follows this choice.
+    #[arg(long)]
+    int8_activations: bool,
     /// Where the always-active part runs. On a GPU the device cache holds one sequence, so the
     /// API answers one request at a time (the others wait in the queue); on the CPU, up to
     /// `--max-batch` are decoded together.
@@ -79,6 +84,7 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     crate::set_threads(a.threads)?;
+    engine::tensor::set_int8_activations(a.int8_activations);
     let mf = Arc::new(
         ModelFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?,
     );
@@ -146,6 +152,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         names: a.names.clone(),
         local,
         model: Some(mf.clone()),
+        int8_activations: a.int8_activations,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -60,6 +60,9 @@ pub struct ClusterOptions {
     /// The model, to stream routed experts to workers that have no copy of it;
     /// `None`: every worker needs its own copy (`--model`).
     pub model: Option<Arc<engine::model::ModelFile>>,
+    /// The cluster's numerics, told to every worker in its hello: quantized products with
+    /// int8 activations (llama.cpp's scheme) instead of exact f32 ones.
+    pub int8_activations: bool,
 }
 
 pub use proto::control::MAX_FETCH;
@@ -711,6 +714,7 @@ impl grpc::Control for Service {
                 worker_id: id,
                 coordinator_version: env!("CARGO_PKG_VERSION").into(),
                 data_port: self.0.data_port,
+                int8_activations: self.0.opts.int8_activations,
             }
             .into(),
         ))

@@ -424,6 +424,9 @@ pub struct HelloReply {
     pub coordinator_version: String,
     /// The coordinator's QUIC port, on the host the worker dialled.
     pub data_port: u16,
+    /// Quantized products take int8 activations (llama.cpp's scheme) rather than exact f32
+    /// ones, cluster-wide.
+    pub int8_activations: bool,
 }
 
 impl From<HelloReply> for pb::HelloReply {
@@ -432,6 +435,7 @@ impl From<HelloReply> for pb::HelloReply {
             worker_id: r.worker_id,
             coordinator_version: r.coordinator_version,
             data_port: r.data_port.into(),
+            int8_activations: r.int8_activations,
         }
     }
 }
@@ -449,6 +453,7 @@ impl TryFrom<pb::HelloReply> for HelloReply {
             worker_id: r.worker_id,
             coordinator_version: text("coordinator_version", r.coordinator_version, MAX_TEXT_LEN)?,
             data_port,
+            int8_activations: r.int8_activations,
         })
     }
 }

@@ -67,6 +67,7 @@ impl Control for TestControl {
                 worker_id: 42,
                 coordinator_version: "test".into(),
                 data_port: 4433,
+                int8_activations: false,
             }
             .into(),
         ))

@@ -603,10 +603,20 @@ const NEW_TOKENS: usize = 32;
 
 /// `coordinator generate` in one process (CPU): the reference the cluster must reproduce.
 fn generate_in_one_process(model: &Path, prompt: &[u32], out: &Path) -> (Vec<u32>, Vec<f32>) {
+    generate_in_one_process_with(model, prompt, out, &[])
+}
+
+fn generate_in_one_process_with(
+    model: &Path,
+    prompt: &[u32],
+    out: &Path,
+    extra: &[&str],
+) -> (Vec<u32>, Vec<f32>) {
     let st = Command::new(coordinator_bin())
         .arg("generate")
         .arg("--model")
         .arg(model)
+        .args(extra)
         .args(["--token-ids", &ids_arg(prompt)])
         .args(["--max-new-tokens", &NEW_TOKENS.to_string(), "--ignore-eos"])
         .args(["--backend", "cpu", "--threads", "1"])
@@ -632,6 +642,7 @@ fn generate_through_processes(
     wire: &str,
     stream: bool,
     force: Option<&[u32]>,
+    extra: &[&str],
 ) -> (Vec<u32>, Vec<f32>) {
     let file = ModelFile::open(model).unwrap();
     let layout = file.expert_layout().unwrap();
@@ -644,6 +655,7 @@ fn generate_through_processes(
         Some(ids) => vec!["--force-ids".into(), ids_arg(ids)],
         None => vec![],
     };
+    args.extend(extra.iter().map(|a| a.to_string()));
     args.extend([
         "--min-workers".into(),
         "3".into(),
@@ -709,7 +721,8 @@ fn processes_match_one_process(model: &Path, reference: &str, stream: bool, bf16
     assert_eq!(want.len() % (prompt.len() + NEW_TOKENS), 0);
     let vocab = want.len() / (prompt.len() + NEW_TOKENS);
 
-    let (tokens, got) = generate_through_processes(dir.path(), model, &prompt, "f32", stream, None);
+    let (tokens, got) =
+        generate_through_processes(dir.path(), model, &prompt, "f32", stream, None, &[]);
     assert_eq!(
         tokens, want_tokens,
         "greedy tokens through the cluster (f32)"
@@ -728,6 +741,7 @@ fn processes_match_one_process(model: &Path, reference: &str, stream: bool, bf16
         "bf16",
         stream,
         Some(&want_tokens),
+        &[],
     );
     let d = max_diff(&got, &want);
     let agree = argmax_rows(&got, vocab)
@@ -821,6 +835,33 @@ fn serve_and_three_worker_processes_match_generate_on_a_q8_0_gguf() {
         "bg03/ref-q8_0",
         true,
         BF16_WIRE_TOLERANCE,
+    );
+}
+
+/// `serve --int8-activations`: the workers take the coordinator's numerics from its hello, so
+/// the cluster gives the same greedy tokens as `generate --int8-activations` in one process,
+/// and logits within 1e-3 (f32 on the wire). The exact f32 mode's logits are far from these on
+/// this file (more than 1 apart: its greedy path parts from int8's), so a worker left in it
+/// would fail the bound.
+#[test]
+fn serve_with_int8_activations_matches_generate_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::data_dir().join("oracle/bg03/q8_0.gguf");
+    let prompt = common::Reference::load(&common::data_dir().join("oracle/bg03/ref-q8_0")).prompt;
+    let int8 = ["--int8-activations"];
+    let (want_tokens, want) =
+        generate_in_one_process_with(&model, &prompt, &dir.path().join("one"), &int8);
+    let (_, exact) = generate_in_one_process(&model, &prompt, &dir.path().join("exact"));
+    let (tokens, got) =
+        generate_through_processes(dir.path(), &model, &prompt, "f32", false, None, &int8);
+    assert_eq!(tokens, want_tokens, "greedy tokens through the cluster");
+    let d = max_diff(&got, &want);
+    let modes = max_diff(&exact, &want);
+    eprintln!("int8 activations: cluster against one process {d}, int8 against f32 {modes}");
+    assert!(d < 1e-3, "logits differ by {d}");
+    assert!(
+        modes > 1.0,
+        "int8 and f32 activations barely differ ({modes})"
     );
 }
 

@@ -192,7 +192,17 @@ async fn session(
         .await
         .map_err(|e| anyhow!("hello refused: {e}"))?;
     let worker_id = hello.worker_id;
-    tracing::info!("connected to {} as worker {worker_id}", opts.coordinator);
+    // The coordinator sets the cluster's numerics; a restarted coordinator may change them.
+    engine::tensor::set_int8_activations(hello.int8_activations);
+    tracing::info!(
+        "connected to {} as worker {worker_id} ({} activations)",
+        opts.coordinator,
+        if hello.int8_activations {
+            "int8"
+        } else {
+            "f32"
+        }
+    );
 
     // The data plane: dial the coordinator's QUIC port on the same host.
     let host = opts

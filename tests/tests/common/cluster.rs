@@ -154,6 +154,7 @@ pub fn start_cluster(
             names: vec![],
             local: None,
             model: stream.then(|| file.clone()),
+            int8_activations: false,
         }))
         .unwrap();
     (rt, cluster)

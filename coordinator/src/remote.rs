@@ -196,6 +196,8 @@ pub struct RemoteExperts {
     local: RwLock<Option<(WorkerId, Arc<LocalExperts>)>>,
     next_id: AtomicU64,
     pending: Mutex<Option<Pending>>,
+    /// The slowest worker's own compute time in the last layer that succeeded (microseconds).
+    last_compute_us: std::sync::atomic::AtomicU32,
 }
 
 type Answer = (usize, Result<ExpertResult, String>);
@@ -264,7 +266,14 @@ impl RemoteExperts {
             local: RwLock::new(local),
             next_id: AtomicU64::new(1),
             pending: Mutex::new(None),
+            last_compute_us: std::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    /// The slowest worker's own compute time in the last layer that succeeded, in
+    /// microseconds: what a round trip spent computing rather than moving data.
+    pub fn last_compute_us(&self) -> u32 {
+        self.last_compute_us.load(Ordering::Relaxed)
     }
 
     /// Sets (or clears) the experts this process holds itself.
@@ -457,6 +466,9 @@ impl RoutedExperts for RemoteExperts {
             }
         }
         if failed.is_empty() {
+            let slowest = answers.iter().flatten().map(|r| r.compute_us).max();
+            self.last_compute_us
+                .store(slowest.unwrap_or(0), Ordering::Relaxed);
             for (i, res) in answers.iter().enumerate() {
                 if let Some(res) = res {
                     if let Err(e) = p.batches[i].combine(res, out) {

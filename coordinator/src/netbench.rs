@@ -403,6 +403,7 @@ fn decode_comparison(
         local: None,
         model: Some(mf.clone()),
         int8_activations: engine::tensor::int8_activations(),
+        device: "cpu".into(),
     }))?;
     let mut procs = Vec::new();
     for w in 0..workers {

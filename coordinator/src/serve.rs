@@ -153,6 +153,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         local,
         model: Some(mf.clone()),
         int8_activations: a.int8_activations,
+        device: match &gpu {
+            Some(g) => format!(
+                "{} {}",
+                g.context().adapter().backend.to_lowercase(),
+                g.context().adapter().name
+            ),
+            None => format!("cpu ({threads} threads)"),
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -63,6 +63,8 @@ pub struct ClusterOptions {
     /// The cluster's numerics, told to every worker in its hello: quantized products with
     /// int8 activations (llama.cpp's scheme) instead of exact f32 ones.
     pub int8_activations: bool,
+    /// Where this process runs the always-active part, for the status ("cpu (8 threads)").
+    pub device: String,
 }
 
 pub use proto::control::MAX_FETCH;
@@ -584,6 +586,8 @@ fn status(shared: &Shared) -> control::ClusterStatus {
         all_loaded: m.is_serving(),
         workers,
         tokens_per_second: tokens_per_second(shared),
+        coordinator_device: shared.opts.device.clone(),
+        int8_activations: shared.opts.int8_activations,
     }
 }
 

@@ -1054,6 +1054,11 @@ pub struct ClusterStatus {
     pub all_loaded: bool,
     pub workers: Vec<WorkerStatus>,
     pub tokens_per_second: f64,
+    /// Where the coordinator runs the always-active part ("cpu (8 threads)", "vulkan NVIDIA
+    /// GeForce RTX 4090"; empty when unknown).
+    pub coordinator_device: String,
+    /// The cluster's numerics: int8 activations for quantized products, or exact f32.
+    pub int8_activations: bool,
 }
 
 impl From<ClusterStatus> for pb::ClusterStatus {
@@ -1064,6 +1069,8 @@ impl From<ClusterStatus> for pb::ClusterStatus {
             all_loaded: s.all_loaded,
             workers: s.workers.into_iter().map(Into::into).collect(),
             tokens_per_second: s.tokens_per_second,
+            coordinator_device: s.coordinator_device,
+            int8_activations: s.int8_activations,
         }
     }
 }
@@ -1088,6 +1095,8 @@ impl TryFrom<pb::ClusterStatus> for ClusterStatus {
                 .map(WorkerStatus::try_from)
                 .collect::<Result<_, _>>()?,
             tokens_per_second: s.tokens_per_second,
+            coordinator_device: text("coordinator_device", s.coordinator_device, MAX_TEXT_LEN)?,
+            int8_activations: s.int8_activations,
         })
     }
 }
@@ -1328,6 +1337,8 @@ mod tests {
                 requests_served: 9,
             }],
             tokens_per_second: 4.5,
+            coordinator_device: "cpu (8 threads)".into(),
+            int8_activations: true,
         };
         assert_eq!(
             ClusterStatus::try_from(pb::ClusterStatus::from(s.clone())).unwrap(),
@@ -1370,6 +1381,8 @@ mod tests {
             all_loaded: false,
             workers: vec![],
             tokens_per_second: 0.0,
+            coordinator_device: String::new(),
+            int8_activations: false,
         });
         status.workers.push(pb::WorkerStatus {
             name: "w".into(),

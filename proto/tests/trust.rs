@@ -142,6 +142,8 @@ impl Control for TestControl {
                 all_loaded: true,
                 workers: vec![],
                 tokens_per_second: 0.0,
+                coordinator_device: String::new(),
+                int8_activations: false,
             }
             .into(),
         ))

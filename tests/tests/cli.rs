@@ -132,6 +132,10 @@ fn status_and_drain_against_a_real_cluster() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = text(&out.stdout);
     assert!(table.contains("model:       synth-dsv3-tiny"), "{table}");
+    assert!(
+        table.contains("coordinator: cpu, exact f32 activations"),
+        "{table}"
+    );
     assert!(table.contains("every expert placed and loaded"), "{table}");
     let row = table
         .lines()

@@ -124,6 +124,11 @@ pub struct StatusJson {
     pub all_loaded: bool,
     /// Tokens generated per second over the last few seconds.
     pub tokens_per_second: f64,
+    /// Where the coordinator runs the always-active part ("cpu (8 threads)", "vulkan
+    /// NVIDIA GeForce RTX 4090"; empty when unknown).
+    pub coordinator_device: String,
+    /// Quantized products take int8 activations (llama.cpp's scheme) rather than exact f32.
+    pub int8_activations: bool,
     pub workers: Vec<WorkerJson>,
 }
 
@@ -165,6 +170,8 @@ impl From<&ClusterStatus> for StatusJson {
             all_placed: s.all_placed,
             all_loaded: s.all_loaded,
             tokens_per_second: s.tokens_per_second,
+            coordinator_device: s.coordinator_device.clone(),
+            int8_activations: s.int8_activations,
             workers: s.workers.iter().map(WorkerJson::from).collect(),
         }
     }
@@ -224,6 +231,16 @@ pub fn render_table(s: &ClusterStatus) -> String {
     let mut out = String::new();
     let model = if s.model.is_empty() { "-" } else { &s.model };
     let _ = writeln!(out, "model:       {model}");
+    let own = match s.coordinator_device.as_str() {
+        "" => "-",
+        d => d,
+    };
+    let acts = if s.int8_activations {
+        "int8"
+    } else {
+        "exact f32"
+    };
+    let _ = writeln!(out, "coordinator: {own}, {acts} activations");
     let _ = writeln!(out, "experts:     {experts}");
     let _ = writeln!(out, "throughput:  {:.1} tokens/s", s.tokens_per_second);
     let _ = writeln!(out, "workers:     {} ({ready} ready)", s.workers.len());
@@ -393,6 +410,8 @@ mod tests {
             all_placed: true,
             all_loaded: false,
             tokens_per_second: 7.25,
+            coordinator_device: "vulkan NVIDIA GeForce RTX 4090".into(),
+            int8_activations: true,
             workers: vec![
                 WorkerStatus {
                     id: 1,
@@ -506,6 +525,8 @@ mod tests {
             all_loaded: false,
             workers: vec![],
             tokens_per_second: 0.0,
+            coordinator_device: String::new(),
+            int8_activations: false,
         };
         check_snapshot("status_empty.txt", &render_table(&s));
     }

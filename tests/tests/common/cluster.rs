@@ -155,6 +155,7 @@ pub fn start_cluster(
             local: None,
             model: stream.then(|| file.clone()),
             int8_activations: false,
+            device: "cpu".into(),
         }))
         .unwrap();
     (rt, cluster)

@@ -49,17 +49,8 @@ pub struct BenchArgs {
     /// Q4_K, Q6_K, Q8_0; with `--model`, the whole model's prefill and decode step on the GPU).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "wgpu"])]
     backend: String,
-    /// With `--backend wgpu`: the adapter, by index or name substring (`coordinator
-    /// --list-gpus`); default: the best hardware GPU (never a software one).
-    #[arg(long, default_value = "auto")]
-    gpu: engine::gpu::GpuSelector,
-    /// With `--backend wgpu`: device memory this process may use, GiB (wgpu cannot report a
-    /// device's memory size; default unlimited).
-    #[arg(long)]
-    gpu_memory: Option<f64>,
-    /// With `--backend wgpu`: products in f16 pairs where the adapter has `shader-f16`.
-    #[arg(long)]
-    gpu_f16: bool,
+    #[command(flatten)]
+    device: crate::GpuDevice,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -241,12 +232,7 @@ fn llama_bench(bin: &Path, model: &Path, threads: usize, p: usize, n: usize) -> 
 
 /// `bench --backend wgpu`: GPU matvec GB/s at the 671B's shapes.
 fn gpu_bench(a: &BenchArgs) -> Result<()> {
-    let ctx = engine::gpu::GpuContext::new(engine::gpu::GpuOptions {
-        selector: a.gpu.clone(),
-        memory_budget: a.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64),
-        f16_products: a.gpu_f16,
-        ..Default::default()
-    })?;
+    let ctx = engine::gpu::GpuContext::new(a.device.options())?;
     println!("# wgpu adapter:\n{}", ctx.adapter());
     println!(
         "# kernels use subgroups: {}, f16 products: {}; weights-bytes/second of one matvec, many per submit",

@@ -327,13 +327,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     a.p.run(seq, routed, &tokenizer, &req)
 }
 
-/// Where the always-active part of the model runs (`generate` and `serve`).
+/// Which GPU, and how it computes (`generate`, `serve`, `bench`).
 #[derive(Args, Clone)]
-struct GpuArgs {
-    /// Backend: `auto` (a hardware GPU through wgpu if there is one, else the CPU; never a
-    /// software adapter), `cpu`, or `wgpu`.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "wgpu"])]
-    backend: String,
+struct GpuDevice {
     /// With the wgpu backend: the adapter, by index or name substring (`coordinator
     /// --list-gpus`); default: the best hardware GPU. A software adapter (lavapipe) is used
     /// only when named here.
@@ -347,6 +343,28 @@ struct GpuArgs {
     /// (less exact; off by default).
     #[arg(long)]
     gpu_f16: bool,
+}
+
+impl GpuDevice {
+    fn options(&self) -> GpuOptions {
+        GpuOptions {
+            selector: self.gpu.clone(),
+            memory_budget: self.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64),
+            f16_products: self.gpu_f16,
+            ..Default::default()
+        }
+    }
+}
+
+/// Where the always-active part of the model runs (`generate` and `serve`).
+#[derive(Args, Clone)]
+struct GpuArgs {
+    /// Backend: `auto` (a hardware GPU through wgpu if there is one, else the CPU; never a
+    /// software adapter), `cpu`, or `wgpu`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "wgpu"])]
+    backend: String,
+    #[command(flatten)]
+    device: GpuDevice,
 }
 
 impl GpuArgs {
@@ -364,13 +382,7 @@ impl GpuArgs {
             "wgpu" => false,
             _ => true,
         };
-        let opts = GpuOptions {
-            selector: self.gpu.clone(),
-            memory_budget: self.gpu_memory.map(|g| (g * (1u64 << 30) as f64) as u64),
-            f16_products: self.gpu_f16,
-            ..Default::default()
-        };
-        let ctx = match GpuContext::new(opts) {
+        let ctx = match GpuContext::new(self.device.options()) {
             Ok(c) => std::sync::Arc::new(c),
             Err(e @ GpuError::NoAdapter(_)) if auto => {
                 eprintln!("[backend: cpu ({e})]");

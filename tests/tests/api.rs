@@ -161,6 +161,34 @@ impl Server {
         (text, g.tokens)
     }
 
+    /// Streams a chat completion for every prompt at once; each answer's text, in order.
+    async fn stream_all(&self, prompts: &[String], max_tokens: usize) -> Vec<String> {
+        let tasks: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let (url, body) = (
+                    self.url("/v1/chat/completions"),
+                    chat_body(p, max_tokens, true),
+                );
+                tokio::spawn(async move {
+                    let r = reqwest::Client::new()
+                        .post(url)
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    parse_chat_stream(&r.text().await.unwrap()).1
+                })
+            })
+            .collect();
+        let mut texts = Vec::new();
+        for t in tasks {
+            texts.push(t.await.unwrap());
+        }
+        texts
+    }
+
     async fn post(&self, path: &str, body: Value) -> reqwest::Response {
         reqwest::Client::new()
             .post(self.url(path))
@@ -386,26 +414,7 @@ fn concurrent_streams_give_the_same_tokens_as_one_by_one() {
             );
         }
         let steps_before = s.api.metrics.steps.load(Ordering::Relaxed);
-        let tasks: Vec<_> = prompts
-            .iter()
-            .map(|p| {
-                let (url, body) = (s.url("/v1/chat/completions"), chat_body(p, 16, true));
-                tokio::spawn(async move {
-                    let r = reqwest::Client::new()
-                        .post(url)
-                        .json(&body)
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 200);
-                    parse_chat_stream(&r.text().await.unwrap()).1
-                })
-            })
-            .collect();
-        let mut together = Vec::new();
-        for t in tasks {
-            together.push(t.await.unwrap());
-        }
+        let together = s.stream_all(&prompts, 16).await;
         for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
             assert_eq!(a, b, "request {i}");
         }
@@ -440,25 +449,9 @@ fn a_gpu_answers_concurrent_requests_in_turn_with_the_cpus_tokens() {
     let max_new = 10;
     s.rt.block_on(async {
         let steps_before = s.api.metrics.steps.load(Ordering::Relaxed);
-        let tasks: Vec<_> = prompts
-            .iter()
-            .map(|p| {
-                let (url, body) = (s.url("/v1/chat/completions"), chat_body(p, max_new, true));
-                tokio::spawn(async move {
-                    let r = reqwest::Client::new()
-                        .post(url)
-                        .json(&body)
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 200);
-                    parse_chat_stream(&r.text().await.unwrap()).1
-                })
-            })
-            .collect();
+        let texts = s.stream_all(&prompts, max_new).await;
         let mut generated = 0;
-        for (i, t) in tasks.into_iter().enumerate() {
-            let text = t.await.unwrap();
+        for (i, text) in texts.into_iter().enumerate() {
             let (want, tokens) = s.reference(&prompts[i], max_new);
             assert_eq!(text, want, "request {i}");
             generated += tokens.len() as u64;

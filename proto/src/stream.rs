@@ -24,8 +24,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Stream
     let mut hb = [0u8; HEADER_LEN];
     read_exact(r, &mut hb).await?;
     let h = Header::decode(&hb)?;
-    let mut body = vec![0u8; h.body_len];
-    read_exact(r, &mut body).await?;
+    // Read into spare capacity: the body is not zeroed first (a vector's worth per frame).
+    let mut body = Vec::with_capacity(h.body_len);
+    (&mut *r)
+        .take(h.body_len as u64)
+        .read_to_end(&mut body)
+        .await?;
+    if body.len() < h.body_len {
+        return Err(StreamError::Closed);
+    }
     Ok(Frame::decode(&h, &body)?)
 }
 

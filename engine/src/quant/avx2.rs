@@ -220,7 +220,7 @@ wrapper_multi!(q5_0_multi, q5_0_n, 32, 22, 34);
 /// nothing (prefetches do not fault).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn prefetch_ahead(x: *const u8, len: usize) {
+pub(crate) unsafe fn prefetch_ahead(x: *const u8, len: usize) {
     let mut k = 0;
     while k < len {
         _mm_prefetch::<_MM_HINT_T0>(x.wrapping_add(PREFETCH + k) as *const i8);

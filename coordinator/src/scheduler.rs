@@ -491,7 +491,7 @@ impl<M: BatchModel> Loop<M> {
             .iter_mut()
             .filter(|s| s.step_tokens > 0)
             .map(|s| {
-                let tokens: &[u32] = if s.fed < s.job.prompt.len() {
+                let tokens: &[u32] = if s.in_prefill() {
                     &s.job.prompt[s.fed..s.fed + s.step_tokens]
                 } else {
                     &s.next

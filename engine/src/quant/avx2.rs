@@ -218,8 +218,8 @@ wrapper_multi!(q5_0_multi, q5_0_n, 32, 22, 34);
 /// line: a matvec streams every weight once, and the hardware prefetchers alone left a core
 /// waiting on memory between blocks. Past the end of a row it touches the next row or
 /// nothing (prefetches do not fault).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+/// (Prefetching is baseline SSE: no target features, so it inlines into every kernel.)
+#[inline(always)]
 pub(crate) unsafe fn prefetch_ahead(x: *const u8, len: usize) {
     let mut k = 0;
     while k < len {

@@ -91,9 +91,19 @@ mod x86 {
     use std::sync::OnceLock;
 
     use super::super::QuantType;
-    // With one vector there is little work per weight byte and memory latency shows: the
-    // kernels ask for the weights ahead, as the integer kernels do (`N == 1` only).
     use crate::quant::avx2::prefetch_ahead;
+
+    /// Block `i` (of `size` bytes) of the row at `w`. With one vector (`N == 1`) there is
+    /// little work per weight byte and memory latency shows, so the weights further on are
+    /// asked for too, as the integer kernels do.
+    #[inline(always)]
+    unsafe fn block<const N: usize>(w: *const u8, size: usize, i: usize) -> *const u8 {
+        let b = w.add(size * i);
+        if N == 1 {
+            prefetch_ahead(b, size);
+        }
+        b
+    }
 
     /// Whether the CPU has AVX2, FMA and F16C (checked once).
     #[inline]
@@ -404,10 +414,7 @@ mod x86 {
         let mut acc = Acc::<N>::new();
         let z = _mm256_setzero_ps();
         for i in 0..nb {
-            let b = w.add(34 * i);
-            if N == 1 {
-                prefetch_ahead(b, 34);
-            }
+            let b = block::<N>(w, 34, i);
             let d = f16x8(b);
             acc.q32::<false>(b.add(2) as *const i8, d, z, d, z, xs, 32 * i);
         }
@@ -448,10 +455,7 @@ mod x86 {
         let mut q = Quants([0; 256]);
         let z = _mm256_setzero_ps();
         for i in 0..nb {
-            let b = w.add(18 * i);
-            if N == 1 {
-                prefetch_ahead(b, 18);
-            }
+            let b = block::<N>(w, 18, i);
             let d = f16x8(b);
             q.store(0, _mm256_sub_epi8(nibbles32(b.add(2)), splat8(8)));
             acc.q32::<false>(q.at(0), d, z, d, z, xs, 32 * i);
@@ -465,10 +469,7 @@ mod x86 {
         let mut acc = Acc::<N>::new();
         let mut q = Quants([0; 256]);
         for i in 0..nb {
-            let b = w.add(20 * i);
-            if N == 1 {
-                prefetch_ahead(b, 20);
-            }
+            let b = block::<N>(w, 20, i);
             let d = f16x8(b);
             let m = f16x8(b.add(2));
             q.store(0, nibbles32(b.add(4)));
@@ -484,10 +485,7 @@ mod x86 {
         let mut q = Quants([0; 256]);
         let z = _mm256_setzero_ps();
         for i in 0..nb {
-            let b = w.add(22 * i);
-            if N == 1 {
-                prefetch_ahead(b, 22);
-            }
+            let b = block::<N>(w, 22, i);
             let d = f16x8(b);
             let v = _mm256_or_si256(nibbles32(b.add(6)), bits32(b.add(2)));
             q.store(0, _mm256_sub_epi8(v, splat8(16)));
@@ -502,10 +500,7 @@ mod x86 {
         let mut acc = Acc::<N>::new();
         let mut q = Quants([0; 256]);
         for i in 0..nb {
-            let b = w.add(24 * i);
-            if N == 1 {
-                prefetch_ahead(b, 24);
-            }
+            let b = block::<N>(w, 24, i);
             let d = f16x8(b);
             let m = f16x8(b.add(2));
             q.store(0, _mm256_or_si256(nibbles32(b.add(8)), bits32(b.add(4))));
@@ -590,10 +585,7 @@ mod x86 {
         let mut bi = Scales([0.0; 16]);
         let m4 = splat8(0x0F);
         for i in 0..nb {
-            let b = w.add(144 * i);
-            if N == 1 {
-                prefetch_ahead(b, 144);
-            }
+            let b = block::<N>(w, 144, i);
             k4_scales(b.add(4), f16x8(b), f16x8(b.add(2)), &mut sc, &mut bi);
             for c in 0..4 {
                 let v = load256(b.add(16 + 32 * c));
@@ -615,10 +607,7 @@ mod x86 {
         let m4 = splat8(0x0F);
         let m16 = splat8(0x10);
         for i in 0..nb {
-            let b = w.add(176 * i);
-            if N == 1 {
-                prefetch_ahead(b, 176);
-            }
+            let b = block::<N>(w, 176, i);
             k4_scales(b.add(4), f16x8(b), f16x8(b.add(2)), &mut sc, &mut bi);
             // Chunk c takes bit 2c of qh[l] for its low nibbles and bit 2c+1 for its high ones.
             let mut h = load256(b.add(16));
@@ -647,10 +636,7 @@ mod x86 {
         let m30 = splat8(0x30);
         let m32 = splat8(32);
         for i in 0..nb {
-            let b = w.add(210 * i);
-            if N == 1 {
-                prefetch_ahead(b, 210);
-            }
+            let b = block::<N>(w, 210, i);
             let d = f16x8(b.add(208));
             let s = load128(b.add(192));
             sc.store(
@@ -701,10 +687,7 @@ mod x86 {
         let m3 = splat8(3);
         let m4 = splat8(4);
         for i in 0..nb {
-            let b = w.add(110 * i);
-            if N == 1 {
-                prefetch_ahead(b, 110);
-            }
+            let b = block::<N>(w, 110, i);
             let d = f16x8(b.add(108));
             // The 16 six-bit scales: low nibbles from bytes 0..8, top bits from bytes 8..12
             // (ggml's `aux` unpacking), then minus 32.
@@ -759,10 +742,7 @@ mod x86 {
         let mut bi = Scales([0.0; 16]);
         let m3 = splat8(3);
         for i in 0..nb {
-            let b = w.add(84 * i);
-            if N == 1 {
-                prefetch_ahead(b, 84);
-            }
+            let b = block::<N>(w, 84, i);
             let d = f16x8(b.add(80));
             let dmin = neg(f16x8(b.add(82)));
             for h in 0..2 {

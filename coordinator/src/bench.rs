@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Q4_K, Q6_K, Q8_0; with `--model`, the whole model's prefill and decode step on the GPU).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "wgpu"])]
     backend: String,
+    /// With `--backend wgpu --model`: also decode this many sequences together (each in a
+    /// cache slot of its own after its own prefill) and report the tokens per second of all.
+    #[arg(long, default_value_t = 8)]
+    gpu_batch: usize,
     #[command(flatten)]
     device: crate::GpuDevice,
 }
@@ -270,8 +274,13 @@ fn gpu_model_speed(
     let model = mf.load_model()?;
     let experts = mf.load_experts(&ExpertFilter::All)?;
     let t = Instant::now();
-    let mut gm =
-        engine::gpu::GpuModel::new(ctx.clone(), &model, a.prompt + a.decode + 1, a.kv_cache)?;
+    let mut gm = engine::gpu::GpuModel::with_sequences(
+        ctx.clone(),
+        &model,
+        a.prompt + a.decode + 1,
+        a.gpu_batch.max(1),
+        a.kv_cache,
+    )?;
     let ge = match engine::gpu::GpuExperts::upload(ctx.clone(), &experts, gm.max_batch()) {
         Ok(g) => Some(g),
         Err(e) => {
@@ -307,6 +316,7 @@ fn gpu_model_speed(
         steps.push(t.elapsed().as_secs_f64() / a.decode.max(1) as f64);
     }
     let step = median(steps);
+    let step_one = step;
     println!(
         "model {} on {}: prefill {} tokens {:.1} tok/s; decode step {:.2} ms, {:.2} tok/s (median of {})",
         path.display(),
@@ -317,5 +327,39 @@ fn gpu_model_speed(
         1.0 / step,
         a.reps
     );
+    let batch = gm.sequences().min(a.gpu_batch);
+    if batch > 1 {
+        let mut steps = Vec::new();
+        for _ in 0..a.reps.max(1) {
+            let mut next = Vec::with_capacity(batch);
+            for s in 0..batch {
+                gm.truncate_seq(s, 0);
+                let out = gm.forward_batch(&[(s, &ids[..])], routed)?;
+                next.push([argmax(out)]);
+            }
+            let t = Instant::now();
+            for _ in 0..a.decode {
+                let seqs: Vec<(usize, &[u32])> =
+                    next.iter().enumerate().map(|(s, t)| (s, &t[..])).collect();
+                let v = gm.cfg.vocab_size;
+                let rows: Vec<u32> = gm
+                    .forward_batch(&seqs, routed)?
+                    .chunks(v)
+                    .map(argmax)
+                    .collect();
+                for (n, r) in next.iter_mut().zip(rows) {
+                    n[0] = r;
+                }
+            }
+            steps.push(t.elapsed().as_secs_f64() / a.decode.max(1) as f64);
+        }
+        let step = median(steps);
+        println!(
+            "decode of {batch} sequences together: step {:.2} ms, {:.2} tok/s in all ({:.2}x one sequence's)",
+            step * 1e3,
+            batch as f64 / step,
+            (batch as f64 / step) * step_one
+        );
+    }
     Ok(())
 }

@@ -370,11 +370,13 @@ struct GpuArgs {
 impl GpuArgs {
     /// The model's dense part on the GPU, or `None` for the CPU: `--backend wgpu` opens the
     /// chosen adapter or fails; `auto` takes a hardware GPU if there is one (never a software
-    /// adapter) and falls back to the CPU when there is none or the model does not fit.
+    /// adapter) and falls back to the CPU when there is none or the model does not fit. The
+    /// device cache has a slot of `capacity` positions for each of up to `sequences`.
     fn open_model(
         &self,
         model: &Model,
         capacity: usize,
+        sequences: usize,
         cache: CacheType,
     ) -> Result<Option<GpuModel>> {
         let auto = match self.backend.as_str() {
@@ -390,7 +392,7 @@ impl GpuArgs {
             }
             Err(e) => return Err(e).context("opening the GPU"),
         };
-        match GpuModel::new(ctx.clone(), model, capacity, cache) {
+        match GpuModel::with_sequences(ctx.clone(), model, capacity, sequences, cache) {
             Ok(m) => Ok(Some(m)),
             Err(e) if auto => {
                 eprintln!(
@@ -412,7 +414,7 @@ fn open_gpu(
     experts: &LocalExperts,
     capacity: usize,
 ) -> Result<Option<(GpuModel, Option<GpuExperts>)>> {
-    let Some(gm) = a.gpu.open_model(model, capacity, a.p.kv_cache)? else {
+    let Some(gm) = a.gpu.open_model(model, capacity, 1, a.p.kv_cache)? else {
         return Ok(None);
     };
     let ctx = gm.context().clone();

@@ -13,8 +13,8 @@
 //! gives the same tokens whether it runs alone or among others.
 //!
 //! The passes run on a [`BatchModel`]: the CPU [`Model`] ([`CpuBatch`], every sequence with a
-//! cache of its own, batched together) or a GPU's [`GpuModel`] ([`GpuBatch`], whose device cache
-//! holds one sequence: it runs one request at a time, and the others wait their turn).
+//! cache of its own, batched together) or a GPU's [`GpuModel`] ([`GpuBatch`], every sequence
+//! with a slot of the device cache, batched together; `max_batch` is capped by the slots).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -26,7 +26,7 @@ use engine::generate::GenerateError;
 use engine::gpu::GpuModel;
 use engine::model::kv_cache::{CacheType, KvCache};
 use engine::model::moe::RoutedExperts;
-use engine::model::{BatchSeq, Logits, Model, Workspace};
+use engine::model::{BatchSeq, Model, Workspace};
 use engine::sampling::{Sampler, SamplingParams};
 use tokio::sync::mpsc;
 
@@ -128,24 +128,35 @@ impl BatchModel for CpuBatch {
     }
 }
 
-/// A GPU's model: its device cache holds one sequence, so one request runs at a time (the
-/// cache is emptied when the next one starts).
+/// The GPU backend: a [`GpuModel`] with a cache slot per sequence; a pass runs every
+/// sequence that takes part together. A sequence gives its slot back when it is dropped.
 pub struct GpuBatch {
     model: GpuModel,
-    /// The sequence the device cache holds.
-    holder: Option<u64>,
-    next_id: u64,
+    free: Arc<std::sync::Mutex<Vec<usize>>>,
 }
 
-/// A sequence of a [`GpuBatch`].
-pub struct GpuSeq(u64);
+/// A sequence of a [`GpuBatch`]: its cache slot (`None` when every slot was taken, which the
+/// scheduler's `max_batch` prevents).
+pub struct GpuSeq {
+    slot: Option<usize>,
+    free: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl Drop for GpuSeq {
+    fn drop(&mut self) {
+        if let Some(s) = self.slot.take() {
+            self.free.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+        }
+    }
+}
 
 impl GpuBatch {
     pub fn new(model: GpuModel) -> Self {
+        // Popped from the end: slot 0 first.
+        let free = (0..model.sequences()).rev().collect();
         GpuBatch {
             model,
-            holder: None,
-            next_id: 0,
+            free: Arc::new(std::sync::Mutex::new(free)),
         }
     }
 }
@@ -162,12 +173,18 @@ impl BatchModel for GpuBatch {
     }
 
     fn max_sequences(&self) -> usize {
-        1
+        self.model.sequences()
     }
 
     fn new_seq(&mut self, _cache: CacheType, _capacity: usize) -> GpuSeq {
-        self.next_id += 1;
-        GpuSeq(self.next_id)
+        let slot = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(s) = slot {
+            self.model.truncate_seq(s, 0);
+        }
+        GpuSeq {
+            slot,
+            free: self.free.clone(),
+        }
     }
 
     fn forward(
@@ -175,19 +192,19 @@ impl BatchModel for GpuBatch {
         seqs: &mut [(&[u32], &mut GpuSeq)],
         experts: &dyn RoutedExperts,
     ) -> Result<&[f32], GenerateError> {
-        let [(tokens, seq)] = seqs else {
-            return Err(GenerateError::Gpu(engine::gpu::GpuError::BadArgument(
-                format!(
-                    "the GPU model runs one sequence per pass, not {}",
-                    seqs.len()
-                ),
-            )));
-        };
-        if self.holder != Some(seq.0) {
-            self.model.truncate(0);
-            self.holder = Some(seq.0);
+        let mut batch = Vec::with_capacity(seqs.len());
+        for (tokens, seq) in seqs.iter() {
+            let Some(slot) = seq.slot else {
+                return Err(GenerateError::Gpu(engine::gpu::GpuError::BadArgument(
+                    format!(
+                        "every one of the GPU's {} sequence slots is taken",
+                        self.model.sequences()
+                    ),
+                )));
+            };
+            batch.push((slot, *tokens));
         }
-        Ok(self.model.forward(tokens, experts, Logits::Last)?)
+        Ok(self.model.forward_batch(&batch, experts)?)
     }
 }
 

@@ -53,9 +53,9 @@ pub struct ServeArgs {
     /// worker follows this choice.
     #[arg(long)]
     int8_activations: bool,
-    /// Where the always-active part runs. On a GPU the device cache holds one sequence, so the
-    /// API answers one request at a time (the others wait in the queue); on the CPU, up to
-    /// `--max-batch` are decoded together.
+    /// Where the always-active part runs. On either, up to `--max-batch` sequences are decoded
+    /// together; on a GPU each has a slot of the device cache (fewer slots when a layer's would
+    /// not fit one buffer binding).
     #[command(flatten)]
     gpu: crate::GpuArgs,
     /// Once serving, run this prompt (`--prompt` or `--token-ids`, with the same options as
@@ -96,10 +96,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     };
     let model = Arc::new(mf.load_model().context("loading the model")?);
     let gpu = match &prompt {
-        Some(p) => a.gpu.open_model(&model, a.p.capacity(p), a.p.kv_cache)?,
-        None => a
-            .gpu
-            .open_model(&model, a.ctx_size, SchedulerConfig::default().cache)?,
+        Some(p) => a.gpu.open_model(&model, a.p.capacity(p), 1, a.p.kv_cache)?,
+        None => a.gpu.open_model(
+            &model,
+            a.ctx_size,
+            a.max_batch,
+            SchedulerConfig::default().cache,
+        )?,
     };
     if let Some(g) = &gpu {
         let ctx = g.context();
@@ -109,9 +112,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
             ctx.adapter().backend,
             ctx.memory_used() as f64 / (1u64 << 20) as f64,
             if prompt.is_none() {
-                "; one request at a time, the others queue"
+                format!(
+                    "; cache slots for {} sequences of {} positions",
+                    g.sequences(),
+                    g.capacity()
+                )
             } else {
-                ""
+                String::new()
             }
         );
     }

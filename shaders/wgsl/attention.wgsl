@@ -1,7 +1,8 @@
-// Absorbed multi-head latent attention over the latent cache, for n consecutive tokens at
-// positions pos0 + t (causal: token t attends to positions 0..=pos0 + t).
+// Absorbed multi-head latent attention over the latent cache, for n tokens of one or more
+// sequences. Token t belongs to the sequence whose cache rows start at row T[2t] and sits at
+// position pos_t = T[2t + 1] of it (causal: it attends to its sequence's positions 0..=pos_t).
 //
-// Cache row p of the layer: elements p * crow .. p * crow + row (read with `cache_at`) are the
+// Cache row p of a sequence (row T[2t] + p of the layer's buffer): elements p * crow .. p * crow + row (read with `cache_at`) are the
 // normalised latent c_p (lora values), followed by the rotated shared key k_pe_p (rd values).
 // The cache is an array of u32 words, PER_WORD elements each (rows padded to whole words,
 // crow = words_per_row * PER_WORD); one of the `cache_*.wgsl` files defines PER_WORD, `cache_at`
@@ -9,15 +10,15 @@
 //   `scores`: S[th * sstride + p] = scale * (QA[th * lora ..] . c_p + q_pe . k_pe_p), with
 //             q_pe = Q[th * qk + nope ..][..rd] (already rotated) and QA = W_UK^T q_nope;
 //   `latent`: L[th * lora + j] = sum_p S[th * sstride + p] * c_p[j] (after the softmax).
-//   `write`:  cache row pos0 + t = KV[t * row ..][..row] (the new [c, k_pe] rows), rounded to the
-//             cache's type.
+//   `write`:  cache row T[2t] + pos_t = KV[t * row ..][..row] (the new [c, k_pe] rows), rounded to
+//             the cache's type.
 // Grids: `scores` x over positions, `latent` x over latent channels, `write` x over a row's words;
 // y over heads (`write`: tokens), z over tokens.
 
 struct Params {
     n: u32,
     heads: u32,
-    pos0: u32,
+    pad1: u32,
     lora: u32,
     rd: u32,
     row: u32,
@@ -38,18 +39,19 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> L: array<f32>;
 @group(0) @binding(7) var<storage, read_write> CW: array<u32>;
 @group(0) @binding(8) var<storage, read> KV: array<f32>;
+@group(0) @binding(9) var<storage, read> T: array<u32>;
 
 @compute @workgroup_size(64)
 fn scores(@builtin(global_invocation_id) g: vec3<u32>) {
     let p = g.x;
     let h = g.y;
     let t = g.z;
-    if (t >= P.n || p > P.pos0 + t) {
+    if (t >= P.n || p > T[2u * t + 1u]) {
         return;
     }
     let th = t * P.heads + h;
     let qa = th * P.lora;
-    let cb = p * P.crow;
+    let cb = (T[2u * t] + p) * P.crow;
     var s1 = 0.0;
     for (var j = 0u; j < P.lora; j++) {
         s1 += QA[qa + j] * cache_at(cb + j);
@@ -72,9 +74,11 @@ fn latent(@builtin(global_invocation_id) g: vec3<u32>) {
     }
     let th = t * P.heads + h;
     let sb = th * P.sstride;
+    let base = T[2u * t];
+    let last = T[2u * t + 1u];
     var acc = 0.0;
-    for (var p = 0u; p <= P.pos0 + t; p++) {
-        acc += SR[sb + p] * cache_at(p * P.crow + j);
+    for (var p = 0u; p <= last; p++) {
+        acc += SR[sb + p] * cache_at((base + p) * P.crow + j);
     }
     L[th * P.lora + j] = acc;
 }
@@ -96,5 +100,5 @@ fn write(@builtin(global_invocation_id) g: vec3<u32>) {
     if (PER_WORD == 2u && j + 1u < P.row) {
         b = KV[t * P.row + j + 1u];
     }
-    CW[(P.pos0 + t) * words + w] = to_word(a, b);
+    CW[(T[2u * t] + T[2u * t + 1u]) * words + w] = to_word(a, b);
 }

@@ -1,7 +1,8 @@
 // Rotary embedding from a host-computed table (the CPU's exact cos/sin, attention factor
 // included): CS[(pos * half + i) * 2 + {0, 1}] = {cos, sin} of channel pair i at position pos.
 // Pairs are (2i, 2i + 1) when interleaved, else (i, i + half), as `model::rope` pairs them.
-// Grid: x over heads * half (64 per workgroup), y over tokens at positions pos0 + t.
+// Token t is at position T[2t + 1] (T: the attention's token table, see attention.wgsl).
+// Grid: x over heads * half (64 per workgroup), y over tokens.
 
 struct Params {
     n: u32,
@@ -9,7 +10,7 @@ struct Params {
     off: u32,      // f32 index of token 0, head 0, rotary channel 0 in X
     tstride: u32,  // f32 elements between tokens
     hstride: u32,  // f32 elements between heads
-    pos0: u32,
+    pad0: u32,
     half: u32,
     interleaved: u32,
 }
@@ -17,6 +18,7 @@ struct Params {
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> CS: array<f32>;
 @group(0) @binding(2) var<storage, read_write> X: array<f32>;
+@group(0) @binding(3) var<storage, read> T: array<u32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) g: vec3<u32>) {
@@ -33,7 +35,7 @@ fn main(@builtin(global_invocation_id) g: vec3<u32>) {
         a = base + 2u * i;
         b = a + 1u;
     }
-    let ci = ((P.pos0 + t) * P.half + i) * 2u;
+    let ci = (T[2u * t + 1u] * P.half + i) * 2u;
     let c = CS[ci];
     let s = CS[ci + 1u];
     let x0 = X[a];

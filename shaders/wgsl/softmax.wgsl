@@ -1,20 +1,22 @@
 // Numerically stable softmax of rows in place, one workgroup of 64 lanes per row. Row r starts
-// at off + r * stride and holds len0 + r / per values (attention rows grow by one per token:
-// per = heads); values past a row's length are left alone.
+// at off + r * stride and holds N[(r / per) * nstride + noff] + nadd values (attention: `per` =
+// heads rows per token, N the token table with each token's position at 2t + 1, nadd = 1);
+// values past a row's length are left alone.
 
 struct Params {
     rows: u32,
     stride: u32,
-    len0: u32,
     per: u32,
     off: u32,
+    nstride: u32,
+    noff: u32,
+    nadd: u32,
     pad0: u32,
-    pad1: u32,
-    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read_write> X: array<f32>;
+@group(0) @binding(2) var<storage, read> N: array<u32>;
 
 var<workgroup> red: array<f32, 64>;
 
@@ -22,7 +24,7 @@ var<workgroup> red: array<f32, 64>;
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let r = wid.x;
     let b = P.off + r * P.stride;
-    let len = P.len0 + r / P.per;
+    let len = N[(r / P.per) * P.nstride + P.noff] + P.nadd;
     var m = -3.4028235e38;
     for (var i = lid; i < len; i += 64u) {
         m = max(m, X[b + i]);

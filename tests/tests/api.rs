@@ -75,7 +75,9 @@ fn start_with(
     });
     let scheduler = match gpu {
         Some(ctx) => {
-            let g = GpuModel::new(ctx, &model, cfg.max_context, cfg.cache).unwrap();
+            let g =
+                GpuModel::with_sequences(ctx, &model, cfg.max_context, cfg.max_batch, cfg.cache)
+                    .unwrap();
             Scheduler::start_on(
                 GpuBatch::new(g),
                 counting,
@@ -428,22 +430,22 @@ fn concurrent_streams_give_the_same_tokens_as_one_by_one() {
     });
 }
 
-/// With the model's dense part on a GPU (lavapipe in CI) the device cache holds one sequence:
-/// concurrent requests are answered in turn, each step runs one sequence, and every answer is
-/// the CPU's greedy answer in one process.
+/// With the model's dense part on a GPU (lavapipe in CI), every sequence has a slot of the
+/// device cache: concurrent requests are batched (fewer steps than tokens), slots are reused
+/// when six requests share four, and every answer is the CPU's greedy answer in one process.
 #[test]
-fn a_gpu_answers_concurrent_requests_in_turn_with_the_cpus_tokens() {
+fn a_gpu_batches_concurrent_requests_with_the_cpus_tokens() {
     let Some(ctx) = test_context(GpuOptions::default()) else {
         return;
     };
     let cfg = SchedulerConfig {
-        max_batch: 8,
+        max_batch: 4,
         max_context: 256,
         ..SchedulerConfig::default()
     };
     let s = start_with(ChatStyle::V3, cfg, None, Some(Arc::new(ctx)));
-    assert_eq!(s.api.scheduler.config().max_batch, 1);
-    let prompts: Vec<String> = (0..4)
+    assert_eq!(s.api.scheduler.config().max_batch, 4);
+    let prompts: Vec<String> = (0..6)
         .map(|i| format!("Question {i}: {}?", "how ".repeat(i + 1)))
         .collect();
     let max_new = 10;
@@ -456,9 +458,9 @@ fn a_gpu_answers_concurrent_requests_in_turn_with_the_cpus_tokens() {
             assert_eq!(text, want, "request {i}");
             generated += tokens.len() as u64;
         }
-        // One sequence per step: every step sampled exactly one token.
+        // Sequences shared steps: fewer steps than sampled tokens.
         let steps = s.api.metrics.steps.load(Ordering::Relaxed) - steps_before;
-        assert_eq!(steps, generated);
+        assert!(steps < generated, "{steps} steps for {generated} tokens");
     });
 }
 

@@ -3,8 +3,9 @@
 //! same greedy tokens, with the routed experts on the host (`LocalExperts`) and on the device
 //! (`GpuExperts`); and on the GPU, one prefill agrees with token-by-token decoding. The same
 //! holds with an f16 and a bf16 latent cache on both sides (the GPU rounds as the CPU does),
-//! and the device memory counts the smaller cache. Skipped with one line without an adapter,
-//! failed under `REQUIRE_GPU_TESTS=1`.
+//! and the device memory counts the smaller cache. Several sequences batched in cache slots of
+//! their own match each sequence alone. Skipped with one line without an adapter, failed under
+//! `REQUIRE_GPU_TESTS=1`.
 
 mod common;
 
@@ -267,4 +268,160 @@ fn gpu_errors_leave_the_cache_alone() {
         Err(E::Forward(F::Experts(_)))
     ));
     assert_eq!(g.len(), 2);
+}
+
+/// A sequence alone on the CPU (f32 cache): its prompt, then `steps` greedy decode steps; one
+/// row of logits per call.
+fn cpu_alone(
+    m: &Model,
+    experts: &dyn RoutedExperts,
+    prompt: &[u32],
+    steps: usize,
+) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache(CacheType::F32, 96);
+    let mut ws = Workspace::default();
+    let mut rows = vec![m
+        .forward(prompt, &mut cache, experts, &mut ws, Logits::Last)
+        .unwrap()
+        .to_vec()];
+    for _ in 0..steps {
+        let next = argmax(rows.last().unwrap());
+        let r = m
+            .forward(&[next], &mut cache, experts, &mut ws, Logits::Last)
+            .unwrap();
+        rows.push(r.to_vec());
+    }
+    rows
+}
+
+/// Several sequences in cache slots of their own, run together in every pass
+/// (`forward_batch`): a 70-token prompt (past one pass of 64 tokens, so the passes cut it and
+/// mix it with the others), a 5-token and a 1-token prompt, then greedy steps where sequences
+/// sit some steps out and change order, and a slot reused by a new sequence. Each sequence's
+/// rows match the CPU running it alone (1e-3, same greedy tokens); a 16-bit cache gives what
+/// the GPU gives for the sequence alone.
+#[test]
+fn gpu_batches_sequences_in_their_own_slots() {
+    let Some(ctx) = ctx(false) else { return };
+    let mf = ModelFile::open(&data_dir().join("oracle/qlora/q4_k_m.gguf")).unwrap();
+    let m = mf.load_model().unwrap();
+    let local = mf.load_experts(&ExpertFilter::All).unwrap();
+    let v = m.cfg.vocab_size;
+    let base = prompt("qlora");
+    let long: Vec<u32> = (0..70)
+        .map(|i| base[i % base.len()] ^ (i as u32 % 3))
+        .collect();
+    let prompts = [
+        long,
+        base[..5].to_vec(),
+        base[3..4].to_vec(),
+        base[2..7].to_vec(),
+    ];
+    // Steps after the prompts: who takes part, in which order (indices into `prompts`).
+    let schedule: [&[usize]; 4] = [&[0, 1, 2], &[1, 0], &[2, 0, 1], &[0, 1, 2]];
+    let slots = [2usize, 0, 3, 3];
+
+    for cache in [CacheType::F32, CacheType::F16] {
+        let mut g = GpuModel::with_sequences(ctx.clone(), &m, 96, 4, cache).unwrap();
+        assert_eq!(g.sequences(), 4);
+        assert!(g.max_batch() < 70, "the long prompt must need two passes");
+        let mut rows: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
+        let first: Vec<(usize, &[u32])> = (0..3).map(|s| (slots[s], &prompts[s][..])).collect();
+        let out = g.forward_batch(&first, &local).unwrap();
+        assert_eq!(out.len(), 3 * v);
+        for (s, r) in out.chunks(v).enumerate() {
+            rows[s].push(r.to_vec());
+        }
+        for who in schedule {
+            let next: Vec<[u32; 1]> = who
+                .iter()
+                .map(|&s| [argmax(rows[s].last().unwrap())])
+                .collect();
+            let seqs: Vec<(usize, &[u32])> = who
+                .iter()
+                .zip(&next)
+                .map(|(&s, t)| (slots[s], &t[..]))
+                .collect();
+            let out = g.forward_batch(&seqs, &local).unwrap().to_vec();
+            for (&s, r) in who.iter().zip(out.chunks(v)) {
+                rows[s].push(r.to_vec());
+            }
+        }
+        // Sequence 2 ends; a new one takes its slot, beside sequence 1.
+        g.truncate_seq(3, 0);
+        let next = [argmax(rows[1].last().unwrap())];
+        let out = g
+            .forward_batch(
+                &[(slots[3], &prompts[3][..]), (slots[1], &next[..])],
+                &local,
+            )
+            .unwrap()
+            .to_vec();
+        rows[3].push(out[..v].to_vec());
+        rows[1].push(out[v..].to_vec());
+        let next = [argmax(rows[3].last().unwrap())];
+        let out = g.forward_batch(&[(slots[3], &next[..])], &local).unwrap();
+        rows[3].push(out.to_vec());
+        assert_eq!(g.seq_len(slots[1]), 5 + 5);
+        assert_eq!(g.seq_len(slots[3]), 5 + 1);
+
+        for (s, got) in rows.iter().enumerate() {
+            let want = match cache {
+                CacheType::F32 => cpu_alone(&m, &local, &prompts[s], got.len() - 1),
+                _ => {
+                    // The same sequence alone on the GPU, same cache type.
+                    let mut one = GpuModel::new(ctx.clone(), &m, 96, cache).unwrap();
+                    let mut want = vec![one
+                        .forward(&prompts[s], &local, Logits::Last)
+                        .unwrap()
+                        .to_vec()];
+                    for _ in 1..got.len() {
+                        let next = argmax(want.last().unwrap());
+                        want.push(one.forward(&[next], &local, Logits::Last).unwrap().to_vec());
+                    }
+                    want
+                }
+            };
+            let d = max_diff(got, &want);
+            eprintln!(
+                "{cache:?} cache, sequence {s}: {} rows, max abs diff {d:.2e}",
+                got.len()
+            );
+            let tol = if cache == CacheType::F32 { 1e-3 } else { 1e-4 };
+            assert!(d <= tol, "{cache:?} cache, sequence {s}: max abs diff {d}");
+            let greedy = |r: &[Vec<f32>]| r.iter().map(|x| argmax(x)).collect::<Vec<_>>();
+            assert_eq!(greedy(got), greedy(&want), "sequence {s}: greedy tokens");
+        }
+    }
+}
+
+/// A batch with a bad member changes no slot: a slot out of range, a slot given twice, one
+/// sequence past its capacity.
+#[test]
+fn gpu_batch_errors_change_no_slot() {
+    let Some(ctx) = ctx(false) else { return };
+    let mf = ModelFile::open(&data_dir().join("oracle/noqlora/q8_0.gguf")).unwrap();
+    let m = mf.load_model().unwrap();
+    let all = mf.load_experts(&ExpertFilter::All).unwrap();
+    let mut g = GpuModel::with_sequences(ctx, &m, 6, 2, CacheType::F16).unwrap();
+    g.forward_batch(&[(0, &[1, 2]), (1, &[3])], &all).unwrap();
+    use engine::gpu::GpuForwardError as E;
+    use engine::model::ForwardError as F;
+    assert!(matches!(
+        g.forward_batch(&[(0, &[1]), (2, &[1])], &all),
+        Err(E::Gpu(_))
+    ));
+    assert!(matches!(
+        g.forward_batch(&[(1, &[1]), (1, &[1])], &all),
+        Err(E::Gpu(_))
+    ));
+    assert!(matches!(
+        g.forward_batch(&[(0, &[1]), (1, &[1, 2, 3, 4, 5, 6])], &all),
+        Err(E::Forward(F::ContextFull(_)))
+    ));
+    assert!(matches!(
+        g.forward_batch(&[], &all),
+        Err(E::Forward(F::Empty))
+    ));
+    assert_eq!((g.seq_len(0), g.seq_len(1)), (2, 1));
 }

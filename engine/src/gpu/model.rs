@@ -122,8 +122,11 @@ impl AttnShape {
 
 /// The buffers absorbed MLA reads and writes (every layer shares them): `q` (`n x heads x
 /// qk`, q_pe rotated), `kv` (`n x row`, the new cache rows), and the intermediates `qabs` and
-/// `lat` (`n x heads x lora`), `scores` (`n x heads x capacity`), `out` (`n x heads x v_head`).
+/// `lat` (`n x heads x lora`), `scores` (`n x heads x capacity`), `out` (`n x heads x v_head`);
+/// `tok` is the token table (`2n` u32: per token, the first cache row of its sequence and its
+/// position; see `attention.wgsl`).
 pub(crate) struct AttnBufs<'a> {
+    pub tok: &'a GpuBuffer,
     pub q: &'a GpuBuffer,
     pub kv: &'a GpuBuffer,
     pub qabs: &'a GpuBuffer,
@@ -159,19 +162,24 @@ impl GpuAttention {
         Ok(GpuAttention {
             k_b: GpuMatrix::upload_stacked(ctx, k_b)?,
             v_b: GpuMatrix::upload_stacked(ctx, v_b)?,
-            cache_write: Op::new(ctx, &k.cache_write, &[(7, cache), (8, b.kv)])?,
+            cache_write: Op::new(ctx, &k.cache_write, &[(7, cache), (8, b.kv), (9, b.tok)])?,
             scores: Op::new(
                 ctx,
                 &k.scores,
-                &[(1, b.qabs), (2, b.q), (3, cache), (4, b.scores)],
+                &[(1, b.qabs), (2, b.q), (3, cache), (4, b.scores), (9, b.tok)],
             )?,
-            softmax: Op::new(ctx, &k.softmax, &[(1, b.scores)])?,
-            latent: Op::new(ctx, &k.latent, &[(3, cache), (5, b.scores), (6, b.lat)])?,
+            softmax: Op::new(ctx, &k.softmax, &[(1, b.scores), (2, b.tok)])?,
+            latent: Op::new(
+                ctx,
+                &k.latent,
+                &[(3, cache), (5, b.scores), (6, b.lat), (9, b.tok)],
+            )?,
         })
     }
 
-    /// Records attention for `n` tokens at positions `pos0..`: their rows of `b.kv` go into
-    /// the cache, their head outputs into `b.out`.
+    /// Records attention for the `n` tokens of `b.tok` (the highest position among them
+    /// below `ctx_len`): their rows of `b.kv` go into the cache, their head outputs into
+    /// `b.out`.
     #[allow(clippy::too_many_arguments)]
     pub fn encode(
         &self,
@@ -179,8 +187,8 @@ impl GpuAttention {
         enc: &mut wgpu::CommandEncoder,
         s: &AttnShape,
         b: &AttnBufs,
-        pos0: usize,
         n: usize,
+        ctx_len: usize,
     ) -> Result<(), GpuError> {
         let (heads, lora, vh, qk) = (s.heads, s.lora, s.vh, s.qk());
         let (crow, row_bytes) = cache_row(s.cache, s.row());
@@ -188,7 +196,7 @@ impl GpuAttention {
         let att = [
             nn,
             hh,
-            pos0 as u32,
+            0,
             lora as u32,
             s.rd as u32,
             s.row() as u32,
@@ -213,13 +221,13 @@ impl GpuAttention {
             0,
             heads * lora,
         )?;
-        let ctx_len = (pos0 + n) as u32;
+        let ctx_len = ctx_len as u32;
         self.scores
             .encode(ctx, enc, &att, (ctx_len.div_ceil(64), hh, nn));
         self.softmax.encode(
             ctx,
             enc,
-            &[nn * hh, s.capacity as u32, pos0 as u32 + 1, hh, 0],
+            &[nn * hh, s.capacity as u32, hh, 0, 2, 1, 1],
             (nn * hh, 1, 1),
         );
         self.latent
@@ -240,6 +248,7 @@ impl GpuAttention {
 }
 
 struct Bufs {
+    tok: GpuBuffer,
     x: GpuBuffer,
     xn: GpuBuffer,
     branch: GpuBuffer,
@@ -261,6 +270,7 @@ struct Bufs {
 impl Bufs {
     fn attn(&self) -> AttnBufs<'_> {
         AttnBufs {
+            tok: &self.tok,
             q: &self.q,
             kv: &self.kv,
             qabs: &self.qabs,
@@ -271,8 +281,22 @@ impl Bufs {
     }
 }
 
+/// Tokens of one sequence in one pass: `n` tokens of input sequence `seq` from its token
+/// `from`, at positions `pos0..` of cache slot `slot`.
+#[derive(Clone, Copy, Debug)]
+struct Seg {
+    seq: usize,
+    slot: usize,
+    from: usize,
+    n: usize,
+    pos0: usize,
+}
+
 #[derive(Default)]
 struct Host {
+    segs: Vec<Seg>,
+    wanted: Vec<usize>,
+    tok: Vec<u32>,
     x: Vec<f32>,
     read: Vec<f32>,
     routed: Vec<f32>,
@@ -296,7 +320,8 @@ pub struct GpuModel {
     b: Bufs,
     _cache: Vec<GpuBuffer>,
     shape: AttnShape,
-    len: usize,
+    /// Positions in each sequence's cache slot.
+    lens: Vec<usize>,
     capacity: usize,
     n_max: usize,
     readback: Readback,
@@ -309,7 +334,7 @@ impl std::fmt::Debug for GpuModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuModel")
             .field("adapter", &self.ctx.adapter().name)
-            .field("len", &self.len)
+            .field("lens", &self.lens)
             .field("capacity", &self.capacity)
             .field("cache", &self.shape.cache)
             .finish()
@@ -333,11 +358,26 @@ impl GpuModel {
     }
 
     /// Uploads `model`'s dense weights and allocates a latent cache of `capacity` positions
-    /// (capped by the model's limit) stored as `cache`, and every activation buffer.
+    /// (capped by the model's limit) stored as `cache`, and every activation buffer: one
+    /// sequence, [`GpuModel::forward`]'s.
     pub fn new(
         ctx: Arc<GpuContext>,
         model: &Model,
         capacity: usize,
+        cache: CacheType,
+    ) -> Result<Self, GpuError> {
+        GpuModel::with_sequences(ctx, model, capacity, 1, cache)
+    }
+
+    /// As [`GpuModel::new`], with a cache slot of `capacity` positions for each of up to
+    /// `sequences` sequences that [`GpuModel::forward_batch`] runs together. A layer's slots
+    /// share one buffer, so they are capped to what one binding holds (at least one:
+    /// [`GpuModel::sequences`] says how many there are).
+    pub fn with_sequences(
+        ctx: Arc<GpuContext>,
+        model: &Model,
+        capacity: usize,
+        sequences: usize,
         cache: CacheType,
     ) -> Result<Self, GpuError> {
         let c = model.cfg.clone();
@@ -353,12 +393,14 @@ impl GpuModel {
         let (qk, row) = (c.qk_head(), c.cache_row());
         let limit = ctx.page_limit() as usize;
         let (_, row_bytes) = cache_row(cache, row);
-        let cache_bytes = capacity * row_bytes;
-        if cache_bytes > limit {
+        let slot_bytes = capacity * row_bytes;
+        if slot_bytes > limit {
             return Err(GpuError::BadArgument(format!(
-                "a layer's cache of {capacity} positions ({cache_bytes} bytes) exceeds one binding ({limit} bytes)"
+                "a layer's cache of {capacity} positions ({slot_bytes} bytes) exceeds one binding ({limit} bytes)"
             )));
         }
+        let sequences = sequences.clamp(1, limit / slot_bytes);
+        let cache_bytes = sequences * slot_bytes;
         let mut n_max = 64usize;
         while n_max > 0
             && (n_max * heads * capacity * 4 > limit || n_max * c.vocab_size * 4 > limit)
@@ -386,6 +428,7 @@ impl GpuModel {
         let q_lora_rank = c.q_lora_rank.unwrap_or(1);
         let rope = RopeTable::new(&c.rope, rd);
         let b = Bufs {
+            tok: ctx.alloc_f32("token table", n_max * 2)?,
             x: ctx.alloc_f32("x", n_max * h)?,
             xn: ctx.alloc_f32("xn", n_max * h)?,
             branch: ctx.alloc_f32("branch", n_max * h)?,
@@ -448,8 +491,8 @@ impl GpuModel {
                 q,
                 kv_a: up(&a.kv_a)?,
                 kv_norm: Op::new(&ctx, &k.rms_inplace, &[(1, &kv_norm_w), (3, &b.kv)])?,
-                rope_k: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.kv)])?,
-                rope_q: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.q)])?,
+                rope_k: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.kv), (3, &b.tok)])?,
+                rope_q: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.q), (3, &b.tok)])?,
                 attn: GpuAttention::new(&ctx, &k, &a.k_b, &a.v_b, &cl, &b.attn())?,
                 o: up(&a.o)?,
                 add_attn: add(&b.x, &b.branch)?,
@@ -483,7 +526,7 @@ impl GpuModel {
                 capacity,
                 cache,
             },
-            len: 0,
+            lens: vec![0; sequences],
             capacity,
             n_max,
             readback,
@@ -500,13 +543,23 @@ impl GpuModel {
         &self.ctx
     }
 
-    /// Positions in the cache.
+    /// Positions in the cache of [`GpuModel::forward`]'s sequence (slot 0).
     pub fn len(&self) -> usize {
-        self.len
+        self.lens[0]
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.lens[0] == 0
+    }
+
+    /// Sequences with a cache slot of their own ([`GpuModel::forward_batch`]).
+    pub fn sequences(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Positions in slot `slot`'s cache (0 past the last slot).
+    pub fn seq_len(&self, slot: usize) -> usize {
+        self.lens.get(slot).copied().unwrap_or(0)
     }
 
     /// How the latent cache stores its values.
@@ -514,7 +567,7 @@ impl GpuModel {
         self.shape.cache
     }
 
-    /// Positions the cache holds at most.
+    /// Positions a sequence's cache holds at most.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -524,89 +577,165 @@ impl GpuModel {
         self.n_max
     }
 
-    /// Forgets positions from `len` on.
+    /// Forgets positions from `len` on, in slot 0's cache.
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+        self.truncate_seq(0, len);
     }
 
-    /// Runs `tokens` at positions `len()..`, appending them to the device cache, and returns
-    /// the requested logits (`n x vocab` or the last row), as [`Model::forward`] does. On error
-    /// the cache keeps its length.
+    /// Forgets positions from `len` on, in slot `slot`'s cache.
+    pub fn truncate_seq(&mut self, slot: usize, len: usize) {
+        if let Some(l) = self.lens.get_mut(slot) {
+            *l = (*l).min(len);
+        }
+    }
+
+    /// Runs `tokens` at positions `len()..` of slot 0, appending them to its device cache,
+    /// and returns the requested logits (`n x vocab` or the last row), as [`Model::forward`]
+    /// does. On error the cache keeps its length.
     pub fn forward(
         &mut self,
         tokens: &[u32],
         experts: &dyn RoutedExperts,
         which: Logits,
     ) -> Result<&[f32], GpuForwardError> {
-        let n = tokens.len();
-        if n == 0 {
-            return Err(ForwardError::Empty.into());
-        }
+        self.run(&[(0, tokens)], experts, which == Logits::All)
+    }
+
+    /// Runs several sequences together, each `(slot, tokens)` appending its tokens to its
+    /// slot's cache, and returns one row of logits per sequence (after its last token), in
+    /// order. The sequences share every pass of at most [`GpuModel::max_batch`] tokens; a
+    /// sequence's logits do not depend on the others. On error no slot changes its length.
+    pub fn forward_batch(
+        &mut self,
+        seqs: &[(usize, &[u32])],
+        experts: &dyn RoutedExperts,
+    ) -> Result<&[f32], GpuForwardError> {
+        self.run(seqs, experts, false)
+    }
+
+    /// Checks `seqs`, packs their tokens into passes and runs them; `all`: logits for every
+    /// token, else for each sequence's last.
+    fn run(
+        &mut self,
+        seqs: &[(usize, &[u32])],
+        experts: &dyn RoutedExperts,
+        all: bool,
+    ) -> Result<&[f32], GpuForwardError> {
         let vocab = self.cfg.vocab_size;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ForwardError::UnknownToken { id, vocab }.into());
+        for (i, &(slot, tokens)) in seqs.iter().enumerate() {
+            if slot >= self.lens.len() || seqs[..i].iter().any(|s| s.0 == slot) {
+                return Err(GpuError::BadArgument(format!(
+                    "sequence slot {slot} is out of range or given twice ({} slots)",
+                    self.lens.len()
+                ))
+                .into());
+            }
+            if tokens.is_empty() {
+                return Err(ForwardError::Empty.into());
+            }
+            if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ForwardError::UnknownToken { id, vocab }.into());
+            }
+            let needed = self.lens[slot] + tokens.len();
+            if needed > self.capacity {
+                return Err(ForwardError::ContextFull(ContextFull {
+                    needed,
+                    capacity: self.capacity,
+                })
+                .into());
+            }
         }
-        if self.len + n > self.capacity {
-            return Err(ForwardError::ContextFull(ContextFull {
-                needed: self.len + n,
-                capacity: self.capacity,
-            })
-            .into());
+        if seqs.is_empty() {
+            return Err(ForwardError::Empty.into());
         }
         let gpu = experts
             .as_gpu()
             .filter(|g| Arc::ptr_eq(g.context(), &self.ctx));
         let step = gpu.map_or(self.n_max, |g| self.n_max.min(g.max_tokens()));
-        let start = self.len;
         let mut logits = std::mem::take(&mut self.host.logits);
+        let mut segs = std::mem::take(&mut self.host.segs);
+        let mut wanted = std::mem::take(&mut self.host.wanted);
         logits.clear();
+        segs.clear();
+        wanted.clear();
+        let mut in_pass = 0;
         let mut r = Ok(());
-        for (i, chunk) in tokens.chunks(step).enumerate() {
-            let last = (i + 1) * step >= n;
-            let rows = match which {
-                Logits::All => Some((0, chunk.len())),
-                Logits::Last if last => Some((chunk.len() - 1, 1)),
-                Logits::Last => None,
-            };
-            r = self.pass(chunk, experts, gpu, rows, &mut logits);
-            if r.is_err() {
-                break;
+        'seqs: for (seq, &(slot, tokens)) in seqs.iter().enumerate() {
+            let mut from = 0;
+            while from < tokens.len() {
+                let n = (tokens.len() - from).min(step - in_pass);
+                segs.push(Seg {
+                    seq,
+                    slot,
+                    from,
+                    n,
+                    pos0: self.lens[slot] + from,
+                });
+                if all {
+                    wanted.extend(in_pass..in_pass + n);
+                } else if from + n == tokens.len() {
+                    wanted.push(in_pass + n - 1);
+                }
+                in_pass += n;
+                from += n;
+                let last = seq + 1 == seqs.len() && from == tokens.len();
+                if in_pass == step || last {
+                    r = self.pass(seqs, &segs, experts, gpu, &wanted, &mut logits);
+                    if r.is_err() {
+                        break 'seqs;
+                    }
+                    segs.clear();
+                    wanted.clear();
+                    in_pass = 0;
+                }
             }
-            self.len += chunk.len();
         }
         self.host.logits = logits;
-        if let Err(e) = r {
-            self.len = start;
-            return Err(e);
+        self.host.segs = segs;
+        self.host.wanted = wanted;
+        r?;
+        for &(slot, tokens) in seqs {
+            self.lens[slot] += tokens.len();
         }
         Ok(&self.host.logits)
     }
 
-    /// One pass of at most `n_max` tokens at positions `self.len..`.
+    /// One pass of at most `n_max` tokens: the segments `segs` of `seqs`, in order. Appends
+    /// the logits of the pass's rows `wanted` (ascending) to `logits`.
     fn pass(
         &mut self,
-        tokens: &[u32],
+        seqs: &[(usize, &[u32])],
+        segs: &[Seg],
         experts: &dyn RoutedExperts,
         gpu: Option<&GpuExperts>,
-        rows: Option<(usize, usize)>,
+        wanted: &[usize],
         logits: &mut Vec<f32>,
     ) -> Result<(), GpuForwardError> {
         let ctx = &*self.ctx;
         let c = &self.cfg;
         let b = &self.b;
-        let n = tokens.len();
-        let pos0 = self.len;
+        let n: usize = segs.iter().map(|s| s.n).sum();
         let (h, heads, lora, nope) = (c.hidden, c.n_heads, c.kv_lora_rank, c.qk_nope);
         let (qk, row, ne) = (c.qk_head(), c.cache_row(), c.n_routed);
         let eps = eps_bits(c);
         let hs = &mut self.host;
         hs.x.resize(n * h, 0.0);
-        for (t, &tok) in tokens.iter().enumerate() {
-            self.embed
-                .dequantize_row(tok as usize, &mut hs.x[t * h..(t + 1) * h])
-                .map_err(|e| GpuError::BadArgument(format!("embedding row: {e}")))?;
+        hs.tok.clear();
+        let mut ctx_len = 0;
+        for sg in segs {
+            let tokens = &seqs[sg.seq].1[sg.from..sg.from + sg.n];
+            for (i, &tok) in tokens.iter().enumerate() {
+                let t = hs.tok.len() / 2;
+                self.embed
+                    .dequantize_row(tok as usize, &mut hs.x[t * h..(t + 1) * h])
+                    .map_err(|e| GpuError::BadArgument(format!("embedding row: {e}")))?;
+                hs.tok
+                    .extend([(sg.slot * self.capacity) as u32, (sg.pos0 + i) as u32]);
+            }
+            ctx_len = ctx_len.max(sg.pos0 + sg.n);
         }
         ctx.write_f32(&b.x, 0, &hs.x)?;
+        ctx.write_f32(&b.tok, 0, bytemuck::cast_slice(&hs.tok))?;
         let (nn, hh) = (n as u32, h as u32);
         let add_words = |count: usize| {
             let (wg_x, grid) = grid_1d(ctx, count);
@@ -638,7 +767,7 @@ impl GpuModel {
             lw.rope_k.encode(
                 ctx,
                 &mut enc,
-                &[nn, 1, lora as u32, row as u32, 0, pos0 as u32, half, inter],
+                &[nn, 1, lora as u32, row as u32, 0, 0, half, inter],
                 (half.div_ceil(64), nn, 1),
             );
             lw.rope_q.encode(
@@ -650,14 +779,14 @@ impl GpuModel {
                     nope as u32,
                     (heads * qk) as u32,
                     qk as u32,
-                    pos0 as u32,
+                    0,
                     half,
                     inter,
                 ],
                 ((heads as u32 * half).div_ceil(64), nn, 1),
             );
             lw.attn
-                .encode(ctx, &mut enc, &self.shape, &b.attn(), pos0, n)?;
+                .encode(ctx, &mut enc, &self.shape, &b.attn(), n, ctx_len)?;
             lw.o.encode_matmul(ctx, &mut enc, &b.heads_out, 0, n, &b.branch, 0)?;
             let (w, g) = add_words(n * h);
             lw.add_attn.encode(ctx, &mut enc, &w, g);
@@ -735,26 +864,49 @@ impl GpuModel {
             let (w, g) = add_words(n * h);
             lw.add_ffn.encode(ctx, &mut enc, &w, g);
         }
-        match rows {
-            Some((first, rows)) => {
-                let r = rows as u32;
-                self.final_norm.encode(
-                    ctx,
-                    &mut enc,
-                    &[r, hh, (first * h) as u32, hh, 0, hh, eps],
-                    (r, 1, 1),
+        let Some((&first, &end)) = wanted.first().zip(wanted.last()) else {
+            return Ok(ctx.submit_and_wait(enc)?);
+        };
+        let rows = wanted.len();
+        // The wanted rows of x, made consecutive: gathered through `branch` (free after the
+        // last layer) to the front of x when they are not already.
+        let first = if end + 1 - first == rows {
+            first
+        } else {
+            let row_bytes = (h * 4) as u64;
+            for (k, &i) in wanted.iter().enumerate() {
+                enc.copy_buffer_to_buffer(
+                    b.x.buffer(),
+                    i as u64 * row_bytes,
+                    b.branch.buffer(),
+                    k as u64 * row_bytes,
+                    row_bytes,
                 );
-                self.head
-                    .encode_matmul(ctx, &mut enc, &b.xn, 0, rows, &b.logits, 0)?;
-                self.readback.read(
-                    ctx,
-                    enc,
-                    &[(&b.logits, 0, rows * self.cfg.vocab_size)],
-                    logits,
-                )?;
             }
-            None => ctx.submit_and_wait(enc)?,
-        }
+            enc.copy_buffer_to_buffer(
+                b.branch.buffer(),
+                0,
+                b.x.buffer(),
+                0,
+                rows as u64 * row_bytes,
+            );
+            0
+        };
+        let r = rows as u32;
+        self.final_norm.encode(
+            ctx,
+            &mut enc,
+            &[r, hh, (first * h) as u32, hh, 0, hh, eps],
+            (r, 1, 1),
+        );
+        self.head
+            .encode_matmul(ctx, &mut enc, &b.xn, 0, rows, &b.logits, 0)?;
+        self.readback.read(
+            ctx,
+            enc,
+            &[(&b.logits, 0, rows * self.cfg.vocab_size)],
+            logits,
+        )?;
         Ok(())
     }
 }

@@ -110,11 +110,13 @@ fn rmsnorm_rows_match_the_cpu() {
 fn rope_matches_the_cpu_table() {
     let Some(ctx) = ctx() else { return };
     let k = Kernels::new(&ctx, CacheType::F32).unwrap();
-    for (dim, interleaved, heads, n, pos0) in [
-        (16, true, 3, 5, 17),
-        (64, false, 2, 3, 4000),
-        (6, true, 1, 1, 0),
+    // Each token's position comes from the token table, in any order.
+    for (dim, interleaved, heads, pos) in [
+        (16, true, 3, vec![17, 3, 21, 0, 9]),
+        (64, false, 2, vec![4000, 4001, 4002]),
+        (6, true, 1, vec![0]),
     ] {
+        let n = pos.len();
         let rope = Rope {
             theta: 10000.0,
             yarn: Some(Yarn {
@@ -132,10 +134,10 @@ fn rope_matches_the_cpu_table() {
         let hd = dim + 5;
         let x = rand(n * heads * hd, 3);
         let xb = ctx.upload_f32("x", &x).unwrap();
-        let cs = ctx
-            .upload_f32("cs", &table.cos_sin_table(pos0 + n))
-            .unwrap();
-        let op = Op::new(&ctx, &k.rope, &[(1, &cs), (2, &xb)]).unwrap();
+        let end = pos.iter().max().unwrap() + 1;
+        let cs = ctx.upload_f32("cs", &table.cos_sin_table(end)).unwrap();
+        let tok = tok_table(&ctx, pos.iter().map(|&p| (0, p)));
+        let op = Op::new(&ctx, &k.rope, &[(1, &cs), (2, &xb), (3, &tok)]).unwrap();
         let half = (dim / 2) as u32;
         run(&ctx, |e| {
             op.encode(
@@ -147,7 +149,7 @@ fn rope_matches_the_cpu_table() {
                     5,
                     (heads * hd) as u32,
                     hd as u32,
-                    pos0 as u32,
+                    0,
                     half,
                     interleaved as u32,
                 ],
@@ -155,10 +157,10 @@ fn rope_matches_the_cpu_table() {
             )
         });
         let mut want = x.clone();
-        for t in 0..n {
+        for (t, &p) in pos.iter().enumerate() {
             for h in 0..heads {
                 let b = (t * heads + h) * hd + 5;
-                table.apply(&mut want[b..b + dim], pos0 + t);
+                table.apply(&mut want[b..b + dim], p);
             }
         }
         close(&ctx.read_f32(&xb, 0, x.len()).unwrap(), &want, 1e-5, "rope");
@@ -169,22 +171,24 @@ fn rope_matches_the_cpu_table() {
 fn softmax_and_elementwise_match_the_cpu() {
     let Some(ctx) = ctx() else { return };
     let k = Kernels::new(&ctx, CacheType::F32).unwrap();
-    // Causal rows: 3 tokens x 2 heads, lengths 5, 5, 6, 6, 7, 7 in rows of stride 9.
-    let (rows, stride, len0, per) = (6usize, 9usize, 5usize, 2usize);
+    // Attention rows: 3 tokens (positions 6, 4, 8 of their sequences) x 2 heads, lengths 7,
+    // 7, 5, 5, 9, 9 (position + 1, from the token table) in rows of stride 9.
+    let (rows, stride, per, pos) = (6usize, 9usize, 2usize, [6usize, 4, 8]);
     let x: Vec<f32> = rand(rows * stride, 4).iter().map(|v| 4.0 * v).collect();
     let xb = ctx.upload_f32("x", &x).unwrap();
-    let op = Op::new(&ctx, &k.softmax, &[(1, &xb)]).unwrap();
+    let tok = tok_table(&ctx, pos.iter().map(|&p| (3, p)));
+    let op = Op::new(&ctx, &k.softmax, &[(1, &xb), (2, &tok)]).unwrap();
     run(&ctx, |e| {
         op.encode(
             &ctx,
             e,
-            &[rows as u32, stride as u32, len0 as u32, per as u32, 0],
+            &[rows as u32, stride as u32, per as u32, 0, 2, 1, 1],
             (rows as u32, 1, 1),
         )
     });
     let mut want = x.clone();
     for r in 0..rows {
-        let len = len0 + r / per;
+        let len = pos[r / per] + 1;
         ops::softmax(&mut want[r * stride..r * stride + len]);
     }
     let got = ctx.read_f32(&xb, 0, x.len()).unwrap();
@@ -212,12 +216,20 @@ fn softmax_and_elementwise_match_the_cpu() {
     }
 }
 
-/// The attention kernels' parameter words: `n` tokens at `pos0`, cache rows of `crow` elements.
+/// The attention's token table: per token, the first cache row of its sequence and its
+/// position.
+fn tok_table(ctx: &GpuContext, toks: impl Iterator<Item = (usize, usize)>) -> GpuBuffer {
+    let words: Vec<f32> = toks
+        .flat_map(|(base, pos)| [f32::from_bits(base as u32), f32::from_bits(pos as u32)])
+        .collect();
+    ctx.upload_f32("token table", &words).unwrap()
+}
+
+/// The attention kernels' parameter words: `n` tokens, cache rows of `crow` elements.
 #[allow(clippy::too_many_arguments)]
 fn att_words(
     n: usize,
     heads: usize,
-    pos0: usize,
     lora: usize,
     rd: usize,
     nope: usize,
@@ -228,7 +240,7 @@ fn att_words(
     [
         n as u32,
         heads as u32,
-        pos0 as u32,
+        0,
         lora as u32,
         rd as u32,
         (lora + rd) as u32,
@@ -241,7 +253,7 @@ fn att_words(
 }
 
 /// Writes `rows` (`n x row` f32) into a fresh `cap`-position cache of type `ty` with the
-/// `write` kernel (at position `pos0`); returns the cache buffer and its row stride.
+/// `write` kernel (token t at row t); returns the cache buffer and its row stride.
 fn gpu_cache(
     ctx: &GpuContext,
     k: &Kernels,
@@ -260,8 +272,9 @@ fn gpu_cache(
         .unwrap();
     let kv = ctx.upload_f32("kv", rows).unwrap();
     let n = rows.len() / row;
-    let op = Op::new(ctx, &k.cache_write, &[(7, &cb), (8, &kv)]).unwrap();
-    let w = att_words(n, 1, 0, row, 0, 0, 1.0, 0, crow);
+    let tok = tok_table(ctx, (0..n).map(|t| (0, t)));
+    let op = Op::new(ctx, &k.cache_write, &[(7, &cb), (8, &kv), (9, &tok)]).unwrap();
+    let w = att_words(n, 1, row, 0, 0, 1.0, 0, crow);
     run(ctx, |e| {
         op.encode(ctx, e, &w, ((bytes as u32 / 4).div_ceil(64), n as u32, 1))
     });
@@ -347,41 +360,51 @@ fn cache_write_rounds_like_the_cpu() {
 }
 
 /// Cache write, scores, causal softmax and latent sum against `attention.rs`'s per-head
-/// formula over a `KvCache` of each type (odd rows pad the packed caches).
+/// formula over a `KvCache` of each type (odd rows pad the packed caches). The cache holds
+/// `slots` sequences of `cap` positions; token t belongs to sequence t % slots, at position
+/// pos0 + t, and attends only to its own sequence's rows.
 #[test]
 fn absorbed_attention_matches_the_cpu() {
     let Some(ctx) = ctx() else { return };
     for ty in [CacheType::F32, CacheType::F16, CacheType::BF16] {
         let k = Kernels::new(&ctx, ty).unwrap();
-        for (heads, lora, rd, nope, n, pos0) in [
-            (3, 20, 6, 5, 4, 3),
-            (2, 64, 16, 32, 1, 70),
-            (1, 7, 2, 3, 9, 0),
+        for (heads, lora, rd, nope, n, pos0, slots) in [
+            (3, 20, 6, 5, 4, 3, 1),
+            (2, 64, 16, 32, 1, 70, 1),
+            (1, 7, 2, 3, 9, 0, 1),
+            (2, 20, 6, 5, 7, 2, 3),
         ] {
             let (qk, row) = (nope + rd, lora + rd);
             let cap = pos0 + n + 2;
             let scale = 0.3f32;
-            let rows = rand(cap * row, 7);
+            let rows = rand(slots * cap * row, 7);
             let q = rand(n * heads * qk, 8);
             let qa = rand(n * heads * lora, 9);
-            let (cb, crow) = gpu_cache(&ctx, &k, ty, row, cap, &rows);
-            let mut kv = KvCache::new(ty, 1, row, cap);
+            let (cb, crow) = gpu_cache(&ctx, &k, ty, row, slots * cap, &rows);
+            let mut kv = KvCache::new(ty, 1, row, slots * cap);
             for (p, r) in rows.chunks(row).enumerate() {
                 kv.write(0, p, r);
             }
-            let mut cache = vec![0f32; cap * row];
+            let mut cache = vec![0f32; slots * cap * row];
             for (p, r) in cache.chunks_mut(row).enumerate() {
                 kv.read(0, p, r);
             }
+            let toks: Vec<(usize, usize)> = (0..n).map(|t| ((t % slots) * cap, pos0 + t)).collect();
+            let tok = tok_table(&ctx, toks.iter().copied());
             let qb = ctx.upload_f32("q", &q).unwrap();
             let qab = ctx.upload_f32("qa", &qa).unwrap();
             let sb = ctx.alloc_f32("s", n * heads * cap).unwrap();
             let lb = ctx.alloc_f32("l", n * heads * lora).unwrap();
-            let scores =
-                Op::new(&ctx, &k.scores, &[(1, &qab), (2, &qb), (3, &cb), (4, &sb)]).unwrap();
-            let softmax = Op::new(&ctx, &k.softmax, &[(1, &sb)]).unwrap();
-            let latent = Op::new(&ctx, &k.latent, &[(3, &cb), (5, &sb), (6, &lb)]).unwrap();
-            let w = att_words(n, heads, pos0, lora, rd, nope, scale, cap, crow);
+            let scores = Op::new(
+                &ctx,
+                &k.scores,
+                &[(1, &qab), (2, &qb), (3, &cb), (4, &sb), (9, &tok)],
+            )
+            .unwrap();
+            let softmax = Op::new(&ctx, &k.softmax, &[(1, &sb), (2, &tok)]).unwrap();
+            let latent =
+                Op::new(&ctx, &k.latent, &[(3, &cb), (5, &sb), (6, &lb), (9, &tok)]).unwrap();
+            let w = att_words(n, heads, lora, rd, nope, scale, cap, crow);
             run(&ctx, |e| {
                 scores.encode(
                     &ctx,
@@ -392,13 +415,7 @@ fn absorbed_attention_matches_the_cpu() {
                 softmax.encode(
                     &ctx,
                     e,
-                    &[
-                        (n * heads) as u32,
-                        cap as u32,
-                        pos0 as u32 + 1,
-                        heads as u32,
-                        0,
-                    ],
+                    &[(n * heads) as u32, cap as u32, heads as u32, 0, 2, 1, 1],
                     ((n * heads) as u32, 1, 1),
                 );
                 latent.encode(
@@ -409,21 +426,22 @@ fn absorbed_attention_matches_the_cpu() {
                 );
             });
             let mut want = vec![0f32; n * heads * lora];
-            for t in 0..n {
+            for (t, &(base, pos)) in toks.iter().enumerate() {
                 for h in 0..heads {
                     let th = t * heads + h;
                     let qh = &qa[th * lora..(th + 1) * lora];
                     let qpe = &q[th * qk + nope..(th + 1) * qk];
-                    let mut s: Vec<f32> = (0..=pos0 + t)
+                    let rows_of = |p: usize| &cache[(base + p) * row..(base + p + 1) * row];
+                    let mut s: Vec<f32> = (0..=pos)
                         .map(|p| {
-                            let r = &cache[p * row..(p + 1) * row];
+                            let r = rows_of(p);
                             scale * (ops::dot(qh, &r[..lora]) + ops::dot(qpe, &r[lora..]))
                         })
                         .collect();
                     ops::softmax(&mut s);
                     let o = &mut want[th * lora..(th + 1) * lora];
                     for (p, &pr) in s.iter().enumerate() {
-                        ops::axpy(o, pr, &cache[p * row..p * row + lora]);
+                        ops::axpy(o, pr, &rows_of(p)[..lora]);
                     }
                 }
             }
@@ -464,7 +482,9 @@ fn attention_stage_runs_all_heads_at_once() {
         alloc("scores", nmax * heads * cap),
         alloc("out", nmax * heads * vh),
     );
+    let tok = alloc("token table", nmax * 2);
     let bufs = AttnBufs {
+        tok: &tok,
         q: &q,
         kv: &kv,
         qabs: &qabs,
@@ -500,8 +520,11 @@ fn attention_stage_runs_all_heads_at_once() {
             let kvs = rand(n * row, 50 + step as u64);
             ctx.write_f32(&q, 0, &qs).unwrap();
             ctx.write_f32(&kv, 0, &kvs).unwrap();
+            let words: Vec<u32> = (0..n).flat_map(|t| [0, (pos0 + t) as u32]).collect();
+            ctx.write_f32(&tok, 0, bytemuck::cast_slice(&words))
+                .unwrap();
             run(&ctx, |e| {
-                att.encode(&ctx, e, &shape, &bufs, pos0, n).unwrap()
+                att.encode(&ctx, e, &shape, &bufs, n, pos0 + n).unwrap()
             });
             for (t, r) in kvs.chunks(row).enumerate() {
                 cpu.write(0, pos0 + t, r);

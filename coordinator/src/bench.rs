@@ -262,6 +262,55 @@ fn gpu_bench(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where the router's selection runs: the GPU computes the router logits, and the selection
+/// (sigmoid, bias, group-limited top-k) runs on the host from their readback. Measures the
+/// host selection per token at the 671B's routing (256 experts, 8 groups keeping 4, top 8)
+/// and the readback of one token's logits, which the cluster needs anyway (the hidden state
+/// goes to the workers with it).
+fn router_placement(
+    ctx: &engine::gpu::GpuContext,
+    cfg: &engine::config::ModelConfig,
+) -> Result<()> {
+    use engine::model::moe::{route_logits, RouterScratch, Routing};
+    let big = engine::config::ModelConfig {
+        n_routed: 256,
+        top_k: 8,
+        n_group: 8,
+        topk_group: 4,
+        ..cfg.clone()
+    };
+    let logits: Vec<f32> = (0..256u64)
+        .map(|i| (engine::bench::splitmix(i + 7) % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    let bias: Vec<f32> = logits.iter().map(|v| v * 0.01).collect();
+    let (mut out, mut scratch) = (Routing::default(), RouterScratch::default());
+    let reps = 20_000;
+    let t = Instant::now();
+    for _ in 0..reps {
+        route_logits(
+            &big,
+            Some(&bias),
+            std::hint::black_box(&logits),
+            1,
+            &mut out,
+            &mut scratch,
+        );
+    }
+    let select_us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    let buf = ctx.upload_f32("router logits", &logits)?;
+    let mut reads = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        ctx.read_f32(&buf, 0, 256)?;
+        reads.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    println!(
+        "router selection on the host: {select_us:.2} us per token (256 experts, 8 groups keeping 4, top 8); readback of one token's router logits: {:.1} us (median)",
+        median(reads)
+    );
+    Ok(())
+}
+
 /// `bench --backend wgpu --model PATH`: prefill and decode speed of the whole model on the GPU
 /// (routed experts on the device when they fit, else on the host), median of `--reps`.
 fn gpu_model_speed(
@@ -327,6 +376,7 @@ fn gpu_model_speed(
         1.0 / step,
         a.reps
     );
+    router_placement(&ctx, &gm.cfg)?;
     let batch = gm.sequences().min(a.gpu_batch);
     if batch > 1 {
         let mut steps = Vec::new();

@@ -161,25 +161,29 @@ pub fn route_logits(
     }
 }
 
-/// Indices of the `k` largest values (ties: lower index first), unordered.
+/// Indices of the `k` largest values (ties: lower index first; NaN never chosen), largest
+/// first. One pass, keeping the best `k` so far in order (`k` is small: 8 of 256 experts).
 fn top_indices(v: &[f32], k: usize, out: &mut Vec<u32>) {
     out.clear();
-    for _ in 0..k {
-        let mut best: Option<usize> = None;
-        for (i, &x) in v.iter().enumerate() {
-            if out.contains(&(i as u32)) {
+    if k == 0 {
+        return;
+    }
+    for (i, &x) in v.iter().enumerate() {
+        if x.is_nan() {
+            continue;
+        }
+        if out.len() == k {
+            // A tie with the last kept value keeps the earlier index.
+            if x <= v[out[k - 1] as usize] {
                 continue;
             }
-            match best {
-                Some(b) if v[b] >= x => {}
-                _ if x.is_nan() => {}
-                _ => best = Some(i),
-            }
+            out.pop();
         }
-        match best {
-            Some(b) => out.push(b as u32),
-            None => break,
-        }
+        let at = out
+            .iter()
+            .position(|&j| v[j as usize] < x)
+            .unwrap_or(out.len());
+        out.insert(at, i as u32);
     }
 }
 
@@ -618,6 +622,48 @@ mod tests {
         assert_eq!(o, vec![1, 2, 4]);
         top_indices(&[f32::NEG_INFINITY, 0.5], 2, &mut o);
         assert_eq!(o, vec![1, 0]);
+        top_indices(&[f32::NAN, 0.5, f32::NAN], 3, &mut o);
+        assert_eq!(o, vec![1]);
+        top_indices(&[0.5, 0.7], 0, &mut o);
+        assert!(o.is_empty());
+    }
+
+    /// Against a full sort by (value descending, index ascending), NaN left out: many
+    /// vectors with few distinct values (ties), infinities and NaN, every k.
+    #[test]
+    fn top_indices_matches_a_full_sort() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut o = Vec::new();
+        for case in 0..400 {
+            let n = 1 + (next() % 40) as usize;
+            let v: Vec<f32> = (0..n)
+                .map(|_| match next() % 10 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::INFINITY,
+                    r => {
+                        (r % 4) as f32 * 0.25
+                            + if case % 2 == 0 {
+                                (next() % 100) as f32
+                            } else {
+                                0.0
+                            }
+                    }
+                })
+                .collect();
+            let mut want: Vec<u32> = (0..n as u32).filter(|&i| !v[i as usize].is_nan()).collect();
+            want.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
+            for k in 0..=n + 1 {
+                top_indices(&v, k, &mut o);
+                assert_eq!(o, want[..k.min(want.len())], "{v:?}, k = {k}");
+            }
+        }
     }
 
     fn raw(rows: usize, cols: usize) -> RawMatrix {

@@ -298,8 +298,8 @@ fn cpu_alone(
 /// (`forward_batch`): a 70-token prompt (past one pass of 64 tokens, so the passes cut it and
 /// mix it with the others), a 5-token and a 1-token prompt, then greedy steps where sequences
 /// sit some steps out and change order, and a slot reused by a new sequence. Each sequence's
-/// rows match the CPU running it alone (1e-3, same greedy tokens); a 16-bit cache gives what
-/// the GPU gives for the sequence alone.
+/// rows match the CPU running it alone (1e-3, same greedy tokens), with the routed experts on
+/// the host and on the device; a 16-bit cache gives what the GPU gives for the sequence alone.
 #[test]
 fn gpu_batches_sequences_in_their_own_slots() {
     let Some(ctx) = ctx(false) else { return };
@@ -321,13 +321,20 @@ fn gpu_batches_sequences_in_their_own_slots() {
     let schedule: [&[usize]; 4] = [&[0, 1, 2], &[1, 0], &[2, 0, 1], &[0, 1, 2]];
     let slots = [2usize, 0, 3, 3];
 
-    for cache in [CacheType::F32, CacheType::F16] {
+    // Routed experts on the host, and on the device (16 tokens per pass: the long prompt is
+    // cut into five passes).
+    let on_gpu = GpuExperts::upload(ctx.clone(), &local, 16).unwrap();
+    for (cache, experts, name) in [
+        (CacheType::F32, &local as &dyn RoutedExperts, "host experts"),
+        (CacheType::F32, &on_gpu as &dyn RoutedExperts, "GPU experts"),
+        (CacheType::F16, &local as &dyn RoutedExperts, "host experts"),
+    ] {
         let mut g = GpuModel::with_sequences(ctx.clone(), &m, 96, 4, cache).unwrap();
         assert_eq!(g.sequences(), 4);
         assert!(g.max_batch() < 70, "the long prompt must need two passes");
         let mut rows: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
         let first: Vec<(usize, &[u32])> = (0..3).map(|s| (slots[s], &prompts[s][..])).collect();
-        let out = g.forward_batch(&first, &local).unwrap();
+        let out = g.forward_batch(&first, experts).unwrap();
         assert_eq!(out.len(), 3 * v);
         for (s, r) in out.chunks(v).enumerate() {
             rows[s].push(r.to_vec());
@@ -342,7 +349,7 @@ fn gpu_batches_sequences_in_their_own_slots() {
                 .zip(&next)
                 .map(|(&s, t)| (slots[s], &t[..]))
                 .collect();
-            let out = g.forward_batch(&seqs, &local).unwrap().to_vec();
+            let out = g.forward_batch(&seqs, experts).unwrap().to_vec();
             for (&s, r) in who.iter().zip(out.chunks(v)) {
                 rows[s].push(r.to_vec());
             }
@@ -353,14 +360,14 @@ fn gpu_batches_sequences_in_their_own_slots() {
         let out = g
             .forward_batch(
                 &[(slots[3], &prompts[3][..]), (slots[1], &next[..])],
-                &local,
+                experts,
             )
             .unwrap()
             .to_vec();
         rows[3].push(out[..v].to_vec());
         rows[1].push(out[v..].to_vec());
         let next = [argmax(rows[3].last().unwrap())];
-        let out = g.forward_batch(&[(slots[3], &next[..])], &local).unwrap();
+        let out = g.forward_batch(&[(slots[3], &next[..])], experts).unwrap();
         rows[3].push(out.to_vec());
         assert_eq!(g.seq_len(slots[1]), 5 + 5);
         assert_eq!(g.seq_len(slots[3]), 5 + 1);
@@ -372,23 +379,30 @@ fn gpu_batches_sequences_in_their_own_slots() {
                     // The same sequence alone on the GPU, same cache type.
                     let mut one = GpuModel::new(ctx.clone(), &m, 96, cache).unwrap();
                     let mut want = vec![one
-                        .forward(&prompts[s], &local, Logits::Last)
+                        .forward(&prompts[s], experts, Logits::Last)
                         .unwrap()
                         .to_vec()];
                     for _ in 1..got.len() {
                         let next = argmax(want.last().unwrap());
-                        want.push(one.forward(&[next], &local, Logits::Last).unwrap().to_vec());
+                        want.push(
+                            one.forward(&[next], experts, Logits::Last)
+                                .unwrap()
+                                .to_vec(),
+                        );
                     }
                     want
                 }
             };
             let d = max_diff(got, &want);
             eprintln!(
-                "{cache:?} cache, sequence {s}: {} rows, max abs diff {d:.2e}",
+                "{cache:?} cache, {name}, sequence {s}: {} rows, max abs diff {d:.2e}",
                 got.len()
             );
             let tol = if cache == CacheType::F32 { 1e-3 } else { 1e-4 };
-            assert!(d <= tol, "{cache:?} cache, sequence {s}: max abs diff {d}");
+            assert!(
+                d <= tol,
+                "{cache:?} cache, {name}, sequence {s}: max abs diff {d}"
+            );
             let greedy = |r: &[Vec<f32>]| r.iter().map(|x| argmax(x)).collect::<Vec<_>>();
             assert_eq!(greedy(got), greedy(&want), "sequence {s}: greedy tokens");
         }

@@ -1196,3 +1196,84 @@ fn a_drained_worker_hands_its_experts_over_without_a_gap() {
     assert_eq!(w1s.state, proto::control::WorkerState::Ready, "{st:?}");
     assert!(cluster.is_serving());
 }
+
+/// `serve --backend wgpu` whose device memory budget cannot hold `--max-batch` cache slots
+/// halves the slots until they fit, says so, and serves: concurrent completions through the
+/// API all finish.
+#[test]
+fn serve_on_a_gpu_takes_the_cache_slots_that_fit() {
+    let Some(adapter) = test_adapter("serve_on_a_gpu_takes_the_cache_slots_that_fit") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::data_dir().join("oracle/qlora/q4_k_m.gguf");
+    let args: Vec<String> = [
+        "--backend",
+        "wgpu",
+        "--gpu",
+        &adapter.index.to_string(),
+        "--gpu-memory",
+        "0.03",
+        "--max-batch",
+        "16",
+        "--min-workers",
+        "0",
+        "--local-experts",
+        "1",
+        "--http",
+        "127.0.0.1:0",
+    ]
+    .map(str::to_string)
+    .to_vec();
+    let mut serve = Serve::start(&model, &dir.path().join("coordinator"), &args);
+    let api = serve.wait_line("API: http://", Duration::from_secs(60));
+    let api = api.split_whitespace().next().unwrap().to_string();
+    let log = serve.log();
+    let slots: usize = log
+        .split("cache slots for ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no cache slots line: {log}"));
+    assert!((1..16).contains(&slots), "{slots} slots: {log}");
+    assert!(
+        log.contains("sequences of 4096 positions does not fit; trying"),
+        "{log}"
+    );
+    serve.wait_line("serving: ", Duration::from_secs(60));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // One request more than there are slots: the last waits for a slot to come back.
+    let answers = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let requests: Vec<_> = (0..slots + 1)
+            .map(|i| {
+                let client = client.clone();
+                let url = format!("http://{api}/completions");
+                tokio::spawn(async move {
+                    let body = serde_json::json!({
+                        "prompt": format!("Request {i}"),
+                        "max_tokens": 6,
+                        "temperature": 0,
+                    });
+                    let r = client.post(url).json(&body).send().await.unwrap();
+                    assert!(r.status().is_success(), "{}", r.status());
+                    r.json::<serde_json::Value>().await.unwrap()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for r in requests {
+            out.push(r.await.unwrap());
+        }
+        out
+    });
+    for a in answers {
+        let n = a["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+        assert!((1..=6).contains(&n), "{a}");
+        let finish = a["choices"][0]["finish_reason"].as_str().unwrap_or("");
+        assert!(finish == "length" || finish == "stop", "{a}");
+    }
+}

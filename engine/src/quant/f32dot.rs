@@ -328,7 +328,11 @@ mod x86 {
         fn settle(&self) {
             // SAFETY: an empty instruction sequence; it only takes the address.
             unsafe {
-                core::arch::asm!("/* {0} */", in(reg) self.0.as_ptr(), options(nostack, preserves_flags));
+                core::arch::asm!(
+                    "/* {0} */",
+                    in(reg) self.0.as_ptr(),
+                    options(nostack, preserves_flags)
+                );
             }
         }
 

@@ -1,8 +1,10 @@
 //! [`GpuModel`]: the always-active part of the model resident on the device, with the latent
 //! KV cache, running the same graph as [`crate::model::Model::forward`].
 //!
-//! What runs where, per forward call (a batch of consecutive tokens, split into passes of at
-//! most [`GpuModel::max_batch`] tokens):
+//! What runs where, per forward call (one sequence's consecutive tokens, or with
+//! [`GpuModel::forward_batch`] several sequences' in cache slots of their own, packed into passes
+//! of at most [`GpuModel::max_batch`] tokens; a token table gives each token's slot and
+//! position to the attention kernels):
 //! - host: the embedding rows (dequantised from the host copy and uploaded: `n x hidden` f32,
 //!   far less traffic than keeping the `vocab x hidden` table resident would cost memory) and,
 //!   per MoE layer, the router's selection from the read-back router logits (`n x n_routed`,

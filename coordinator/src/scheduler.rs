@@ -277,28 +277,9 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the batching thread on the CPU backend. `on_tokens` hears how many tokens each
-    /// step generated.
-    pub fn start(
-        model: Arc<Model>,
-        experts: Arc<dyn RoutedExperts>,
-        cfg: SchedulerConfig,
-        rules: TokenRules,
-        metrics: Arc<Metrics>,
-        on_tokens: Box<dyn Fn(u64) + Send>,
-    ) -> std::io::Result<Scheduler> {
-        Scheduler::start_on(
-            CpuBatch::new(model),
-            experts,
-            cfg,
-            rules,
-            metrics,
-            on_tokens,
-        )
-    }
-
-    /// Starts the batching thread on `model` (see [`BatchModel`]).
-    pub fn start_on<M: BatchModel>(
+    /// Starts the batching thread on `model` ([`CpuBatch`] or [`GpuBatch`]). `on_tokens` hears
+    /// how many tokens each step generated.
+    pub fn start<M: BatchModel>(
         model: M,
         experts: Arc<dyn RoutedExperts>,
         cfg: SchedulerConfig,

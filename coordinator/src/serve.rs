@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use coordinator::api::{Api, ClusterView};
 use coordinator::metrics::{CountingExperts, ExpertHits, Metrics};
-use coordinator::scheduler::{GpuBatch, Scheduler, SchedulerConfig, TokenRules};
+use coordinator::scheduler::{CpuBatch, GpuBatch, Scheduler, SchedulerConfig, TokenRules};
 use coordinator::server::{Cluster, ClusterOptions, LocalWorker};
 use engine::generate::CpuSequence;
 use engine::gpu::GpuModel;
@@ -54,8 +54,8 @@ pub struct ServeArgs {
     #[arg(long)]
     int8_activations: bool,
     /// Where the always-active part runs. On either, up to `--max-batch` sequences are decoded
-    /// together; on a GPU each has a slot of the device cache (fewer slots when a layer's would
-    /// not fit one buffer binding).
+    /// together; on a GPU each has a slot of the device cache (fewer slots when they would not
+    /// fit the device memory or one buffer binding).
     #[command(flatten)]
     gpu: crate::GpuArgs,
     /// Once serving, run this prompt (`--prompt` or `--token-ids`, with the same options as
@@ -280,7 +280,7 @@ fn api(
     let meter = cluster.clone();
     let on_tokens = Box::new(move |n| meter.record_tokens(n));
     let scheduler = match gpu {
-        Some(g) => Scheduler::start_on(
+        Some(g) => Scheduler::start(
             GpuBatch::new(g),
             experts,
             cfg,
@@ -288,7 +288,14 @@ fn api(
             metrics.clone(),
             on_tokens,
         )?,
-        None => Scheduler::start(model, experts, cfg, rules, metrics.clone(), on_tokens)?,
+        None => Scheduler::start(
+            CpuBatch::new(model),
+            experts,
+            cfg,
+            rules,
+            metrics.clone(),
+            on_tokens,
+        )?,
     };
     let template = mf
         .chat_template(&tokenizer)

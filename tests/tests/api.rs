@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use coordinator::api::{serve, Api};
 use coordinator::metrics::{CountingExperts, ExpertHits, Metrics};
-use coordinator::scheduler::{GpuBatch, Scheduler, SchedulerConfig, TokenRules};
+use coordinator::scheduler::{CpuBatch, GpuBatch, Scheduler, SchedulerConfig, TokenRules};
 use engine::generate::{generate, GenerateRequest};
 use engine::gpu::{test_context, GpuContext, GpuModel, GpuOptions};
 use engine::model::kv_cache::CacheType;
@@ -78,7 +78,7 @@ fn start_with(
             let g =
                 GpuModel::with_sequences(ctx, &model, cfg.max_context, cfg.max_batch, cfg.cache)
                     .unwrap();
-            Scheduler::start_on(
+            Scheduler::start(
                 GpuBatch::new(g),
                 counting,
                 cfg,
@@ -88,7 +88,7 @@ fn start_with(
             )
         }
         None => Scheduler::start(
-            model.clone(),
+            CpuBatch::new(model.clone()),
             counting,
             cfg,
             rules,

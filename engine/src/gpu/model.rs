@@ -284,14 +284,13 @@ impl Bufs {
 }
 
 /// Tokens of one sequence in one pass: `n` tokens of input sequence `seq` from its token
-/// `from`, at positions `pos0..` of cache slot `slot`.
+/// `from` (so at positions `lens[slot] + from..` of its cache slot).
 #[derive(Clone, Copy, Debug)]
 struct Seg {
     seq: usize,
     slot: usize,
     from: usize,
     n: usize,
-    pos0: usize,
 }
 
 #[derive(Default)]
@@ -623,6 +622,9 @@ impl GpuModel {
         experts: &dyn RoutedExperts,
         all: bool,
     ) -> Result<&[f32], GpuForwardError> {
+        if seqs.is_empty() {
+            return Err(ForwardError::Empty.into());
+        }
         let vocab = self.cfg.vocab_size;
         for (i, &(slot, tokens)) in seqs.iter().enumerate() {
             if slot >= self.lens.len() || seqs[..i].iter().any(|s| s.0 == slot) {
@@ -647,9 +649,6 @@ impl GpuModel {
                 .into());
             }
         }
-        if seqs.is_empty() {
-            return Err(ForwardError::Empty.into());
-        }
         let gpu = experts
             .as_gpu()
             .filter(|g| Arc::ptr_eq(g.context(), &self.ctx));
@@ -666,13 +665,7 @@ impl GpuModel {
             let mut from = 0;
             while from < tokens.len() {
                 let n = (tokens.len() - from).min(step - in_pass);
-                segs.push(Seg {
-                    seq,
-                    slot,
-                    from,
-                    n,
-                    pos0: self.lens[slot] + from,
-                });
+                segs.push(Seg { seq, slot, from, n });
                 if all {
                     wanted.extend(in_pass..in_pass + n);
                 } else if from + n == tokens.len() {
@@ -726,15 +719,16 @@ impl GpuModel {
         let mut ctx_len = 0;
         for sg in segs {
             let tokens = &seqs[sg.seq].1[sg.from..sg.from + sg.n];
+            let pos0 = self.lens[sg.slot] + sg.from;
             for (i, &tok) in tokens.iter().enumerate() {
                 let t = hs.tok.len() / 2;
                 self.embed
                     .dequantize_row(tok as usize, &mut hs.x[t * h..(t + 1) * h])
                     .map_err(|e| GpuError::BadArgument(format!("embedding row: {e}")))?;
                 hs.tok
-                    .extend([(sg.slot * self.capacity) as u32, (sg.pos0 + i) as u32]);
+                    .extend([(sg.slot * self.capacity) as u32, (pos0 + i) as u32]);
             }
-            ctx_len = ctx_len.max(sg.pos0 + sg.n);
+            ctx_len = ctx_len.max(pos0 + sg.n);
         }
         ctx.write_f32(&b.x, 0, &hs.x)?;
         ctx.write_f32(&b.tok, 0, bytemuck::cast_slice(&hs.tok))?;
@@ -870,39 +864,34 @@ impl GpuModel {
             return Ok(ctx.submit_and_wait(enc)?);
         };
         let rows = wanted.len();
-        // The wanted rows of x, made consecutive: gathered through `branch` (free after the
-        // last layer) to the front of x when they are not already.
-        let first = if end + 1 - first == rows {
-            first
+        // Consecutive wanted rows are normalised to the front of xn; others are normalised
+        // all together and gathered to the front of `branch` (free after the last layer).
+        let contiguous = end + 1 - first == rows;
+        let (from, count) = if contiguous { (first, rows) } else { (0, n) };
+        let r = count as u32;
+        self.final_norm.encode(
+            ctx,
+            &mut enc,
+            &[r, hh, (from * h) as u32, hh, 0, hh, eps],
+            (r, 1, 1),
+        );
+        let input = if contiguous {
+            &b.xn
         } else {
             let row_bytes = (h * 4) as u64;
             for (k, &i) in wanted.iter().enumerate() {
                 enc.copy_buffer_to_buffer(
-                    b.x.buffer(),
+                    b.xn.buffer(),
                     i as u64 * row_bytes,
                     b.branch.buffer(),
                     k as u64 * row_bytes,
                     row_bytes,
                 );
             }
-            enc.copy_buffer_to_buffer(
-                b.branch.buffer(),
-                0,
-                b.x.buffer(),
-                0,
-                rows as u64 * row_bytes,
-            );
-            0
+            &b.branch
         };
-        let r = rows as u32;
-        self.final_norm.encode(
-            ctx,
-            &mut enc,
-            &[r, hh, (first * h) as u32, hh, 0, hh, eps],
-            (r, 1, 1),
-        );
         self.head
-            .encode_matmul(ctx, &mut enc, &b.xn, 0, rows, &b.logits, 0)?;
+            .encode_matmul(ctx, &mut enc, input, 0, rows, &b.logits, 0)?;
         self.readback.read(
             ctx,
             enc,

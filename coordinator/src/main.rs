@@ -371,8 +371,8 @@ impl GpuArgs {
     /// The model's dense part on the GPU, or `None` for the CPU: `--backend wgpu` opens the
     /// chosen adapter or fails; `auto` takes a hardware GPU if there is one (never a software
     /// adapter) and falls back to the CPU when there is none or the model does not fit. The
-    /// device cache has a slot of `capacity` positions for each of up to `sequences` (halved
-    /// until they fit the device's memory, down to one).
+    /// device cache has a slot of `capacity` positions for each of up to `sequences` (as many
+    /// as fit the device's memory, at least one).
     fn open_model(
         &self,
         model: &Model,
@@ -393,22 +393,16 @@ impl GpuArgs {
             }
             Err(e) => return Err(e).context("opening the GPU"),
         };
-        // Fewer cache slots when all of them do not fit (each attempt frees what it took).
-        let mut slots = sequences.max(1);
-        let made = loop {
-            match GpuModel::with_sequences(ctx.clone(), model, capacity, slots, cache) {
-                Err(GpuError::OutOfMemory { .. } | GpuError::DeviceOutOfMemory { .. })
-                    if slots > 1 =>
-                {
-                    eprintln!(
-                        "[gpu: the cache for {slots} sequences of {capacity} positions does not fit; trying {}]",
-                        slots / 2
-                    );
-                    slots /= 2;
-                }
-                r => break r,
+        let made = GpuModel::with_sequences(ctx.clone(), model, capacity, sequences, cache);
+        if let Ok(m) = &made {
+            if m.sequences() < sequences {
+                eprintln!(
+                    "[gpu: the cache for {sequences} sequences of {capacity} positions does not fit; \
+                     {} do]",
+                    m.sequences()
+                );
             }
-        };
+        }
         match made {
             Ok(m) => Ok(Some(m)),
             Err(e) if auto => {

@@ -439,3 +439,78 @@ fn gpu_batch_errors_change_no_slot() {
     ));
     assert_eq!((g.seq_len(0), g.seq_len(1)), (2, 1));
 }
+
+/// With a memory budget that holds the weights and some cache slots but not all that were
+/// asked for, the model takes the most slots that fit, after uploading its weights once: the
+/// memory in use is exactly the weights plus those slots, and a sequence in the last slot
+/// computes the same logits as a model with a single slot. When not even one slot fits, it is
+/// the typed out-of-memory error.
+#[test]
+fn gpu_takes_the_cache_slots_that_fit() {
+    let Some(ctx) = ctx(false) else { return };
+    let mf = ModelFile::open(&data_dir().join("oracle/noqlora/q8_0.gguf")).unwrap();
+    let m = mf.load_model().unwrap();
+    let all = mf.load_experts(&ExpertFilter::All).unwrap();
+    let (cap, cache) = (40, CacheType::F16);
+    let used = |slots: usize| {
+        let before = ctx.memory_used();
+        let g = GpuModel::with_sequences(ctx.clone(), &m, cap, slots, cache).unwrap();
+        assert_eq!(g.sequences(), slots);
+        ctx.memory_used() - before
+    };
+    let one = used(1);
+    let slot = used(2) - one;
+    let row = m.cfg.cache_row().next_multiple_of(2) * 2;
+    assert_eq!(
+        slot,
+        (m.cfg.n_layers * cap * row) as u64,
+        "a slot is its cache rows"
+    );
+    let toks = [5u32, 9, 2, 7];
+    let mut single = GpuModel::new(ctx.clone(), &m, cap, cache).unwrap();
+    let want = single.forward_batch(&[(0, &toks)], &all).unwrap().to_vec();
+    drop(single);
+
+    let budgeted = |budget: u64| {
+        test_context(GpuOptions {
+            memory_budget: Some(budget),
+            ..Default::default()
+        })
+        .map(Arc::new)
+        .unwrap()
+    };
+    let tight = budgeted(one + 2 * slot + slot / 2);
+    let mut g = GpuModel::with_sequences(tight.clone(), &m, cap, 16, cache).unwrap();
+    assert_eq!(
+        g.sequences(),
+        3,
+        "the weights and three slots fit the budget"
+    );
+    assert_eq!(
+        tight.memory_used(),
+        one + 2 * slot,
+        "nothing left over from the attempts"
+    );
+    let got = g.forward_batch(&[(2, &toks)], &all).unwrap();
+    assert_eq!(got.len(), want.len());
+    assert!(got
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    drop(g);
+    assert_eq!(tight.memory_used(), 0);
+
+    let none = budgeted(one - slot / 2);
+    match GpuModel::with_sequences(none.clone(), &m, cap, 16, cache) {
+        Err(engine::gpu::GpuError::OutOfMemory { .. }) => {}
+        other => panic!(
+            "expected OutOfMemory, got {:?}",
+            other.map(|g| g.sequences())
+        ),
+    }
+    assert_eq!(
+        none.memory_used(),
+        0,
+        "a refused model leaves nothing allocated"
+    );
+}

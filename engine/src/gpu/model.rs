@@ -83,7 +83,9 @@ enum GpuFfn {
     },
 }
 
-struct Layer {
+/// One layer on the device; `A` is its attention: [`AttnWeights`] while the model is being
+/// built (weights uploaded, no cache yet), [`GpuAttention`] once bound to its cache.
+struct Layer<A = GpuAttention> {
     _w: Vec<GpuBuffer>,
     attn_norm: Op,
     q: GpuQ,
@@ -91,12 +93,82 @@ struct Layer {
     kv_norm: Op,
     rope_k: Op,
     rope_q: Op,
-    attn: GpuAttention,
+    attn: A,
     o: GpuMatrix,
     add_attn: Op,
     ffn_norm: Op,
     ffn: GpuFfn,
     add_ffn: Op,
+}
+
+impl Layer<AttnWeights> {
+    /// The layer with its attention bound to a cache.
+    fn bind(self, ops: AttnOps) -> Layer {
+        Layer {
+            _w: self._w,
+            attn_norm: self.attn_norm,
+            q: self.q,
+            kv_a: self.kv_a,
+            kv_norm: self.kv_norm,
+            rope_k: self.rope_k,
+            rope_q: self.rope_q,
+            attn: self.attn.join(ops),
+            o: self.o,
+            add_attn: self.add_attn,
+            ffn_norm: self.ffn_norm,
+            ffn: self.ffn,
+            add_ffn: self.add_ffn,
+        }
+    }
+}
+
+/// The most cache slots, at most `wanted`, for which `alloc` succeeds, with what it made:
+/// `wanted` when it fits, otherwise a binary search down to one. Only running out of memory
+/// (the accounted budget or the device's) means "fewer"; any other error, or one slot not
+/// fitting, is returned. What a failed or superseded attempt made is dropped (freed) before
+/// the next one.
+fn fit_slots<T>(
+    wanted: usize,
+    mut alloc: impl FnMut(usize) -> Result<T, GpuError>,
+) -> Result<(usize, T), GpuError> {
+    let oom = |e: &GpuError| {
+        matches!(
+            e,
+            GpuError::OutOfMemory { .. } | GpuError::DeviceOutOfMemory { .. }
+        )
+    };
+    let wanted = wanted.max(1);
+    let first = match alloc(wanted) {
+        Ok(t) => return Ok((wanted, t)),
+        Err(e) if wanted > 1 && oom(&e) => e,
+        Err(e) => return Err(e),
+    };
+    // `lo` fits (0: none known yet), `hi` does not.
+    let (mut lo, mut hi) = (0, wanted);
+    let mut last_err = first;
+    let mut made: Option<T> = None;
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        made = None;
+        match alloc(mid) {
+            Ok(t) => {
+                lo = mid;
+                made = Some(t);
+            }
+            Err(e) if oom(&e) => {
+                hi = mid;
+                last_err = e;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if lo == 0 {
+        return Err(last_err);
+    }
+    match made {
+        Some(t) => Ok((lo, t)),
+        None => alloc(lo).map(|t| (lo, t)),
+    }
 }
 
 /// The shape of absorbed MLA: the model's head dimensions, the cache's capacity and type.
@@ -144,15 +216,18 @@ pub(crate) struct AttnBufs<'a> {
 pub(crate) struct GpuAttention {
     k_b: GpuMatrix,
     v_b: GpuMatrix,
-    cache_write: Op,
-    scores: Op,
-    softmax: Op,
-    latent: Op,
+    ops: AttnOps,
 }
 
+/// A layer's absorbed-attention weights on the device, before they are bound to a cache.
+pub(crate) struct AttnWeights {
+    k_b: GpuMatrix,
+    v_b: GpuMatrix,
+}
+
+#[cfg(test)]
 impl GpuAttention {
-    /// Stacks and uploads the per-head `k_b` (`lora x nope`) and `v_b` (`v_head x lora`) and
-    /// binds the kernels to `cache` and `b`.
+    /// Uploads the weights ([`AttnWeights::upload`]) and binds the kernels to `cache` and `b`.
     pub fn new(
         ctx: &GpuContext,
         k: &Kernels,
@@ -161,9 +236,47 @@ impl GpuAttention {
         cache: &GpuBuffer,
         b: &AttnBufs,
     ) -> Result<Self, GpuError> {
-        Ok(GpuAttention {
+        let w = AttnWeights::upload(ctx, k_b, v_b)?;
+        Ok(w.join(AttnOps::new(ctx, k, cache, b)?))
+    }
+}
+
+impl AttnWeights {
+    /// Stacks and uploads the per-head `k_b` (`lora x nope`) and `v_b` (`v_head x lora`).
+    pub fn upload(ctx: &GpuContext, k_b: &[Matrix], v_b: &[Matrix]) -> Result<Self, GpuError> {
+        Ok(AttnWeights {
             k_b: GpuMatrix::upload_stacked(ctx, k_b)?,
             v_b: GpuMatrix::upload_stacked(ctx, v_b)?,
+        })
+    }
+
+    /// Joins the weights with the kernels bound to a cache.
+    pub fn join(self, ops: AttnOps) -> GpuAttention {
+        GpuAttention {
+            k_b: self.k_b,
+            v_b: self.v_b,
+            ops,
+        }
+    }
+}
+
+/// A layer's attention kernels bound to its cache and the shared buffers.
+pub(crate) struct AttnOps {
+    cache_write: Op,
+    scores: Op,
+    softmax: Op,
+    latent: Op,
+}
+
+impl AttnOps {
+    /// Binds the kernels to `cache` and `b`.
+    pub fn new(
+        ctx: &GpuContext,
+        k: &Kernels,
+        cache: &GpuBuffer,
+        b: &AttnBufs,
+    ) -> Result<Self, GpuError> {
+        Ok(AttnOps {
             cache_write: Op::new(ctx, &k.cache_write, &[(7, cache), (8, b.kv), (9, b.tok)])?,
             scores: Op::new(
                 ctx,
@@ -178,7 +291,9 @@ impl GpuAttention {
             )?,
         })
     }
+}
 
+impl GpuAttention {
     /// Records attention for the `n` tokens of `b.tok` (the highest position among them
     /// below `ctx_len`): their rows of `b.kv` go into the cache, their head outputs into
     /// `b.out`.
@@ -209,7 +324,8 @@ impl GpuAttention {
             crow as u32,
         ];
         let words = (row_bytes / 4) as u32;
-        self.cache_write
+        self.ops
+            .cache_write
             .encode(ctx, enc, &att, (words.div_ceil(64), nn, 1));
         self.k_b.encode_matmul_grouped(
             ctx,
@@ -224,15 +340,17 @@ impl GpuAttention {
             heads * lora,
         )?;
         let ctx_len = ctx_len as u32;
-        self.scores
+        self.ops
+            .scores
             .encode(ctx, enc, &att, (ctx_len.div_ceil(64), hh, nn));
-        self.softmax.encode(
+        self.ops.softmax.encode(
             ctx,
             enc,
             &[nn * hh, s.capacity as u32, hh, 0, 2, 1, 1],
             (nn * hh, 1, 1),
         );
-        self.latent
+        self.ops
+            .latent
             .encode(ctx, enc, &att, ((lora as u32).div_ceil(64), hh, nn));
         self.v_b.encode_matmul_grouped(
             ctx,
@@ -371,9 +489,12 @@ impl GpuModel {
     }
 
     /// As [`GpuModel::new`], with a cache slot of `capacity` positions for each of up to
-    /// `sequences` sequences that [`GpuModel::forward_batch`] runs together. A layer's slots
-    /// share one buffer, so they are capped to what one binding holds (at least one:
-    /// [`GpuModel::sequences`] says how many there are).
+    /// `sequences` sequences that [`GpuModel::forward_batch`] runs together
+    /// ([`GpuModel::sequences`] says how many there are, at least one). A layer's slots share
+    /// one buffer, so they are capped to what one binding holds. The caches are allocated
+    /// last, after every weight is resident: when all the slots do not fit in the device's
+    /// memory (or the context's budget), the most that do are taken, without uploading
+    /// anything again; only when not even one fits is it an error.
     pub fn with_sequences(
         ctx: Arc<GpuContext>,
         model: &Model,
@@ -401,7 +522,6 @@ impl GpuModel {
             )));
         }
         let sequences = sequences.clamp(1, limit / slot_bytes);
-        let cache_bytes = sequences * slot_bytes;
         let mut n_max = 64usize;
         while n_max > 0
             && (n_max * heads * capacity * 4 > limit || n_max * c.vocab_size * 4 > limit)
@@ -447,8 +567,7 @@ impl GpuModel {
             logits: ctx.alloc_f32("logits", n_max * c.vocab_size)?,
             _rope: ctx.upload_f32("rope", &rope.cos_sin_table(capacity))?,
         };
-        let mut caches = Vec::with_capacity(c.n_layers);
-        let mut layers = Vec::with_capacity(c.n_layers);
+        let mut drafts: Vec<Layer<AttnWeights>> = Vec::with_capacity(c.n_layers);
         let up = |m: &Matrix| GpuMatrix::upload(&ctx, m);
         let mlp = |m: &Mlp, b: &Bufs| -> Result<GpuMlp, GpuError> {
             Ok(GpuMlp {
@@ -459,9 +578,7 @@ impl GpuModel {
             })
         };
         let add = |d: &GpuBuffer, s: &GpuBuffer| Op::new(&ctx, &k.add, &[(3, d), (4, s)]);
-        for (l, lw) in model.w.layers.iter().enumerate() {
-            let cl =
-                ctx.create_buffer("kv cache", cache_bytes as u64, wgpu::BufferUsages::STORAGE)?;
+        for lw in &model.w.layers {
             let a = &lw.attn;
             let attn_norm_w = ctx.upload_f32("attn norm", &a.norm)?;
             let kv_norm_w = ctx.upload_f32("kv norm", &a.kv_norm)?;
@@ -487,14 +604,14 @@ impl GpuModel {
                     add_routed: add(&b.branch, &b.routed)?,
                 },
             };
-            layers.push(Layer {
+            drafts.push(Layer {
                 attn_norm: Op::new(&ctx, &k.rms, &[(1, &attn_norm_w), (2, &b.x), (3, &b.xn)])?,
                 q,
                 kv_a: up(&a.kv_a)?,
                 kv_norm: Op::new(&ctx, &k.rms_inplace, &[(1, &kv_norm_w), (3, &b.kv)])?,
                 rope_k: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.kv), (3, &b.tok)])?,
                 rope_q: Op::new(&ctx, &k.rope, &[(1, &b._rope), (2, &b.q), (3, &b.tok)])?,
-                attn: GpuAttention::new(&ctx, &k, &a.k_b, &a.v_b, &cl, &b.attn())?,
+                attn: AttnWeights::upload(&ctx, &a.k_b, &a.v_b)?,
                 o: up(&a.o)?,
                 add_attn: add(&b.x, &b.branch)?,
                 ffn_norm: Op::new(&ctx, &k.rms, &[(1, &ffn_norm_w), (2, &b.x), (3, &b.xn)])?,
@@ -502,13 +619,31 @@ impl GpuModel {
                 add_ffn: add(&b.x, &b.branch)?,
                 _w: vec![attn_norm_w, kv_norm_w, ffn_norm_w],
             });
-            caches.push(cl);
-            debug_assert_eq!(layers.len(), l + 1);
         }
         let out_norm = ctx.upload_f32("out norm", &model.w.out_norm)?;
         let final_norm = Op::new(&ctx, &k.rms, &[(1, &out_norm), (2, &b.x), (3, &b.xn)])?;
         let head = up(&model.w.head)?;
         let readback = Readback::new(&ctx, (n_max * c.vocab_size).max(n_max * (c.n_routed + h)))?;
+        // The caches last, once everything else is resident: as many slots as fit.
+        let (sequences, bound) = fit_slots(sequences, |slots| {
+            let bytes = (slots * slot_bytes) as u64;
+            (0..drafts.len())
+                .map(|_| {
+                    let cl = ctx.create_buffer("kv cache", bytes, wgpu::BufferUsages::STORAGE)?;
+                    let ops = AttnOps::new(&ctx, &k, &cl, &b.attn())?;
+                    Ok((cl, ops))
+                })
+                .collect::<Result<Vec<_>, GpuError>>()
+        })?;
+        let mut caches = Vec::with_capacity(bound.len());
+        let layers = drafts
+            .into_iter()
+            .zip(bound)
+            .map(|(d, (cl, ops))| {
+                caches.push(cl);
+                d.bind(ops)
+            })
+            .collect();
         Ok(GpuModel {
             embed: model.w.embed.clone(),
             layers,
@@ -899,5 +1034,89 @@ impl GpuModel {
             logits,
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod fit_tests {
+    use super::{fit_slots, GpuError};
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    /// Stands for what one attempt allocated: counts the live ones.
+    struct Held(Rc<Cell<usize>>);
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() - 1);
+        }
+    }
+
+    fn oom() -> GpuError {
+        GpuError::OutOfMemory {
+            requested: 1,
+            used: 0,
+            budget: 0,
+        }
+    }
+
+    /// An allocator for which `fits(slots)` says whether that many fit; it checks that no
+    /// earlier attempt is still held, and logs the attempts.
+    fn run(wanted: usize, fits: impl Fn(usize) -> bool) -> (Result<usize, String>, Vec<usize>) {
+        let live = Rc::new(Cell::new(0));
+        let mut tried = Vec::new();
+        let r = fit_slots(wanted, |s| {
+            assert_eq!(live.get(), 0, "an earlier attempt is still allocated");
+            tried.push(s);
+            if fits(s) {
+                live.set(1);
+                Ok(Held(live.clone()))
+            } else {
+                Err(oom())
+            }
+        });
+        let r = r.map(|(s, held)| {
+            assert_eq!(live.get(), 1);
+            drop(held);
+            s
+        });
+        (r.map_err(|e| e.to_string()), tried)
+    }
+
+    #[test]
+    fn takes_all_when_all_fit() {
+        assert_eq!(run(8, |_| true), (Ok(8), vec![8]));
+        assert_eq!(run(0, |_| true), (Ok(1), vec![1]), "at least one");
+    }
+
+    #[test]
+    fn finds_the_most_that_fit() {
+        for limit in 1..=16 {
+            let (r, tried) = run(16, |s| s <= limit);
+            assert_eq!(r, Ok(limit.min(16)), "limit {limit}");
+            assert!(tried.len() <= 7, "{tried:?}");
+        }
+        let (r, tried) = run(16, |s| s <= 11);
+        assert_eq!(r, Ok(11));
+        assert_eq!(tried, vec![16, 8, 12, 10, 11]);
+    }
+
+    #[test]
+    fn none_fitting_is_the_out_of_memory_error() {
+        let (r, tried) = run(16, |_| false);
+        assert!(r.unwrap_err().contains("memory"));
+        assert_eq!(tried, vec![16, 8, 4, 2, 1]);
+        assert!(run(1, |_| false).0.is_err());
+    }
+
+    #[test]
+    fn other_errors_are_not_retried() {
+        let mut tried = 0;
+        let r = fit_slots(8, |_| -> Result<(), GpuError> {
+            tried += 1;
+            Err(GpuError::BadArgument("no".into()))
+        });
+        assert!(matches!(r, Err(GpuError::BadArgument(_))));
+        assert_eq!(tried, 1);
     }
 }

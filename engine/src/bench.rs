@@ -40,9 +40,14 @@ pub struct BenchConfig {
     pub bandwidth_passes: usize,
     /// Least total weight bytes a measurement rotates through (copies of the matrix).
     pub weight_bytes_min: usize,
-    /// Least calls and least time per measurement.
+    /// Least calls and least time per measurement (per round, for a matvec figure).
     pub calls_min: usize,
     pub time_min: Duration,
+    /// Rounds of each matvec figure: each times the matvec right after a bandwidth
+    /// measurement (`bandwidth_round_passes` passes), so that the ratio compares the two at the
+    /// same moment of a machine whose bandwidth drifts; the figure is the median of the rounds.
+    pub matvec_rounds: usize,
+    pub bandwidth_round_passes: usize,
     /// Time per in-cache kernel ceiling figure.
     pub ceiling_time: Duration,
     /// Matvec shapes `(rows, cols)` and types.
@@ -59,8 +64,10 @@ impl BenchConfig {
             bandwidth_bytes: 1 << 30,
             bandwidth_passes: 7,
             weight_bytes_min: 256 << 20,
-            calls_min: 40,
-            time_min: Duration::from_millis(600),
+            calls_min: 20,
+            time_min: Duration::from_millis(150),
+            matvec_rounds: 5,
+            bandwidth_round_passes: 2,
             ceiling_time: Duration::from_millis(300),
             shapes: DECODE_SHAPES.iter().map(|&(r, c, _)| (r, c)).collect(),
             types: BENCH_TYPES.to_vec(),
@@ -81,6 +88,8 @@ impl BenchConfig {
             weight_bytes_min: 1 << 20,
             calls_min: 3,
             time_min: Duration::ZERO,
+            matvec_rounds: 2,
+            bandwidth_round_passes: 1,
             ceiling_time: Duration::ZERO,
             shapes: vec![(64, 512), (96, 1024)],
             types: BENCH_TYPES.to_vec(),
@@ -109,8 +118,10 @@ pub struct MatvecResult {
     pub weight_bytes: usize,
     /// Weight bytes read per second at the median call time, in GB/s (1e9).
     pub gbps: f64,
-    /// `gbps` over the bandwidth it is compared with (median streaming read).
+    /// Median over the rounds of each round's GB/s over the bandwidth measured just before it.
     pub ratio: f64,
+    /// Median of the rounds' bandwidth measurements, GB/s.
+    pub bandwidth_gbps: f64,
     pub ns_median: u64,
     pub ns_p90: u64,
 }
@@ -177,8 +188,8 @@ impl fmt::Display for BenchLine {
             ),
             BenchLine::Matvec(m) => write!(
                 f,
-                "matvec     {:>2} thr  {:<5} {:>5}x{:<5} {:>7.2} MB: {:6.2} GB/s = {:5.3} of bw, \
-                 median {:>8.1} us, p90 {:>8.1} us",
+                "matvec     {:>2} thr  {:<5} {:>5}x{:<5} {:>7.2} MB: {:6.2} GB/s = {:5.3} of bw \
+                 ({:5.2} GB/s beside it), median {:>8.1} us, p90 {:>8.1} us",
                 m.threads,
                 m.ty.name(),
                 m.rows,
@@ -186,6 +197,7 @@ impl fmt::Display for BenchLine {
                 m.weight_bytes as f64 / 1e6,
                 m.gbps,
                 m.ratio,
+                m.bandwidth_gbps,
                 m.ns_median as f64 / 1e3,
                 m.ns_p90 as f64 / 1e3
             ),
@@ -223,8 +235,9 @@ pub fn run_kernel_bench(threads: usize) -> Vec<BenchLine> {
 
 /// [`run_kernel_bench`] with explicit sizes.
 pub fn run_kernel_bench_with(threads: usize, cfg: &BenchConfig) -> Vec<BenchLine> {
-    let bw = bandwidth_with(threads, cfg.bandwidth_bytes, cfg.bandwidth_passes);
-    let mut lines = vec![BenchLine::Bandwidth(bw.clone())];
+    let probe = BandwidthProbe::new(threads, cfg.bandwidth_bytes);
+    let bw = probe.measure(cfg.bandwidth_passes);
+    let mut lines = vec![BenchLine::Bandwidth(bw)];
     for &ty in &cfg.types {
         lines.push(BenchLine::Ceiling(kernel_ceiling(
             ty,
@@ -242,7 +255,7 @@ pub fn run_kernel_bench_with(threads: usize, cfg: &BenchConfig) -> Vec<BenchLine
     }
     for &ty in &cfg.types {
         for &(rows, cols) in &cfg.shapes {
-            let m = matvec_with(ty, rows, cols, threads, bw.median_gbps, cfg);
+            let m = matvec_with(ty, rows, cols, threads, Some(&probe), cfg);
             lines.push(BenchLine::Matvec(m));
         }
     }
@@ -273,27 +286,45 @@ pub fn memory_bandwidth_gbps(threads: usize) -> f64 {
 
 /// Reads a `bytes` buffer `passes` times with `threads` threads.
 pub fn bandwidth_with(threads: usize, bytes: usize, passes: usize) -> BandwidthResult {
-    let pool = Pool::new(threads);
-    let words = bytes / 8;
-    let buf: Vec<u64> = (0..words)
-        .into_par_iter()
-        .map(|i| splitmix(i as u64))
-        .collect();
-    // One untimed pass to fault in and settle the pages.
-    std::hint::black_box(read_all(&pool, &buf));
-    let mut gbps: Vec<f64> = (0..passes.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            std::hint::black_box(read_all(&pool, &buf));
-            (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
-        })
-        .collect();
-    gbps.sort_by(f64::total_cmp);
-    BandwidthResult {
-        threads,
-        bytes: words * 8,
-        median_gbps: gbps[gbps.len() / 2],
-        best_gbps: gbps[gbps.len() - 1],
+    BandwidthProbe::new(threads, bytes).measure(passes)
+}
+
+/// A buffer (faulted in) and a pool to measure the streaming read bandwidth with, again and
+/// again.
+pub struct BandwidthProbe {
+    pool: Pool,
+    buf: Vec<u64>,
+}
+
+impl BandwidthProbe {
+    pub fn new(threads: usize, bytes: usize) -> Self {
+        let pool = Pool::new(threads);
+        let buf: Vec<u64> = (0..bytes / 8)
+            .into_par_iter()
+            .map(|i| splitmix(i as u64))
+            .collect();
+        // One untimed pass to fault in and settle the pages.
+        std::hint::black_box(read_all(&pool, &buf));
+        BandwidthProbe { pool, buf }
+    }
+
+    /// `passes` timed reads of the whole buffer: median and best GB/s.
+    pub fn measure(&self, passes: usize) -> BandwidthResult {
+        let bytes = self.buf.len() * 8;
+        let mut gbps: Vec<f64> = (0..passes.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(read_all(&self.pool, &self.buf));
+                bytes as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .collect();
+        gbps.sort_by(f64::total_cmp);
+        BandwidthResult {
+            threads: self.pool.threads(),
+            bytes,
+            median_gbps: gbps[gbps.len() / 2],
+            best_gbps: gbps[gbps.len() - 1],
+        }
     }
 }
 
@@ -347,31 +378,15 @@ unsafe fn sum_words_avx2(c: &[u64]) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Matvec and matmul.
 
-/// Weight GB/s of `matvec` on a `rows x cols` matrix of `ty`, with `threads` threads, compared
-/// with `bandwidth_gbps` (pass [`memory_bandwidth_gbps`] of the same thread count).
-pub fn matvec_gbps(
-    ty: QuantType,
-    rows: usize,
-    cols: usize,
-    threads: usize,
-    bandwidth_gbps: f64,
-) -> MatvecResult {
-    matvec_with(
-        ty,
-        rows,
-        cols,
-        threads,
-        bandwidth_gbps,
-        &BenchConfig::full(),
-    )
-}
-
+/// Weight GB/s of `matvec` on a `rows x cols` matrix of `ty` with `threads` threads, in
+/// `cfg.matvec_rounds` rounds, each right after a bandwidth measurement with `probe` (when
+/// given): medians of the rounds' GB/s and of their ratios to that bandwidth.
 fn matvec_with(
     ty: QuantType,
     rows: usize,
     cols: usize,
     threads: usize,
-    bandwidth_gbps: f64,
+    probe: Option<&BandwidthProbe>,
     cfg: &BenchConfig,
 ) -> MatvecResult {
     let mats = matrix_copies(ty, rows, cols, cfg.weight_bytes_min);
@@ -379,24 +394,41 @@ fn matvec_with(
     let xq: &[u8] = bytemuck::cast_slice(&store);
     let xq = &xq[..mats[0].act_type().row_bytes(cols).expect("whole blocks")];
     let mut out = vec![0f32; rows];
-    let times = with_threads(threads, || {
-        time_calls(mats.len(), cfg, |k| {
-            crate::cpu::matvec(&mats[k], xq, &mut out);
-        })
-    });
     let weight_bytes = mats[0].data.len();
-    let (ns_median, ns_p90) = (percentile(&times, 50), percentile(&times, 90));
-    let gbps = weight_bytes as f64 / ns_median as f64;
+    let mut rounds = Vec::new();
+    let mut times = Vec::new();
+    for _ in 0..cfg.matvec_rounds.max(1) {
+        let bw = probe.map(|p| p.measure(cfg.bandwidth_round_passes).median_gbps);
+        let t = with_threads(threads, || {
+            time_calls(mats.len(), cfg, |k| {
+                crate::cpu::matvec(&mats[k], xq, &mut out);
+            })
+        });
+        let gbps = weight_bytes as f64 / percentile(&t, 50) as f64;
+        rounds.push((
+            gbps,
+            bw.map_or(f64::NAN, |b| gbps / b),
+            bw.unwrap_or(f64::NAN),
+        ));
+        times.extend(t);
+    }
+    times.sort_unstable();
+    let median = |f: fn(&(f64, f64, f64)) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     MatvecResult {
         ty,
         rows,
         cols,
         threads,
         weight_bytes,
-        gbps,
-        ratio: gbps / bandwidth_gbps,
-        ns_median,
-        ns_p90,
+        gbps: median(|r| r.0),
+        ratio: median(|r| r.1),
+        bandwidth_gbps: median(|r| r.2),
+        ns_median: percentile(&times, 50),
+        ns_p90: percentile(&times, 90),
     }
 }
 
@@ -717,7 +749,10 @@ mod tests {
         for l in &lines {
             match l {
                 BenchLine::Bandwidth(b) => assert!(b.median_gbps > 0.0),
-                BenchLine::Matvec(m) => assert!(m.gbps > 0.0 && m.ns_p90 >= m.ns_median),
+                BenchLine::Matvec(m) => {
+                    assert!(m.gbps > 0.0 && m.ns_p90 >= m.ns_median);
+                    assert!(m.bandwidth_gbps > 0.0 && m.ratio > 0.0 && m.ratio.is_finite());
+                }
                 BenchLine::Matmul(m) => assert!(m.gflops > 0.0),
                 BenchLine::Ceiling(c) => assert!(c.gb_per_cpu_s > 0.0),
             }
@@ -863,7 +898,8 @@ pub fn quick_expert_gbps(threads: usize) -> f64 {
         weight_bytes_min: 64 << 20,
         calls_min: 8,
         time_min: Duration::from_millis(200),
+        matvec_rounds: 1,
         ..BenchConfig::smoke()
     };
-    matvec_with(QuantType::Q4_K, 2048, 7168, threads, 1.0, &cfg).gbps
+    matvec_with(QuantType::Q4_K, 2048, 7168, threads, None, &cfg).gbps
 }

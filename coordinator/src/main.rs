@@ -393,18 +393,17 @@ impl GpuArgs {
             }
             Err(e) => return Err(e).context("opening the GPU"),
         };
-        let made = GpuModel::with_sequences(ctx.clone(), model, capacity, sequences, cache);
-        if let Ok(m) = &made {
-            if m.sequences() < sequences {
-                eprintln!(
-                    "[gpu: the cache for {sequences} sequences of {capacity} positions does not fit; \
-                     {} do]",
-                    m.sequences()
-                );
+        match GpuModel::with_sequences(ctx.clone(), model, capacity, sequences, cache) {
+            Ok(m) => {
+                if m.sequences() < sequences {
+                    eprintln!(
+                        "[gpu: the cache for {sequences} sequences of {capacity} positions does \
+                         not fit; {} do]",
+                        m.sequences()
+                    );
+                }
+                Ok(Some(m))
             }
-        }
-        match made {
-            Ok(m) => Ok(Some(m)),
             Err(e) if auto => {
                 eprintln!(
                     "[backend: cpu (the model does not go on {}: {e})]",

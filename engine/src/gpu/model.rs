@@ -635,14 +635,11 @@ impl GpuModel {
                 })
                 .collect::<Result<Vec<_>, GpuError>>()
         })?;
-        let mut caches = Vec::with_capacity(bound.len());
+        let (caches, ops): (Vec<GpuBuffer>, Vec<AttnOps>) = bound.into_iter().unzip();
         let layers = drafts
             .into_iter()
-            .zip(bound)
-            .map(|(d, (cl, ops))| {
-                caches.push(cl);
-                d.bind(ops)
-            })
+            .zip(ops)
+            .map(|(d, o)| d.bind(o))
             .collect();
         Ok(GpuModel {
             embed: model.w.embed.clone(),

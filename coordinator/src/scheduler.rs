@@ -236,6 +236,8 @@ pub struct Job {
     /// At most this many new tokens (also capped by the context).
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
+    /// Only the length ends the answer, not the stop ids.
+    pub ignore_eos: bool,
     pub events: mpsc::UnboundedSender<Event>,
 }
 
@@ -557,7 +559,7 @@ impl<M: BatchModel> Loop<M> {
             let tok = s.next[0];
             if s.job.events.send(Event::Token(tok)).is_err() {
                 s.ended = true;
-            } else if self.rules.stop_ids.contains(&tok) {
+            } else if !s.job.ignore_eos && self.rules.stop_ids.contains(&tok) {
                 s.finish(Finish::Stop);
             } else if s.generated >= s.job.max_new_tokens {
                 // `submit` capped the answer to the context, so the cache never runs out.

@@ -47,15 +47,17 @@ fn tiny(dir: &Path, chat: ChatStyle) -> std::path::PathBuf {
 }
 
 fn start(chat: ChatStyle, cfg: SchedulerConfig, api_key: Option<&str>) -> Server {
-    start_with(chat, cfg, api_key, None)
+    start_with(chat, cfg, api_key, None, None)
 }
 
-/// The server with the model's dense part on `gpu` when given (the experts stay on the host).
+/// The server with the model's dense part on `gpu` when given (the experts stay on the host),
+/// and ending answers at `stop_ids` when given instead of the model's end-of-sequence ids.
 fn start_with(
     chat: ChatStyle,
     cfg: SchedulerConfig,
     api_key: Option<&str>,
     gpu: Option<Arc<GpuContext>>,
+    stop_ids: Option<Vec<u32>>,
 ) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mf = Arc::new(ModelFile::open(&tiny(dir.path(), chat)).unwrap());
@@ -65,7 +67,7 @@ fn start_with(
     let hits = Arc::new(ExpertHits::new(&mf.expert_layout().unwrap()));
     let metrics = Arc::new(Metrics::new(hits.clone()));
     let rules = TokenRules {
-        stop_ids: mf.config.eos_ids.clone(),
+        stop_ids: stop_ids.unwrap_or_else(|| mf.config.eos_ids.clone()),
         banned_from: tokenizer.vocab_size().min(model.cfg.vocab_size) as u32,
         banned_ids: mf.unused_token_ids(),
     };
@@ -134,8 +136,18 @@ impl Server {
         format!("http://{}{path}", self.addr)
     }
 
-    /// Greedy generation in this process without the API: (text, tokens, finish is stop).
+    /// Greedy generation in this process without the API: (text, tokens).
     fn reference(&self, user: &str, max_new: usize) -> (String, Vec<u32>) {
+        self.reference_stopping(user, max_new, self.mf.config.eos_ids.clone())
+    }
+
+    /// As `reference`, ending at `stop_ids`.
+    fn reference_stopping(
+        &self,
+        user: &str,
+        max_new: usize,
+        stop_ids: Vec<u32>,
+    ) -> (String, Vec<u32>) {
         let tpl = self.mf.chat_template(&self.tokenizer).unwrap().unwrap();
         let rendered = tpl
             .render(&[engine::chat::ChatMessage::user(user)], true)
@@ -145,7 +157,7 @@ impl Server {
             prompt,
             max_new_tokens: max_new,
             sampling: SamplingParams::greedy(),
-            stop_ids: self.mf.config.eos_ids.clone(),
+            stop_ids,
             banned_ids: self.mf.unused_token_ids(),
             force: None,
             keep_logits: false,
@@ -443,7 +455,7 @@ fn a_gpu_batches_concurrent_requests_with_the_cpus_tokens() {
         max_context: 256,
         ..SchedulerConfig::default()
     };
-    let s = start_with(ChatStyle::V3, cfg, None, Some(Arc::new(ctx)));
+    let s = start_with(ChatStyle::V3, cfg, None, Some(Arc::new(ctx)), None);
     assert_eq!(s.api.scheduler.config().max_batch, 4);
     let prompts: Vec<String> = (0..6)
         .map(|i| format!("Question {i}: {}?", "how ".repeat(i + 1)))
@@ -641,6 +653,55 @@ fn bad_requests_get_openai_shaped_errors() {
 }
 
 #[test]
+fn ignore_eos_answers_run_to_max_tokens() {
+    // The greedy answer's third token ends answers on this server, so that where the answer
+    // stops does not depend on when the model happens to give its own end-of-sequence token.
+    let (text, tokens) = start(ChatStyle::V3, SchedulerConfig::default(), None).reference_stopping(
+        "Why is the sky blue?",
+        8,
+        vec![],
+    );
+    assert_eq!(tokens.len(), 8);
+    let stop = tokens[2];
+    let stops_at = tokens.iter().position(|&t| t == stop).unwrap() + 1;
+    let s = start_with(
+        ChatStyle::V3,
+        SchedulerConfig::default(),
+        None,
+        None,
+        Some(vec![stop]),
+    );
+    s.rt.block_on(async {
+        let mut body = chat_body("Why is the sky blue?", 8, false);
+        let v: Value = s
+            .post("/v1/chat/completions", body.clone())
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], stops_at);
+
+        body["ignore_eos"] = json!(true);
+        let v: Value = s
+            .post("/v1/chat/completions", body.clone())
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 8);
+        assert_eq!(v["choices"][0]["message"]["content"], text.as_str());
+
+        body["ignore_eos"] = json!("yes");
+        let r = s.post("/v1/chat/completions", body).await;
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["param"], "ignore_eos");
+    });
+}
+
+#[test]
 fn a_full_queue_refuses_and_a_gone_client_frees_its_slot() {
     let cfg = SchedulerConfig {
         max_batch: 1,
@@ -650,8 +711,10 @@ fn a_full_queue_refuses_and_a_gone_client_frees_its_slot() {
     };
     let s = start(ChatStyle::V3, cfg, None);
     s.rt.block_on(async {
-        // One long request runs, one waits; the third is refused.
-        let long = chat_body("Talk forever.", 4000, true);
+        // One long request runs, one waits; the third is refused. The long one ignores the
+        // end-of-sequence token, so that only its 4000 tokens could end it.
+        let mut long = chat_body("Talk forever.", 4000, true);
+        long["ignore_eos"] = json!(true);
         let running = s.post("/v1/chat/completions", long.clone()).await;
         assert_eq!(running.status(), 200);
         let mut running = running;

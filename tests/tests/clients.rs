@@ -123,6 +123,8 @@ fn chat_body(user: &str, max_tokens: usize, stream: bool) -> Value {
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": stream,
+        // Answers of exactly `max_tokens`, wherever this machine's greedy path meets an end.
+        "ignore_eos": true,
     })
 }
 
@@ -359,7 +361,7 @@ fn lost_worker(api: &mut Api) {
     let (status, before) = api.chat(&probe);
     assert_eq!(status, 200, "{before}");
 
-    // A long answer (greedy, thousands of tokens on this model); w2 dies once it streams.
+    // A long answer (8000 tokens, the end-of-sequence token ignored); w2 dies once it streams.
     let url = format!("{}/v1/chat/completions", api.base);
     let long = chat_body("Tell me a long story.", 8000, true);
     let w2 = &mut api.workers[1].1;

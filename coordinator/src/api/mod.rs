@@ -275,6 +275,7 @@ async fn generate(
         prompt,
         max_new_tokens: params.max_tokens.unwrap_or(usize::MAX),
         sampling,
+        ignore_eos: params.ignore_eos,
         events: tx,
     };
     if let Err(e) = api.scheduler.submit(job) {

@@ -109,6 +109,9 @@ pub struct GenParams {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Generate past the model's end-of-sequence tokens, up to `max_tokens` (the extension
+    /// llama.cpp's server and vLLM take, for benchmarks that need answers of a set length).
+    pub ignore_eos: bool,
 }
 
 /// A `/v1/completions` prompt.
@@ -261,6 +264,7 @@ fn params(m: &Map<String, Value>) -> Result<GenParams, ApiError> {
         ));
     }
     let stream = boolean(m, "stream")?.unwrap_or(false);
+    let ignore_eos = boolean(m, "ignore_eos")?.unwrap_or(false);
     let include_usage = match field(m, "stream_options") {
         None => false,
         Some(Value::Object(o)) => boolean(o, "include_usage")
@@ -279,6 +283,7 @@ fn params(m: &Map<String, Value>) -> Result<GenParams, ApiError> {
         stop,
         stream,
         include_usage,
+        ignore_eos,
     })
 }
 
@@ -424,7 +429,7 @@ mod tests {
             ],
             "max_tokens": 9, "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9,
             "top_k": 40, "min_p": 0.05, "seed": 42, "stop": ["a", "b"], "stream": true,
-            "stream_options": {"include_usage": true}, "n": 1,
+            "stream_options": {"include_usage": true}, "n": 1, "ignore_eos": true,
             "frequency_penalty": 0, "some_future_field": {"x": 1}
         }))
         .unwrap();
@@ -440,7 +445,7 @@ mod tests {
         assert_eq!(p.sampling.top_k, 40);
         assert_eq!(p.sampling.min_p, 0.05);
         assert_eq!(p.sampling.seed, 42);
-        assert!(p.seeded && p.stream && p.include_usage);
+        assert!(p.seeded && p.stream && p.include_usage && p.ignore_eos);
         assert_eq!(p.stop, ["a", "b"]);
     }
 
@@ -449,7 +454,7 @@ mod tests {
         let r = chat(json!({"messages": [{"role": "user", "content": "x"}], "temperature": null, "stop": "END"})).unwrap();
         let p = r.params;
         assert_eq!(p.sampling, SamplingParams::default());
-        assert!(!p.seeded && !p.stream && !p.include_usage);
+        assert!(!p.seeded && !p.stream && !p.include_usage && !p.ignore_eos);
         assert_eq!(p.max_tokens, None);
         assert_eq!(p.stop, ["END"]);
     }
@@ -468,6 +473,7 @@ mod tests {
             (json!({"messages": user, "max_tokens": 2.5}), "max_tokens"),
             (json!({"messages": user, "n": 2}), "n"),
             (json!({"messages": user, "stream": "yes"}), "stream"),
+            (json!({"messages": user, "ignore_eos": 1}), "ignore_eos"),
             (json!({"messages": user, "stop": [1]}), "stop"),
             (json!({"messages": user, "stop": ""}), "stop"),
             (json!({"messages": user, "seed": "x"}), "seed"),

@@ -39,9 +39,8 @@ pub struct BenchArgs {
     /// llama-bench's default).
     #[arg(long, default_value = "f16")]
     kv_cache: CacheType,
-    /// Int8 activations for quantized weights (llama.cpp's scheme) instead of exact f32.
-    #[arg(long)]
-    int8_activations: bool,
+    #[command(flatten)]
+    acts: crate::ActivationArgs,
     /// llama.cpp's `llama-bench` binary: run it on the same model with the same threads.
     #[arg(long)]
     llama_bench: Option<PathBuf>,
@@ -62,12 +61,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     crate::set_threads(Some(threads))?;
-    engine::tensor::set_int8_activations(a.int8_activations);
-    let acts = if a.int8_activations {
-        "int8 per block"
-    } else {
-        "f32 (exact)"
-    };
+    engine::tensor::set_activations(a.acts.get());
+    let acts = a.acts.get().describe();
     if a.backend == "wgpu" {
         return gpu_bench(&a);
     }

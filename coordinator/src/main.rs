@@ -108,10 +108,33 @@ struct GenerateArgs {
     threads: Option<usize>,
     #[command(flatten)]
     gpu: GpuArgs,
-    /// Quantize activations to int8 per block for quantized weights, as llama.cpp does:
-    /// faster integer kernels at the cost of exactness (default: f32 activations, exact).
+    #[command(flatten)]
+    acts: ActivationArgs,
+}
+
+/// The activation format of the CPU's quantized products (default: f32, exact).
+#[derive(Args, Clone, Copy, Debug)]
+pub struct ActivationArgs {
+    /// Activations as 16-bit integers per 256-value block for the K-quant weights (Q4_K, Q5_K,
+    /// Q6_K): integer kernels, each value within 1/65024 of its block's largest, where
+    /// llama.cpp's int8 is within 1/254 (other types stay exact f32).
+    #[arg(long, conflicts_with = "int8_activations")]
+    pub int16_activations: bool,
+    /// Activations rounded to int8 per block for quantized weights, as llama.cpp does: the
+    /// fastest kernels, at llama.cpp's accuracy.
     #[arg(long)]
-    int8_activations: bool,
+    pub int8_activations: bool,
+}
+
+impl ActivationArgs {
+    pub fn get(&self) -> engine::tensor::Activations {
+        use engine::tensor::Activations;
+        match (self.int16_activations, self.int8_activations) {
+            (true, _) => Activations::Int16,
+            (_, true) => Activations::Int8,
+            _ => Activations::F32,
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -302,7 +325,7 @@ impl PromptArgs {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     set_threads(a.threads)?;
-    engine::tensor::set_int8_activations(a.int8_activations);
+    engine::tensor::set_activations(a.acts.get());
     let mf = ModelFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let tokenizer = mf.tokenizer().context("loading the tokenizer")?;
     let prompt = a.p.prompt_ids(&mf, &tokenizer)?;

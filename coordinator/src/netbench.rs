@@ -62,10 +62,10 @@ pub struct ClusterBenchArgs {
     /// Compute threads of this process.
     #[arg(long)]
     threads: Option<usize>,
-    /// Int8 activations for quantized products (llama.cpp's scheme), in this process and, told
-    /// by the coordinator, in the workers.
-    #[arg(long)]
-    int8_activations: bool,
+    /// The activation format of quantized products, in this process and, told by the
+    /// coordinator, in the workers.
+    #[command(flatten)]
+    acts: crate::ActivationArgs,
     /// Compute threads of each worker process of the decode comparison.
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
@@ -83,7 +83,7 @@ const LAYER: usize = 3;
 
 pub fn run(a: ClusterBenchArgs) -> Result<()> {
     crate::set_threads(a.threads)?;
-    engine::tensor::set_int8_activations(a.int8_activations);
+    engine::tensor::set_activations(a.acts.get());
     let dtype = if a.wire == "f32" {
         Dtype::F32
     } else {
@@ -402,7 +402,7 @@ fn decode_comparison(
         names: vec![],
         local: None,
         model: Some(mf.clone()),
-        int8_activations: engine::tensor::int8_activations(),
+        activations: engine::tensor::activations(),
         device: "cpu".into(),
     }))?;
     let mut procs = Vec::new();

@@ -48,11 +48,9 @@ pub struct ServeArgs {
     request_timeout: f64,
     #[arg(long)]
     threads: Option<usize>,
-    /// Quantized products take activations rounded to int8 per block, as llama.cpp does:
-    /// faster CPU kernels at the cost of exactness (default: exact f32 activations). Every
-    /// worker follows this choice.
-    #[arg(long)]
-    int8_activations: bool,
+    /// The activation format of quantized products (every worker follows this choice).
+    #[command(flatten)]
+    acts: crate::ActivationArgs,
     /// Where the always-active part runs. On either, up to `--max-batch` sequences are decoded
     /// together; on a GPU each has a slot of the device cache (fewer slots when they would not
     /// fit the device memory or one buffer binding).
@@ -84,7 +82,7 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     crate::set_threads(a.threads)?;
-    engine::tensor::set_int8_activations(a.int8_activations);
+    engine::tensor::set_activations(a.acts.get());
     let mf = Arc::new(
         ModelFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?,
     );
@@ -159,7 +157,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         names: a.names.clone(),
         local,
         model: Some(mf.clone()),
-        int8_activations: a.int8_activations,
+        activations: a.acts.get(),
         device: match &gpu {
             Some(g) => format!(
                 "{} {}",

@@ -60,9 +60,9 @@ pub struct ClusterOptions {
     /// The model, to stream routed experts to workers that have no copy of it;
     /// `None`: every worker needs its own copy (`--model`).
     pub model: Option<Arc<engine::model::ModelFile>>,
-    /// The cluster's numerics, told to every worker in its hello: quantized products with
-    /// int8 activations (llama.cpp's scheme) instead of exact f32 ones.
-    pub int8_activations: bool,
+    /// The cluster's numerics, told to every worker in its hello: the activation format of
+    /// quantized products.
+    pub activations: engine::tensor::Activations,
     /// Where this process runs the always-active part, for the status ("cpu (8 threads)").
     pub device: String,
 }
@@ -587,7 +587,7 @@ fn status(shared: &Shared) -> control::ClusterStatus {
         workers,
         tokens_per_second: tokens_per_second(shared),
         coordinator_device: shared.opts.device.clone(),
-        int8_activations: shared.opts.int8_activations,
+        activations: wire_activations(shared.opts.activations),
     }
 }
 
@@ -718,7 +718,7 @@ impl grpc::Control for Service {
                 worker_id: id,
                 coordinator_version: env!("CARGO_PKG_VERSION").into(),
                 data_port: self.0.data_port,
-                int8_activations: self.0.opts.int8_activations,
+                activations: wire_activations(self.0.opts.activations),
             }
             .into(),
         ))
@@ -922,5 +922,16 @@ impl grpc::Control for Service {
                 Err(Status::failed_precondition(e.to_string()))
             }
         }
+    }
+}
+
+/// The engine's activation format as the control plane names it.
+fn wire_activations(a: engine::tensor::Activations) -> proto::control::Activations {
+    use engine::tensor::Activations as E;
+    use proto::control::Activations as W;
+    match a {
+        E::F32 => W::F32,
+        E::Int16 => W::Int16,
+        E::Int8 => W::Int8,
     }
 }

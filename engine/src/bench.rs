@@ -245,7 +245,9 @@ pub fn run_kernel_bench_with(threads: usize, cfg: &BenchConfig) -> Vec<BenchLine
             cfg.ceiling_time,
         )));
         #[cfg(target_arch = "x86_64")]
-        if crate::quant::avx2::kernel_multi(ty).is_some() && crate::tensor::int8_activations() {
+        if crate::quant::avx2::kernel_multi(ty).is_some()
+            && crate::tensor::activations() == crate::tensor::Activations::Int8
+        {
             lines.push(BenchLine::Ceiling(kernel_ceiling_multi(
                 ty,
                 7168,
@@ -698,9 +700,9 @@ fn random_f32_chunked(ty: QuantType, n: usize, seed: u64) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A random activation row of `n` elements already in `ty` (F32, Q8_0, Q8_1 or Q8_K), built
-/// directly (no quantiser): values in [-127, 127], moderate positive scales, and the sums
-/// (Q8_1 `s`, Q8_K `bsums`) consistent with them.
+/// A random activation row of `n` elements already in `ty` (F32, Q8_0, Q8_1 or Q8_K built
+/// directly, without the quantiser: values in [-127, 127], moderate positive scales, and the
+/// sums (Q8_1 `s`, Q8_K `bsums`) consistent with them; Q16_K quantised from random values).
 pub fn random_activation(ty: QuantType, n: usize, seed: u64) -> Vec<u8> {
     let q = |i: usize| (splitmix(seed ^ (i as u64) << 1) % 255) as i32 - 127;
     let d = |b: usize| 2f32.powi(-8) * (1.0 + (splitmix(!seed ^ b as u64) % 64) as f32 / 64.0);
@@ -728,6 +730,13 @@ pub fn random_activation(ty: QuantType, n: usize, seed: u64) -> Vec<u8> {
                     out.extend_from_slice(&(s.iter().sum::<i32>() as i16).to_le_bytes());
                 }
             }
+        }
+        QuantType::Q16_K => {
+            // Through the quantiser: the halves' split is its own to make.
+            let mut out = vec![0u8; ty.row_bytes(n).expect("whole blocks")];
+            crate::quant::quantize_activation(ty, &random_f32(n, seed), &mut out)
+                .expect("Q16_K rows of whole blocks");
+            return out;
         }
         other => panic!("{other} is not an activation type"),
     }

@@ -1,24 +1,61 @@
 //! Weight matrices as the model uses them: packed rows of any supported type, with the
 //! activation-quantisation scratch they need, and the CPU matvec/matmul entry points.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::quant::{self, QuantError, QuantType};
 use crate::Bytes;
 
-static INT8_ACTIVATIONS: AtomicBool = AtomicBool::new(false);
+static ACTIVATIONS: AtomicU8 = AtomicU8::new(0);
 
-/// Chooses the activation format of quantized matrix products for the whole process: f32
-/// (default, exact) or int8 per block as llama.cpp does (faster; costs accuracy). Set it once,
-/// before any computation.
-pub fn set_int8_activations(on: bool) {
-    INT8_ACTIVATIONS.store(on, Ordering::Relaxed);
+/// The activation format of the CPU's quantized matrix products, for the whole process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Activations {
+    /// f32: the weights are dequantised block by block inside the dot product (exact).
+    #[default]
+    F32,
+    /// 16-bit integers per 256-value block (`QuantType::Q16_K`) for the K-quants that have an
+    /// integer kernel on this CPU (Q4_K, Q5_K, Q6_K with AVX2): each value within 1/65024 of
+    /// its block's largest; every other type stays f32.
+    Int16,
+    /// int8 per block as llama.cpp does (fastest; each value within 1/254 of its block's
+    /// largest).
+    Int8,
 }
 
-/// Whether [`set_int8_activations`] turned int8 activations on.
-pub fn int8_activations() -> bool {
-    INT8_ACTIVATIONS.load(Ordering::Relaxed)
+impl Activations {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Int16 => "int16",
+            Activations::Int8 => "int8",
+        }
+    }
+
+    /// A phrase for logs and benchmark headers.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32 (exact)",
+            Activations::Int16 => "int16 per block for the K-quants, f32 for the rest",
+            Activations::Int8 => "int8 per block",
+        }
+    }
+}
+
+/// Chooses the activation format of quantized matrix products for the whole process. Set it
+/// once, before any computation.
+pub fn set_activations(a: Activations) {
+    ACTIVATIONS.store(a as u8, Ordering::Relaxed);
+}
+
+/// The format [`set_activations`] chose.
+pub fn activations() -> Activations {
+    match ACTIVATIONS.load(Ordering::Relaxed) {
+        1 => Activations::Int16,
+        2 => Activations::Int8,
+        _ => Activations::F32,
+    }
 }
 
 /// Block edge of the official FP8 checkpoint's `weight_scale_inv` grid.
@@ -98,14 +135,19 @@ impl Matrix {
         Some(&s[br * nb..(br + 1) * nb])
     }
 
-    /// Format the activations take for this matrix: f32 (weights are dequantised block by block
-    /// inside the dot product, which is exact), or with [`set_int8_activations`] the type's int8
-    /// `vec_dot_type` (ggml's scheme: faster integer kernels, llama.cpp-like rounding).
+    /// Format the activations take for this matrix, per [`activations`]: f32 (weights are
+    /// dequantised block by block inside the dot product, which is exact), `Q16_K` for the
+    /// K-quants that take it, or the type's int8 `vec_dot_type` (ggml's scheme). FP8 matrices
+    /// and float weights always take f32.
     pub fn act_type(&self) -> QuantType {
-        if INT8_ACTIVATIONS.load(Ordering::Relaxed) && self.block_scales.is_none() {
-            self.ty.vec_dot_type()
-        } else {
-            QuantType::F32
+        if self.block_scales.is_some() {
+            return QuantType::F32;
+        }
+        match activations() {
+            Activations::F32 => QuantType::F32,
+            Activations::Int16 if quant::takes_q16_k(self.ty) => QuantType::Q16_K,
+            Activations::Int16 => QuantType::F32,
+            Activations::Int8 => self.ty.vec_dot_type(),
         }
     }
 

@@ -172,6 +172,49 @@ fn worker_name(name: String) -> Result<String, ConvertError> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Numerics
+
+/// The activation format of quantized products, cluster-wide (the engine's
+/// `tensor::Activations`; this crate does not depend on the engine).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Activations {
+    /// Exact: weights dequantised inside the dot product.
+    #[default]
+    F32,
+    /// 16-bit integers per block for the K-quants.
+    Int16,
+    /// int8 per block (llama.cpp's scheme).
+    Int8,
+}
+
+impl Activations {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Int16 => "int16",
+            Activations::Int8 => "int8",
+        }
+    }
+
+    fn from_pb(field: &'static str, value: i32) -> Result<Self, ConvertError> {
+        match pb::Activations::try_from(value) {
+            Ok(pb::Activations::F32) => Ok(Activations::F32),
+            Ok(pb::Activations::Int16) => Ok(Activations::Int16),
+            Ok(pb::Activations::Int8) => Ok(Activations::Int8),
+            Err(_) => Err(ConvertError::BadEnum { field, value }),
+        }
+    }
+
+    fn to_pb(self) -> i32 {
+        match self {
+            Activations::F32 => pb::Activations::F32,
+            Activations::Int16 => pb::Activations::Int16,
+            Activations::Int8 => pb::Activations::Int8,
+        }
+        .into()
+    }
+}
+
 // Worker state
 
 /// Where a worker is in its life.
@@ -424,9 +467,8 @@ pub struct HelloReply {
     pub coordinator_version: String,
     /// The coordinator's QUIC port, on the host the worker dialled.
     pub data_port: u16,
-    /// Quantized products take int8 activations (llama.cpp's scheme) rather than exact f32
-    /// ones, cluster-wide.
-    pub int8_activations: bool,
+    /// The activation format of quantized products, cluster-wide.
+    pub activations: Activations,
 }
 
 impl From<HelloReply> for pb::HelloReply {
@@ -435,7 +477,7 @@ impl From<HelloReply> for pb::HelloReply {
             worker_id: r.worker_id,
             coordinator_version: r.coordinator_version,
             data_port: r.data_port.into(),
-            int8_activations: r.int8_activations,
+            activations: r.activations.to_pb(),
         }
     }
 }
@@ -453,7 +495,7 @@ impl TryFrom<pb::HelloReply> for HelloReply {
             worker_id: r.worker_id,
             coordinator_version: text("coordinator_version", r.coordinator_version, MAX_TEXT_LEN)?,
             data_port,
-            int8_activations: r.int8_activations,
+            activations: Activations::from_pb("activations", r.activations)?,
         })
     }
 }
@@ -1057,8 +1099,8 @@ pub struct ClusterStatus {
     /// Where the coordinator runs the always-active part ("cpu (8 threads)", "vulkan NVIDIA
     /// GeForce RTX 4090"; empty when unknown).
     pub coordinator_device: String,
-    /// The cluster's numerics: int8 activations for quantized products, or exact f32.
-    pub int8_activations: bool,
+    /// The cluster's numerics: the activation format of quantized products.
+    pub activations: Activations,
 }
 
 impl From<ClusterStatus> for pb::ClusterStatus {
@@ -1070,7 +1112,7 @@ impl From<ClusterStatus> for pb::ClusterStatus {
             workers: s.workers.into_iter().map(Into::into).collect(),
             tokens_per_second: s.tokens_per_second,
             coordinator_device: s.coordinator_device,
-            int8_activations: s.int8_activations,
+            activations: s.activations.to_pb(),
         }
     }
 }
@@ -1096,7 +1138,7 @@ impl TryFrom<pb::ClusterStatus> for ClusterStatus {
                 .collect::<Result<_, _>>()?,
             tokens_per_second: s.tokens_per_second,
             coordinator_device: text("coordinator_device", s.coordinator_device, MAX_TEXT_LEN)?,
-            int8_activations: s.int8_activations,
+            activations: Activations::from_pb("activations", s.activations)?,
         })
     }
 }
@@ -1338,7 +1380,7 @@ mod tests {
             }],
             tokens_per_second: 4.5,
             coordinator_device: "cpu (8 threads)".into(),
-            int8_activations: true,
+            activations: Activations::Int16,
         };
         assert_eq!(
             ClusterStatus::try_from(pb::ClusterStatus::from(s.clone())).unwrap(),
@@ -1382,7 +1424,7 @@ mod tests {
             workers: vec![],
             tokens_per_second: 0.0,
             coordinator_device: String::new(),
-            int8_activations: false,
+            activations: Activations::F32,
         });
         status.workers.push(pb::WorkerStatus {
             name: "w".into(),
@@ -1394,6 +1436,19 @@ mod tests {
             Err(ConvertError::BadEnum {
                 field: "workers.state",
                 value: 6
+            })
+        ));
+        let reply = pb::HelloReply {
+            worker_id: 1,
+            coordinator_version: "1".into(),
+            data_port: 4433,
+            activations: 3,
+        };
+        assert!(matches!(
+            HelloReply::try_from(reply),
+            Err(ConvertError::BadEnum {
+                field: "activations",
+                value: 3
             })
         ));
     }

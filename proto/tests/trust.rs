@@ -67,7 +67,7 @@ impl Control for TestControl {
                 worker_id: 42,
                 coordinator_version: "test".into(),
                 data_port: 4433,
-                int8_activations: false,
+                activations: Default::default(),
             }
             .into(),
         ))
@@ -143,7 +143,7 @@ impl Control for TestControl {
                 workers: vec![],
                 tokens_per_second: 0.0,
                 coordinator_device: String::new(),
-                int8_activations: false,
+                activations: Default::default(),
             }
             .into(),
         ))

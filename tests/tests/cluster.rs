@@ -15,7 +15,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{coordinator_bin, spawn, start_cluster, worker_bin, Serve, Worker, HALF};
+use common::cluster::{
+    coordinator_bin, spawn, start_cluster, worker_bin, worker_log, Serve, Worker, HALF,
+};
 use coordinator::server::Cluster;
 use engine::model::kv_cache::CacheType;
 use engine::model::moe::{ExpertError, RoutedExperts};
@@ -845,24 +847,59 @@ fn serve_and_three_worker_processes_match_generate_on_a_q8_0_gguf() {
 /// would fail the bound.
 #[test]
 fn serve_with_int8_activations_matches_generate_with_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = common::data_dir().join("oracle/bg03/q8_0.gguf");
-    let prompt = common::Reference::load(&common::data_dir().join("oracle/bg03/ref-q8_0")).prompt;
-    let int8 = ["--int8-activations"];
-    let (want_tokens, want) =
-        generate_in_one_process_with(&model, &prompt, &dir.path().join("one"), &int8);
-    let (_, exact) = generate_in_one_process(&model, &prompt, &dir.path().join("exact"));
-    let (tokens, got) =
-        generate_through_processes(dir.path(), &model, &prompt, "f32", false, None, &int8);
-    assert_eq!(tokens, want_tokens, "greedy tokens through the cluster");
-    let d = max_diff(&got, &want);
-    let modes = max_diff(&exact, &want);
-    eprintln!("int8 activations: cluster against one process {d}, int8 against f32 {modes}");
+    let (d, modes) = serve_with_activations("--int8-activations", "q8_0");
     assert!(d < 1e-3, "logits differ by {d}");
     assert!(
         modes > 1.0,
         "int8 and f32 activations barely differ ({modes})"
     );
+}
+
+/// `serve --int16-activations`, the same way on the Q4_K_M file (Q8_0 products stay f32 in
+/// this mode). Each worker says it took the coordinator's numerics; the cluster gives the same
+/// greedy tokens, and logits within the mode's own distance to the exact ones (a cluster adds
+/// partial sums in another order than one process, and a last-bit difference moves some
+/// values across an int16 rounding step, where int8's 256 times coarser
+/// steps are crossed 256 times less often: ~5e-4 here).
+#[test]
+fn serve_with_int16_activations_matches_generate_with_them() {
+    let (d, modes) = serve_with_activations("--int16-activations", "q4_k_m");
+    assert!(
+        modes > 1e-4,
+        "int16 and f32 activations barely differ ({modes})"
+    );
+    assert!(d < 1e-3, "logits differ by {d} (the modes by {modes})");
+}
+
+/// The calm model's `ty` file through a coordinator and three workers with `flag`, against
+/// `generate` with `flag` in one process: the greedy tokens are asserted equal; returns the
+/// largest logit distance, and that of the one-process run to the exact (f32) one.
+fn serve_with_activations(flag: &str, ty: &str) -> (f32, f32) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::data_dir().join(format!("oracle/bg03/{ty}.gguf"));
+    let prompt =
+        common::Reference::load(&common::data_dir().join(format!("oracle/bg03/ref-{ty}"))).prompt;
+    let (want_tokens, want) =
+        generate_in_one_process_with(&model, &prompt, &dir.path().join("one"), &[flag]);
+    let (_, exact) = generate_in_one_process(&model, &prompt, &dir.path().join("exact"));
+    let (tokens, got) =
+        generate_through_processes(dir.path(), &model, &prompt, "f32", false, None, &[flag]);
+    assert_eq!(tokens, want_tokens, "greedy tokens through the cluster");
+    let mode = flag
+        .trim_start_matches("--")
+        .trim_end_matches("-activations");
+    for i in 1..=3 {
+        let log = std::fs::read_to_string(worker_log(&dir.path().join(format!("f32-w{i}"))))
+            .unwrap_or_default();
+        assert!(
+            log.contains(&format!("({mode} activations)")),
+            "worker {i} did not take {mode}: {log}"
+        );
+    }
+    let d = max_diff(&got, &want);
+    let modes = max_diff(&exact, &want);
+    eprintln!("{flag}: cluster against one process {d}, against f32 in one process {modes}");
+    (d, modes)
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use proto::control::{ClusterStatus, WorkerState, WorkerStatus};
+use proto::control::{Activations, ClusterStatus, WorkerState, WorkerStatus};
 use proto::trust::JoinToken;
 use serde::Serialize;
 
@@ -127,8 +127,8 @@ pub struct StatusJson {
     /// Where the coordinator runs the always-active part ("cpu (8 threads)", "vulkan
     /// NVIDIA GeForce RTX 4090"; empty when unknown).
     pub coordinator_device: String,
-    /// Quantized products take int8 activations (llama.cpp's scheme) rather than exact f32.
-    pub int8_activations: bool,
+    /// The activation format of quantized products: "f32", "int16" or "int8".
+    pub activations: &'static str,
     pub workers: Vec<WorkerJson>,
 }
 
@@ -171,7 +171,7 @@ impl From<&ClusterStatus> for StatusJson {
             all_loaded: s.all_loaded,
             tokens_per_second: s.tokens_per_second,
             coordinator_device: s.coordinator_device.clone(),
-            int8_activations: s.int8_activations,
+            activations: s.activations.as_str(),
             workers: s.workers.iter().map(WorkerJson::from).collect(),
         }
     }
@@ -235,10 +235,10 @@ pub fn render_table(s: &ClusterStatus) -> String {
         "" => "-",
         d => d,
     };
-    let acts = if s.int8_activations {
-        "int8"
-    } else {
-        "exact f32"
+    let acts = match s.activations {
+        Activations::F32 => "exact f32",
+        Activations::Int16 => "int16",
+        Activations::Int8 => "int8",
     };
     let _ = writeln!(out, "coordinator: {own}, {acts} activations");
     let _ = writeln!(out, "experts:     {experts}");
@@ -411,7 +411,7 @@ mod tests {
             all_loaded: false,
             tokens_per_second: 7.25,
             coordinator_device: "vulkan NVIDIA GeForce RTX 4090".into(),
-            int8_activations: true,
+            activations: Activations::Int8,
             workers: vec![
                 WorkerStatus {
                     id: 1,
@@ -526,7 +526,7 @@ mod tests {
             workers: vec![],
             tokens_per_second: 0.0,
             coordinator_device: String::new(),
-            int8_activations: false,
+            activations: Activations::F32,
         };
         check_snapshot("status_empty.txt", &render_table(&s));
     }

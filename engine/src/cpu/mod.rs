@@ -178,6 +178,13 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
     let mut r0 = r0;
     while r0 < end {
         let r1 = (r0 + tile).min(end);
+        if let Kind::Split(multi, width) = dot.kind {
+            split_rows(dot, multi, width, xq, n, r0, r1, |t, s0, res| {
+                out.slice(t * w.rows + s0, res.len()).copy_from_slice(res)
+            });
+            r0 = r1;
+            continue;
+        }
         if let Kind::Portable(ty) = dot.kind {
             // Quantized rows: each block is unpacked once for up to MULTI_MAX tokens.
             let xf: &[f32] = bytemuck::cast_slice(xq);
@@ -245,6 +252,59 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
     }
 }
 
+/// Rows `r0..r1` of `W · x_t` for `n` tokens of Q16_K activations (`xq`: each token's high
+/// then low Q8_K row, all rows the same length apart): both rows of up to `width / 2` tokens
+/// go through one multi-token call, so each weight block is unpacked once for all of them, and
+/// a token's result is the sum of its two rows' dots. `emit(t, s0, res)` takes token `t`'s
+/// results for rows `s0..s0 + res.len()`. The same calls whatever `n` is, so a token's result
+/// does not depend on the others.
+#[allow(clippy::too_many_arguments)]
+fn split_rows(
+    dot: &RowDot,
+    multi: MultiDotFn,
+    width: usize,
+    xq: &[u8],
+    n: usize,
+    r0: usize,
+    r1: usize,
+    mut emit: impl FnMut(usize, usize, &[f32]),
+) {
+    let w = dot.w;
+    let rb = w.row_bytes;
+    let half = xq.len() / (2 * n);
+    let per_call = (width / 2).max(1);
+    let mut buf = [0f32; MULTI_I8 * SUB_ROWS];
+    let mut sum = [0f32; SUB_ROWS];
+    let mut s0 = r0;
+    while s0 < r1 {
+        let s1 = (s0 + SUB_ROWS).min(r1);
+        let len = s1 - s0;
+        let mut t0 = 0;
+        while t0 < n {
+            let g = (n - t0).min(per_call);
+            let tile = Tile {
+                cols: w.cols,
+                w: &dot.data[s0 * rb..s1 * rb],
+                row_bytes: rb,
+                a: &xq[2 * t0 * half..],
+                stride: half,
+                tokens: 2 * g,
+                out_stride: len,
+            };
+            multi(&tile, &mut buf[..2 * g * len]);
+            for i in 0..g {
+                let (hi, lo) = buf[2 * i * len..(2 * i + 2) * len].split_at(len);
+                for ((o, h), l) in sum[..len].iter_mut().zip(hi).zip(lo) {
+                    *o = h + l;
+                }
+                emit(t0 + i, s0, &sum[..len]);
+            }
+            t0 += g;
+        }
+        s0 = s1;
+    }
+}
+
 /// Rows per parallel chunk for `w` (all of them when the matrix is too small to split).
 fn chunk_rows(w: &Matrix, threads: usize) -> usize {
     let bytes = w.rows * w.row_bytes;
@@ -288,6 +348,9 @@ enum Kind {
     Portable(QuantType),
     /// `quant::vec_dot` against activations in the type's int8 `vec_dot_type`.
     PortableInt8(QuantType),
+    /// Q16_K activations: the Q8_K multi-token kernel over both halves (see `split_rows`),
+    /// with the number of activation rows it takes best.
+    Split(MultiDotFn, usize),
     /// FP8 rows with block scales and f32 activations.
     Fp8,
 }
@@ -296,6 +359,10 @@ impl<'a> RowDot<'a> {
     fn new(w: &'a Matrix) -> Self {
         let kind = if w.block_scales.is_some() {
             Kind::Fp8
+        } else if w.act_type() == QuantType::Q16_K {
+            let (f, width) =
+                fast_kernel_multi(w.ty).expect("Q16_K is taken only where the kernel exists");
+            Kind::Split(f, width)
         } else if w.act_type() == QuantType::F32 {
             match w.ty {
                 // Float weights: the SIMD kernels take f32 activations directly.
@@ -360,6 +427,16 @@ impl<'a> RowDot<'a> {
                     *o = quant::vec_dot(ty, n, row, x);
                 }
             }
+            Kind::Split(multi, width) => split_rows(
+                self,
+                multi,
+                width,
+                x,
+                1,
+                r0,
+                r0 + out.len(),
+                |_, s0, res| out[s0 - r0..s0 - r0 + res.len()].copy_from_slice(res),
+            ),
             Kind::Fp8 => {
                 let xf: &[f32] = bytemuck::cast_slice(x);
                 for (i, (o, row)) in out.iter_mut().zip(rows.chunks_exact(rb)).enumerate() {

@@ -4,6 +4,14 @@
 //! Layouts (little-endian, packed): `block_q8_0 {f16 d; i8 qs[32]}` (34 bytes),
 //! `block_q8_1 {f16 d; f16 s; i8 qs[32]}` (36 bytes, `s = d * sum(qs)`),
 //! `block_q8_K {f32 d; i8 qs[256]; i16 bsums[16]}` (292 bytes).
+//!
+//! Q16_K is this engine's own: 16-bit activations for the K-quant kernels. Each 256-value
+//! block gets `d = amax / 32512` and `q = round(x / d)` (half to even, |q| <= 32512), split as
+//! `q = 256 h + l` with `h = (q + 128) >> 8` in -127..=127 and `l` in -128..=127. A row of
+//! `n` values is two Q8_K rows back to back: the `h` blocks (scale `256 d`) then the `l`
+//! blocks (scale `d`), each with its 16-value sums. So `w · x` = the Q8_K kernel's dot of `w`
+//! with the first row plus its dot with the second, and each value is within `d / 2` =
+//! amax / 65024 of `x`, where int8 activations are within amax / 254.
 //! The caller (`quant::quantize_activation`) has checked the lengths.
 
 use half::f16;
@@ -12,7 +20,11 @@ use super::{QuantError, QuantType, QK_K};
 
 pub fn quantize_row(ty: QuantType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
     #[cfg(target_arch = "x86_64")]
-    if matches!(ty, QuantType::Q8_0 | QuantType::Q8_1 | QuantType::Q8_K) && x86::available() {
+    if matches!(
+        ty,
+        QuantType::Q8_0 | QuantType::Q8_1 | QuantType::Q8_K | QuantType::Q16_K
+    ) && x86::available()
+    {
         // SAFETY: AVX2 checked; the caller has checked that `dst` holds `src`'s blocks.
         unsafe { x86::quantize_row(ty, src, dst) };
         return Ok(());
@@ -41,6 +53,16 @@ fn quantize_row_scalar(ty: QuantType, src: &[f32], dst: &mut [u8]) -> Result<(),
         QuantType::Q8_K => {
             for (x, y) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(292)) {
                 q8_k_block(x, y);
+            }
+        }
+        QuantType::Q16_K => {
+            let (hi, lo) = dst.split_at_mut(dst.len() / 2);
+            for ((x, h), l) in src
+                .chunks_exact(QK_K)
+                .zip(hi.chunks_exact_mut(292))
+                .zip(lo.chunks_exact_mut(292))
+            {
+                q16_k_block(x, h, l);
             }
         }
         other => return Err(QuantError::Unsupported(other.name())),
@@ -119,7 +141,42 @@ fn q8_k_block(x: &[f32], y: &mut [u8]) {
     y[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
 }
 
-/// AVX2 versions of the three quantisers, byte-identical to the scalar ones for finite input:
+/// Largest |q| of a Q16_K value: `(q + 128) >> 8` then fits an i8.
+const Q16_MAX: f32 = 32512.0;
+
+/// One Q16_K block: `h` and `l` are its blocks in the high and low Q8_K rows.
+fn q16_k_block(x: &[f32], h: &mut [u8], l: &mut [u8]) {
+    let amax = x
+        .iter()
+        .fold(0f32, |m, v| if m > v.abs() { m } else { v.abs() });
+    if amax == 0.0 {
+        h.fill(0);
+        l.fill(0);
+        return;
+    }
+    let d = amax / Q16_MAX;
+    let id = Q16_MAX / amax;
+    for i in 0..QK_K {
+        let q = nearest_int(x[i] * id).clamp(-32512, 32512);
+        let hi = (q + 128) >> 8;
+        h[4 + i] = hi as i8 as u8;
+        l[4 + i] = (q - (hi << 8)) as i8 as u8;
+    }
+    for y in [&mut *h, &mut *l] {
+        let (qs, bsums) = y[4..].split_at_mut(QK_K);
+        for (j, bs) in bsums.chunks_exact_mut(2).enumerate() {
+            let s: i32 = qs[16 * j..16 * j + 16]
+                .iter()
+                .map(|&q| q as i8 as i32)
+                .sum();
+            bs.copy_from_slice(&(s as i16).to_le_bytes());
+        }
+    }
+    h[0..4].copy_from_slice(&(d * 256.0).to_le_bytes());
+    l[0..4].copy_from_slice(&d.to_le_bytes());
+}
+
+/// AVX2 versions of the four quantisers, byte-identical to the scalar ones for finite input:
 /// the same f32 products, the same rounding (half away from zero for Q8_0/Q8_1, half to even
 /// for Q8_K), the same scale arithmetic. Rounding in registers replaces a libm call per value.
 #[cfg(target_arch = "x86_64")]
@@ -157,7 +214,17 @@ mod x86 {
                     q8_k(x, y);
                 }
             }
-            _ => unreachable!("only the int8 activation types are vectorised"),
+            QuantType::Q16_K => {
+                let (hi, lo) = dst.split_at_mut(dst.len() / 2);
+                for ((x, h), l) in src
+                    .chunks_exact(QK_K)
+                    .zip(hi.chunks_exact_mut(292))
+                    .zip(lo.chunks_exact_mut(292))
+                {
+                    q16_k(x, h, l);
+                }
+            }
+            _ => unreachable!("only the integer activation types are vectorised"),
         }
     }
 
@@ -245,19 +312,61 @@ mod x86 {
             }
             pack32([q[0], q[1], q[2], q[3]], qs.add(64 * p));
             pack32([q[4], q[5], q[6], q[7]], qs.add(64 * p + 32));
-            // Group sums: g_j = q[2j] + q[2j+1], then a horizontal add tree.
-            let g = [
-                _mm256_add_epi32(q[0], q[1]),
-                _mm256_add_epi32(q[2], q[3]),
-                _mm256_add_epi32(q[4], q[5]),
-                _mm256_add_epi32(q[6], q[7]),
-            ];
-            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(g[0], g[1]), _mm256_hadd_epi32(g[2], g[3]));
-            let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-            let s16 = _mm_packs_epi32(s, s);
-            _mm_storel_epi64(bsums.add(8 * p) as *mut __m128i, s16);
+            bsums64(&q, bsums.add(8 * p));
         }
         y[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+
+    /// The 16-value sums of 64 values held as 8 vectors of 8 i32, as 4 i16 at `dst`: group
+    /// sums `g_j = q[2j] + q[2j+1]`, then a horizontal add tree.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn bsums64(q: &[__m256i; 8], dst: *mut u8) {
+        let g = [
+            _mm256_add_epi32(q[0], q[1]),
+            _mm256_add_epi32(q[2], q[3]),
+            _mm256_add_epi32(q[4], q[5]),
+            _mm256_add_epi32(q[6], q[7]),
+        ];
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(g[0], g[1]), _mm256_hadd_epi32(g[2], g[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        _mm_storel_epi64(dst as *mut __m128i, _mm_packs_epi32(s, s));
+    }
+
+    /// One Q16_K block (`super::q16_k_block`'s arithmetic, in registers).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn q16_k(x: &[f32], h: &mut [u8], l: &mut [u8]) {
+        assert!(x.len() == QK_K && h.len() == 292 && l.len() == 292);
+        let amax = amax(x);
+        if amax == 0.0 {
+            h.fill(0);
+            l.fill(0);
+            return;
+        }
+        let d = amax / super::Q16_MAX;
+        let idv = _mm256_set1_ps(super::Q16_MAX / amax);
+        let (lim, nlim) = (_mm256_set1_epi32(32512), _mm256_set1_epi32(-32512));
+        let half = _mm256_set1_epi32(128);
+        let (hp, lp) = (h.as_mut_ptr(), l.as_mut_ptr());
+        for p in 0..4 {
+            let mut qh = [_mm256_setzero_si256(); 8];
+            let mut ql = [_mm256_setzero_si256(); 8];
+            for k in 0..8 {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(64 * p + 8 * k)), idv);
+                let r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                let q = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(r), lim), nlim);
+                qh[k] = _mm256_srai_epi32(_mm256_add_epi32(q, half), 8);
+                ql[k] = _mm256_sub_epi32(q, _mm256_slli_epi32(qh[k], 8));
+            }
+            for (q, y) in [(&qh, hp), (&ql, lp)] {
+                pack32([q[0], q[1], q[2], q[3]], y.add(4 + 64 * p));
+                pack32([q[4], q[5], q[6], q[7]], y.add(4 + 64 * p + 32));
+                bsums64(q, y.add(4 + QK_K + 8 * p));
+            }
+        }
+        h[0..4].copy_from_slice(&(d * 256.0).to_le_bytes());
+        l[0..4].copy_from_slice(&d.to_le_bytes());
     }
 }
 
@@ -370,7 +479,12 @@ mod tests {
     #[test]
     fn vectorised_quantisers_match_the_scalar_ones() {
         let mut rng = Rng(0x5eed_0004);
-        for ty in [QuantType::Q8_0, QuantType::Q8_1, QuantType::Q8_K] {
+        for ty in [
+            QuantType::Q8_0,
+            QuantType::Q8_1,
+            QuantType::Q8_K,
+            QuantType::Q16_K,
+        ] {
             let be = ty.block_elems();
             let mut rows: Vec<Vec<f32>> = (0..40)
                 .map(|i| {
@@ -396,6 +510,18 @@ mod tests {
                         .collect(),
                 );
             }
+            for sign in [1f32, -1.0] {
+                // Q16_K's ties: the scale is 1, values at k + 0.5 on both sides of the
+                // high/low split (127.5, 128.5, -128.5, ...).
+                rows.push(
+                    (0..be)
+                        .map(|k| match k {
+                            0 => Q16_MAX * sign,
+                            _ => sign * ((k as f32 - 100.0) * 2.0 + 0.5),
+                        })
+                        .collect(),
+                );
+            }
             rows.push(vec![0.0; be]);
             for x in &rows {
                 let bytes = ty.row_bytes(x.len()).unwrap();
@@ -403,6 +529,55 @@ mod tests {
                 quantize_row(ty, x, &mut fast).unwrap();
                 quantize_row_scalar(ty, x, &mut slow).unwrap();
                 assert_eq!(fast, slow, "{ty}");
+            }
+        }
+    }
+
+    /// Q16_K: every value is within half a step (`d / 2`, `d = amax / 32512`) of its input,
+    /// the high bytes stay in -127..=127, and each half's sums are its 16-value sums.
+    #[test]
+    fn q16_k_values_are_within_half_a_step() {
+        let mut rng = Rng(0x5eed_0016);
+        for i in 0..30 {
+            let scale = 10f32.powf(rng.unit() * 12.0 - 6.0);
+            let x: Vec<f32> = (0..2 * QK_K)
+                .map(|k| {
+                    if (k + i) % 13 == 0 {
+                        0.0
+                    } else {
+                        rng.normal() * scale
+                    }
+                })
+                .collect();
+            let mut y = vec![0u8; QuantType::Q16_K.row_bytes(x.len()).unwrap()];
+            quantize_row(QuantType::Q16_K, &x, &mut y).unwrap();
+            let (hi, lo) = y.split_at(y.len() / 2);
+            for (b, xb) in x.chunks_exact(QK_K).enumerate() {
+                let (h, l) = (&hi[292 * b..292 * (b + 1)], &lo[292 * b..292 * (b + 1)]);
+                let f = |y: &[u8]| f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+                let (dh, dl) = (f(h), f(l));
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert_eq!(dl, amax / Q16_MAX);
+                assert_eq!(dh, 256.0 * dl);
+                for k in 0..QK_K {
+                    let (qh, ql) = (h[4 + k] as i8, l[4 + k] as i8);
+                    assert!(qh.unsigned_abs() <= 127, "high byte {qh}");
+                    // Half a step, and the rounding of `x / d` in f32.
+                    let v = dh as f64 * qh as f64 + dl as f64 * ql as f64;
+                    let x = xb[k] as f64;
+                    assert!(
+                        (v - x).abs() <= dl as f64 * 0.5 + x.abs() * 2f64.powi(-22),
+                        "{v} for {} (step {dl})",
+                        xb[k]
+                    );
+                }
+                for half in [h, l] {
+                    for j in 0..16 {
+                        let want: i32 = (0..16).map(|k| half[4 + 16 * j + k] as i8 as i32).sum();
+                        let at = 4 + QK_K + 2 * j;
+                        assert_eq!(i16::from_le_bytes([half[at], half[at + 1]]) as i32, want);
+                    }
+                }
             }
         }
     }

@@ -84,6 +84,11 @@ pub enum QuantType {
     TQ2_0,
     MXFP4,
     F8E4M3,
+    /// Activations only (no file holds it): each 256-value block as 16-bit integers under one
+    /// f32 scale, stored as two Q8_K rows, the high bytes (scale `256 d`) then the low bytes
+    /// (scale `d`), so that the Q8_K kernels compute with it: a product is the sum of the
+    /// weights' dots with the two rows. See [`act`].
+    Q16_K,
 }
 
 struct TypeInfo {
@@ -146,6 +151,14 @@ const TABLE: &[TypeInfo] = &[
         block_elems: 1,
         block_bytes: 1,
         supported: true,
+    },
+    TypeInfo {
+        ty: QuantType::Q16_K,
+        ggml_id: None,
+        name: "Q16_K",
+        block_elems: QK_K,
+        block_bytes: 2 * 292,
+        supported: false,
     },
 ];
 
@@ -263,7 +276,22 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) -> Result<(), 
     dequant::dequantize_row(ty, src, dst)
 }
 
-/// Quantises an activation row to `ty` (one of F32, Q8_0, Q8_1, Q8_K) into `dst`
+/// Whether weights of type `ty` take [`QuantType::Q16_K`] activations on this CPU: the K-quants
+/// whose Q8_K kernel takes several activation rows per weight pass (the two halves are two
+/// rows of one call).
+pub fn takes_q16_k(ty: QuantType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        ty.vec_dot_type() == QuantType::Q8_K && avx2::kernel_multi(ty).is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
+    }
+}
+
+/// Quantises an activation row to `ty` (one of F32, Q8_0, Q8_1, Q8_K, Q16_K) into `dst`
 /// (`ty.row_bytes(src.len())` bytes).
 pub fn quantize_activation(ty: QuantType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
     let expected = ty.row_bytes(src.len())?;

@@ -113,7 +113,7 @@ pub fn spawn(
         .expect("creating the worker's log");
     cmd.arg("--state-dir")
         .arg(state)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log);
     if let Some(t) = token {
@@ -154,7 +154,7 @@ pub fn start_cluster(
             names: vec![],
             local: None,
             model: stream.then(|| file.clone()),
-            int8_activations: false,
+            activations: Default::default(),
             device: "cpu".into(),
         }))
         .unwrap();

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod integer;
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,11 @@ use engine::npy::{self, NpyArray};
 /// The project's own test data (`tests/data`).
 pub fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
+}
+
+/// A file or directory of the oracle's copy in the test data.
+pub fn oracle(rel: &str) -> PathBuf {
+    data_dir().join("oracle").join(rel)
 }
 
 /// An oracle reference directory: prompt ids, greedy continuation, logits.
@@ -130,5 +136,73 @@ pub fn diff(got: &[Vec<f32>], reference: &Reference) -> Diff {
         mean_abs: sum / count as f64,
         argmax_agree: agree,
         rows: got.len(),
+    }
+}
+
+/// llama.cpp's distance to a dequantised reference (teacher-forced logits, greedy prefix).
+pub struct LlamaCpp {
+    pub mean_abs: f64,
+    pub argmax_agree: usize,
+    pub greedy_prefix: usize,
+}
+
+pub fn llamacpp(name: &str) -> LlamaCpp {
+    let p = oracle(&format!("llamacpp/{name}.json"));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    let tf = &v["teacher_forced"];
+    let agree = tf["argmax_agree"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    LlamaCpp {
+        mean_abs: tf["mean_abs_diff"].as_f64().unwrap(),
+        argmax_agree: agree,
+        greedy_prefix: v["greedy_common_prefix"].as_u64().unwrap() as usize,
+    }
+}
+
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// A quantized GGUF against `ref-<type>` (its own weights dequantised and run through
+/// transformers): at least as close as llama.cpp on the same file, teacher-forced on the
+/// reference's tokens so that every row is comparable; and, for the calm `bg03` model, a
+/// greedy prefix at least as long as llama.cpp's.
+pub fn check_quantized(model: &str, ty: &str, llama: &str, check_greedy: bool) {
+    let r = Reference::load(&oracle(&format!("{model}/ref-{ty}")));
+    let path = oracle(&format!("{model}/{ty}.gguf"));
+    let forced = run_model(&path, &r.prompt, r.gen.len(), Some(&r.gen), CacheType::F32);
+    let d = diff(&forced.logits, &r);
+    let lc = llamacpp(llama);
+    eprintln!(
+        "{model} {ty}: engine {d:?}; llama.cpp mean {:.4} argmax {}/56 greedy {}",
+        lc.mean_abs, lc.argmax_agree, lc.greedy_prefix
+    );
+    assert!(
+        d.mean_abs <= lc.mean_abs,
+        "mean abs diff {} worse than llama.cpp's {}",
+        d.mean_abs,
+        lc.mean_abs
+    );
+    assert!(
+        d.argmax_agree >= lc.argmax_agree,
+        "argmax agreement {} below llama.cpp's {}",
+        d.argmax_agree,
+        lc.argmax_agree
+    );
+    if check_greedy {
+        let free = run_model(&path, &r.prompt, r.gen.len(), None, CacheType::F32);
+        let prefix = common_prefix(&free.gen, &r.gen);
+        eprintln!("{model} {ty}: greedy prefix {prefix}/32");
+        assert!(
+            prefix >= lc.greedy_prefix,
+            "greedy prefix {prefix} shorter than llama.cpp's {}",
+            lc.greedy_prefix
+        );
     }
 }

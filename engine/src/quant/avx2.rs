@@ -58,7 +58,8 @@ pub fn kernel(ty: QuantType) -> Option<DotFn> {
     Some(f)
 }
 
-/// Bytes ahead of the current block that the one-token kernels prefetch.
+/// Bytes ahead of the current block that the one-token kernels prefetch (and the two-token
+/// K-quant ones: an int16 matvec is two rows of activations, and streams its weights too).
 const PREFETCH: usize = 2048;
 
 /// Most tokens a multi-token kernel takes at once.
@@ -566,7 +567,7 @@ unsafe fn q4_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
     let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
         let x = w.add(i * 144);
-        if T == 1 {
+        if T <= 2 {
             prefetch_ahead(x, 144);
         }
         let (sc, mn) = k4_scales_mins_split(x.add(4));
@@ -646,7 +647,7 @@ unsafe fn q5_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
     let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
         let x = w.add(i * 176);
-        if T == 1 {
+        if T <= 2 {
             prefetch_ahead(x, 176);
         }
         let (sc, mn) = k4_scales_mins_split(x.add(4));
@@ -695,7 +696,7 @@ unsafe fn q6_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
     let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
         let x = w.add(i * 210);
-        if T == 1 {
+        if T <= 2 {
             prefetch_ahead(x, 210);
         }
         let sc = ld128(x.add(192));

@@ -112,27 +112,25 @@ struct GenerateArgs {
     acts: ActivationArgs,
 }
 
-/// The activation format of the CPU's quantized products (default: f32, exact).
-#[derive(Args, Clone, Copy, Debug)]
+/// The activation format of the CPU's quantized products.
+#[derive(Args, Clone, Debug)]
 pub struct ActivationArgs {
-    /// Activations as 16-bit integers per 256-value block for the K-quant weights (Q4_K, Q5_K,
-    /// Q6_K): integer kernels, each value within 1/65024 of its block's largest, where
-    /// llama.cpp's int8 is within 1/254 (other types stay exact f32).
-    #[arg(long, conflicts_with = "int8_activations")]
-    pub int16_activations: bool,
-    /// Activations rounded to int8 per block for quantized weights, as llama.cpp does: the
-    /// fastest kernels, at llama.cpp's accuracy.
-    #[arg(long)]
-    pub int8_activations: bool,
+    /// Activations of the quantized products: `int16` (16-bit integers per 256-value block for
+    /// the K-quants, Q4_K, Q5_K and Q6_K, each value within 1/65024 of its block's largest,
+    /// through integer kernels; every other type exact f32), `f32` (exact everywhere: the
+    /// weights dequantised inside the dot product), or `int8` (8 bits per block as llama.cpp
+    /// does: the fastest, at llama.cpp's accuracy).
+    #[arg(long, default_value = "int16", value_parser = ["int16", "f32", "int8"])]
+    pub activations: String,
 }
 
 impl ActivationArgs {
     pub fn get(&self) -> engine::tensor::Activations {
         use engine::tensor::Activations;
-        match (self.int16_activations, self.int8_activations) {
-            (true, _) => Activations::Int16,
-            (_, true) => Activations::Int8,
-            _ => Activations::F32,
+        match self.activations.as_str() {
+            "f32" => Activations::F32,
+            "int8" => Activations::Int8,
+            _ => Activations::Int16,
         }
     }
 }

@@ -840,14 +840,14 @@ fn serve_and_three_worker_processes_match_generate_on_a_q8_0_gguf() {
     );
 }
 
-/// `serve --int8-activations`: the workers take the coordinator's numerics from its hello, so
-/// the cluster gives the same greedy tokens as `generate --int8-activations` in one process,
+/// `serve --activations int8`: the workers take the coordinator's numerics from its hello, so
+/// the cluster gives the same greedy tokens as `generate --activations int8` in one process,
 /// and logits within 1e-3 (f32 on the wire). The exact f32 mode's logits are far from these on
 /// this file (more than 1 apart: its greedy path parts from int8's), so a worker left in it
 /// would fail the bound.
 #[test]
 fn serve_with_int8_activations_matches_generate_with_them() {
-    let (d, modes) = serve_with_activations("--int8-activations", "q8_0");
+    let (d, modes) = serve_with_activations("int8", "q8_0");
     assert!(d < 1e-3, "logits differ by {d}");
     assert!(
         modes > 1.0,
@@ -855,7 +855,7 @@ fn serve_with_int8_activations_matches_generate_with_them() {
     );
 }
 
-/// `serve --int16-activations`, the same way on the Q4_K_M file (Q8_0 products stay f32 in
+/// `serve --activations int16` (the default), the same way on the Q4_K_M file (Q8_0 products stay f32 in
 /// this mode). Each worker says it took the coordinator's numerics; the cluster gives the same
 /// greedy tokens, and logits within the mode's own distance to the exact ones (a cluster adds
 /// partial sums in another order than one process, and a last-bit difference moves some
@@ -863,7 +863,7 @@ fn serve_with_int8_activations_matches_generate_with_them() {
 /// steps are crossed 256 times less often: ~5e-4 here).
 #[test]
 fn serve_with_int16_activations_matches_generate_with_them() {
-    let (d, modes) = serve_with_activations("--int16-activations", "q4_k_m");
+    let (d, modes) = serve_with_activations("int16", "q4_k_m");
     assert!(
         modes > 1e-4,
         "int16 and f32 activations barely differ ({modes})"
@@ -871,23 +871,24 @@ fn serve_with_int16_activations_matches_generate_with_them() {
     assert!(d < 1e-3, "logits differ by {d} (the modes by {modes})");
 }
 
-/// The calm model's `ty` file through a coordinator and three workers with `flag`, against
-/// `generate` with `flag` in one process: the greedy tokens are asserted equal; returns the
-/// largest logit distance, and that of the one-process run to the exact (f32) one.
-fn serve_with_activations(flag: &str, ty: &str) -> (f32, f32) {
+/// The calm model's `ty` file through a coordinator and three workers with activations `mode`,
+/// against `generate` with them in one process: the greedy tokens are asserted equal, and each
+/// worker's log says it took the mode; returns the largest logit distance, and that of the
+/// one-process run to the exact (f32) one.
+fn serve_with_activations(mode: &str, ty: &str) -> (f32, f32) {
+    let flag = ["--activations", mode];
     let dir = tempfile::tempdir().unwrap();
     let model = common::data_dir().join(format!("oracle/bg03/{ty}.gguf"));
     let prompt =
         common::Reference::load(&common::data_dir().join(format!("oracle/bg03/ref-{ty}"))).prompt;
     let (want_tokens, want) =
-        generate_in_one_process_with(&model, &prompt, &dir.path().join("one"), &[flag]);
-    let (_, exact) = generate_in_one_process(&model, &prompt, &dir.path().join("exact"));
+        generate_in_one_process_with(&model, &prompt, &dir.path().join("one"), &flag);
+    let exact_flag = ["--activations", "f32"];
+    let (_, exact) =
+        generate_in_one_process_with(&model, &prompt, &dir.path().join("exact"), &exact_flag);
     let (tokens, got) =
-        generate_through_processes(dir.path(), &model, &prompt, "f32", false, None, &[flag]);
+        generate_through_processes(dir.path(), &model, &prompt, "f32", false, None, &flag);
     assert_eq!(tokens, want_tokens, "greedy tokens through the cluster");
-    let mode = flag
-        .trim_start_matches("--")
-        .trim_end_matches("-activations");
     for i in 1..=3 {
         let log = std::fs::read_to_string(worker_log(&dir.path().join(format!("f32-w{i}"))))
             .unwrap_or_default();
@@ -898,7 +899,7 @@ fn serve_with_activations(flag: &str, ty: &str) -> (f32, f32) {
     }
     let d = max_diff(&got, &want);
     let modes = max_diff(&exact, &want);
-    eprintln!("{flag}: cluster against one process {d}, against f32 in one process {modes}");
+    eprintln!("{mode}: cluster against one process {d}, against f32 in one process {modes}");
     (d, modes)
 }
 

@@ -672,31 +672,24 @@ fn ignore_eos_answers_run_to_max_tokens() {
         Some(vec![stop]),
     );
     s.rt.block_on(async {
+        let chat = |body: Value| async {
+            let r = s.post("/v1/chat/completions", body).await;
+            (r.status(), r.json::<Value>().await.unwrap())
+        };
         let mut body = chat_body("Why is the sky blue?", 8, false);
-        let v: Value = s
-            .post("/v1/chat/completions", body.clone())
-            .await
-            .json()
-            .await
-            .unwrap();
+        let (_, v) = chat(body.clone()).await;
         assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
         assert_eq!(v["usage"]["completion_tokens"], stops_at);
 
         body["ignore_eos"] = json!(true);
-        let v: Value = s
-            .post("/v1/chat/completions", body.clone())
-            .await
-            .json()
-            .await
-            .unwrap();
+        let (_, v) = chat(body.clone()).await;
         assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
         assert_eq!(v["usage"]["completion_tokens"], 8);
         assert_eq!(v["choices"][0]["message"]["content"], text.as_str());
 
         body["ignore_eos"] = json!("yes");
-        let r = s.post("/v1/chat/completions", body).await;
-        assert_eq!(r.status(), 400);
-        let v: Value = r.json().await.unwrap();
+        let (status, v) = chat(body).await;
+        assert_eq!(status, 400);
         assert_eq!(v["error"]["param"], "ignore_eos");
     });
 }

@@ -178,13 +178,6 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
     let mut r0 = r0;
     while r0 < end {
         let r1 = (r0 + tile).min(end);
-        if let Kind::Split(multi, width) = dot.kind {
-            split_rows(dot, multi, width, xq, n, r0, r1, |t, s0, res| {
-                out.slice(t * w.rows + s0, res.len()).copy_from_slice(res)
-            });
-            r0 = r1;
-            continue;
-        }
         if let Kind::Portable(ty) = dot.kind {
             // Quantized rows: each block is unpacked once for up to MULTI_MAX tokens.
             let xf: &[f32] = bytemuck::cast_slice(xq);
@@ -211,35 +204,14 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
             r0 = r1;
             continue;
         }
-        if let Some((multi, width)) = dot.multi {
-            // Integer kernels: each weight block is unpacked once for up to `width` tokens,
-            // `SUB_ROWS` rows per call.
-            let rb = w.row_bytes;
-            let mut buf = [0f32; MULTI_I8 * SUB_ROWS];
-            let mut s0 = r0;
-            while s0 < r1 {
-                let s1 = (s0 + SUB_ROWS).min(r1);
-                let len = s1 - s0;
-                let mut t0 = 0;
-                while t0 < n {
-                    let g = (n - t0).min(width);
-                    let tile = Tile {
-                        cols: w.cols,
-                        w: &dot.data[s0 * rb..s1 * rb],
-                        row_bytes: rb,
-                        a: &xq[t0 * arb..],
-                        stride: arb,
-                        tokens: g,
-                        out_stride: len,
-                    };
-                    multi(&tile, &mut buf[..g * len]);
-                    for (i, res) in buf[..g * len].chunks_exact(len).enumerate() {
-                        out.slice((t0 + i) * w.rows + s0, len).copy_from_slice(res);
-                    }
-                    t0 += g;
-                }
-                s0 = s1;
-            }
+        let integer = match dot.kind {
+            Kind::Split(multi, width) => Some((multi, width, 2)),
+            _ => dot.multi.map(|(multi, width)| (multi, width, 1)),
+        };
+        if let Some((multi, width, parts)) = integer {
+            integer_rows(dot, multi, width, parts, xq, n, r0, r1, |t, s0, res| {
+                out.slice(t * w.rows + s0, res.len()).copy_from_slice(res)
+            });
             r0 = r1;
             continue;
         }
@@ -252,27 +224,30 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
     }
 }
 
-/// Rows `r0..r1` of `W · x_t` for `n` tokens of Q16_K activations (`xq`: each token's high
-/// then low Q8_K row, all rows the same length apart): both rows of up to `width / 2` tokens
-/// go through one multi-token call, so each weight block is unpacked once for all of them, and
-/// a token's result is the sum of its two rows' dots. `emit(t, s0, res)` takes token `t`'s
-/// results for rows `s0..s0 + res.len()`. The same calls whatever `n` is, so a token's result
-/// does not depend on the others.
+/// Rows `r0..r1` of `W · x_t` for `n` tokens of integer activations in `xq`, through a
+/// multi-token kernel that takes up to `width` activation rows per call, `SUB_ROWS` weight rows
+/// at a time, so each weight block is unpacked once for all of them. A token is `parts`
+/// activation rows, all the same length apart: one (int8), or two (Q16_K: the high then the
+/// low Q8_K row), whose dots are summed. `emit(t, s0, res)` takes token `t`'s results for rows
+/// `s0..s0 + res.len()`. The same calls whatever `n` is, so a token's result does not depend
+/// on the others.
 #[allow(clippy::too_many_arguments)]
-fn split_rows(
+fn integer_rows(
     dot: &RowDot,
     multi: MultiDotFn,
     width: usize,
+    parts: usize,
     xq: &[u8],
     n: usize,
     r0: usize,
     r1: usize,
     mut emit: impl FnMut(usize, usize, &[f32]),
 ) {
+    debug_assert!(parts == 1 || parts == 2);
     let w = dot.w;
     let rb = w.row_bytes;
-    let half = xq.len() / (2 * n);
-    let per_call = (width / 2).max(1);
+    let part = xq.len() / (parts * n);
+    let per_call = (width / parts).max(1);
     let mut buf = [0f32; MULTI_I8 * SUB_ROWS];
     let mut sum = [0f32; SUB_ROWS];
     let mut s0 = r0;
@@ -286,18 +261,23 @@ fn split_rows(
                 cols: w.cols,
                 w: &dot.data[s0 * rb..s1 * rb],
                 row_bytes: rb,
-                a: &xq[2 * t0 * half..],
-                stride: half,
-                tokens: 2 * g,
+                a: &xq[parts * t0 * part..],
+                stride: part,
+                tokens: parts * g,
                 out_stride: len,
             };
-            multi(&tile, &mut buf[..2 * g * len]);
-            for i in 0..g {
-                let (hi, lo) = buf[2 * i * len..(2 * i + 2) * len].split_at(len);
-                for ((o, h), l) in sum[..len].iter_mut().zip(hi).zip(lo) {
-                    *o = h + l;
-                }
-                emit(t0 + i, s0, &sum[..len]);
+            multi(&tile, &mut buf[..parts * g * len]);
+            for (i, rows) in buf[..parts * g * len].chunks_exact(parts * len).enumerate() {
+                let res = if parts == 1 {
+                    rows
+                } else {
+                    let (hi, lo) = rows.split_at(len);
+                    for ((o, h), l) in sum[..len].iter_mut().zip(hi).zip(lo) {
+                        *o = h + l;
+                    }
+                    &sum[..len]
+                };
+                emit(t0 + i, s0, res);
             }
             t0 += g;
         }
@@ -348,7 +328,7 @@ enum Kind {
     Portable(QuantType),
     /// `quant::vec_dot` against activations in the type's int8 `vec_dot_type`.
     PortableInt8(QuantType),
-    /// Q16_K activations: the Q8_K multi-token kernel over both halves (see `split_rows`),
+    /// Q16_K activations: the Q8_K multi-token kernel over both halves (see `integer_rows`),
     /// with the number of activation rows it takes best.
     Split(MultiDotFn, usize),
     /// FP8 rows with block scales and f32 activations.
@@ -427,10 +407,11 @@ impl<'a> RowDot<'a> {
                     *o = quant::vec_dot(ty, n, row, x);
                 }
             }
-            Kind::Split(multi, width) => split_rows(
+            Kind::Split(multi, width) => integer_rows(
                 self,
                 multi,
                 width,
+                2,
                 x,
                 1,
                 r0,

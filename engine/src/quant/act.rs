@@ -55,16 +55,7 @@ fn quantize_row_scalar(ty: QuantType, src: &[f32], dst: &mut [u8]) -> Result<(),
                 q8_k_block(x, y);
             }
         }
-        QuantType::Q16_K => {
-            let (hi, lo) = dst.split_at_mut(dst.len() / 2);
-            for ((x, h), l) in src
-                .chunks_exact(QK_K)
-                .zip(hi.chunks_exact_mut(292))
-                .zip(lo.chunks_exact_mut(292))
-            {
-                q16_k_block(x, h, l);
-            }
-        }
+        QuantType::Q16_K => q16_k_blocks(src, dst, q16_k_block),
         other => return Err(QuantError::Unsupported(other.name())),
     }
     Ok(())
@@ -144,6 +135,19 @@ fn q8_k_block(x: &[f32], y: &mut [u8]) {
 /// Largest |q| of a Q16_K value: `(q + 128) >> 8` then fits an i8.
 const Q16_MAX: f32 = 32512.0;
 
+/// Q16_K's row layout: `block(x, h, l)` for each 256 values `x` of `src`, with `h` and `l`
+/// their blocks in the high (first) and low (second) halves of `dst`.
+fn q16_k_blocks(src: &[f32], dst: &mut [u8], mut block: impl FnMut(&[f32], &mut [u8], &mut [u8])) {
+    let (hi, lo) = dst.split_at_mut(dst.len() / 2);
+    for ((x, h), l) in src
+        .chunks_exact(QK_K)
+        .zip(hi.chunks_exact_mut(292))
+        .zip(lo.chunks_exact_mut(292))
+    {
+        block(x, h, l);
+    }
+}
+
 /// One Q16_K block: `h` and `l` are its blocks in the high and low Q8_K rows.
 fn q16_k_block(x: &[f32], h: &mut [u8], l: &mut [u8]) {
     let amax = x
@@ -214,16 +218,8 @@ mod x86 {
                     q8_k(x, y);
                 }
             }
-            QuantType::Q16_K => {
-                let (hi, lo) = dst.split_at_mut(dst.len() / 2);
-                for ((x, h), l) in src
-                    .chunks_exact(QK_K)
-                    .zip(hi.chunks_exact_mut(292))
-                    .zip(lo.chunks_exact_mut(292))
-                {
-                    q16_k(x, h, l);
-                }
-            }
+            // SAFETY: AVX2 checked by the caller, as for this function.
+            QuantType::Q16_K => super::q16_k_blocks(src, dst, |x, h, l| unsafe { q16_k(x, h, l) }),
             _ => unreachable!("only the integer activation types are vectorised"),
         }
     }

@@ -118,10 +118,16 @@ fn q8_k_block(x: &[f32], y: &mut [u8]) {
         return;
     }
     let iscale = -127.0 / max;
-    let (qs, bsums) = y[4..].split_at_mut(QK_K);
-    for (q, &v) in qs.iter_mut().zip(x) {
+    for (q, &v) in y[4..4 + QK_K].iter_mut().zip(x) {
         *q = nearest_int(iscale * v).min(127) as i8 as u8;
     }
+    q8_k_bsums(y);
+    y[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+}
+
+/// A Q8_K block's 16-value sums, from its values.
+fn q8_k_bsums(y: &mut [u8]) {
+    let (qs, bsums) = y[4..].split_at_mut(QK_K);
     for (j, bs) in bsums.chunks_exact_mut(2).enumerate() {
         let s: i32 = qs[16 * j..16 * j + 16]
             .iter()
@@ -129,7 +135,6 @@ fn q8_k_block(x: &[f32], y: &mut [u8]) {
             .sum();
         bs.copy_from_slice(&(s as i16).to_le_bytes());
     }
-    y[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
 }
 
 /// Largest |q| of a Q16_K value: `(q + 128) >> 8` then fits an i8.
@@ -166,16 +171,8 @@ fn q16_k_block(x: &[f32], h: &mut [u8], l: &mut [u8]) {
         h[4 + i] = hi as i8 as u8;
         l[4 + i] = (q - (hi << 8)) as i8 as u8;
     }
-    for y in [&mut *h, &mut *l] {
-        let (qs, bsums) = y[4..].split_at_mut(QK_K);
-        for (j, bs) in bsums.chunks_exact_mut(2).enumerate() {
-            let s: i32 = qs[16 * j..16 * j + 16]
-                .iter()
-                .map(|&q| q as i8 as i32)
-                .sum();
-            bs.copy_from_slice(&(s as i16).to_le_bytes());
-        }
-    }
+    q8_k_bsums(h);
+    q8_k_bsums(l);
     h[0..4].copy_from_slice(&(d * 256.0).to_le_bytes());
     l[0..4].copy_from_slice(&d.to_le_bytes());
 }

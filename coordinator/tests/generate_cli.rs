@@ -83,20 +83,23 @@ fn logits_out_matches_the_reference_file_to_file() {
 }
 
 /// The activation modes on the calm Q4_K_M file: the default (int16 for its K-quants) keeps
-/// the reference's greedy tokens and stays within 1e-3 of it (llama.cpp's mean distance on
-/// this file is 0.043), `--activations f32` within 1e-4; `int8` keeps the greedy tokens too.
+/// the reference's greedy tokens and stays within 2e-3 of it (7.4e-4 here; llama.cpp's mean
+/// distance on this file is 0.043), `--activations f32` within 1e-4.
 #[test]
 fn activation_modes_against_the_reference() {
     let (model, r) = ("bg03/q4_k_m.gguf", "bg03/ref-q4_k_m");
     let int16 = generate_against(model, r, &[], "int16");
     let exact = generate_against(model, r, &["--activations", "f32"], "f32");
     eprintln!("bg03 q4_k_m: int16 {int16}, f32 {exact}");
-    assert!(int16 < 1e-3, "int16: max abs diff {int16}");
+    assert!(int16 < 2e-3, "int16: max abs diff {int16}");
     assert!(exact < 1e-4, "f32: max abs diff {exact}");
-    assert!(
-        int16 > exact,
-        "the default is not the int16 mode ({int16} vs {exact})"
-    );
+    // (A CPU without the AVX2 kernels computes the int16 mode exactly, in f32.)
+    if engine::quant::takes_q16_k(engine::quant::QuantType::Q4_K) {
+        assert!(
+            int16 > exact,
+            "the default is not the int16 mode ({int16} vs {exact})"
+        );
+    }
 }
 
 /// With `--force-ids`, decode steps consume the given ids: feeding the reference's own

@@ -859,16 +859,19 @@ fn serve_with_int8_activations_matches_generate_with_them() {
 /// this mode). Each worker says it took the coordinator's numerics; the cluster gives the same
 /// greedy tokens, and logits within the mode's own distance to the exact ones (a cluster adds
 /// partial sums in another order than one process, and a last-bit difference moves some
-/// values across an int16 rounding step, where int8's 256 times coarser
-/// steps are crossed 256 times less often: ~5e-4 here).
+/// values across an int16 rounding step, where int8's 256 times coarser steps are crossed 256
+/// times less often: ~5e-4 here, so the bound is 2e-3).
 #[test]
 fn serve_with_int16_activations_matches_generate_with_them() {
     let (d, modes) = serve_with_activations("int16", "q4_k_m");
-    assert!(
-        modes > 1e-4,
-        "int16 and f32 activations barely differ ({modes})"
-    );
-    assert!(d < 1e-3, "logits differ by {d} (the modes by {modes})");
+    // (A CPU without the AVX2 kernels computes the int16 mode exactly, in f32.)
+    if engine::quant::takes_q16_k(engine::quant::QuantType::Q4_K) {
+        assert!(
+            modes > 1e-4,
+            "int16 and f32 activations barely differ ({modes})"
+        );
+    }
+    assert!(d < 2e-3, "logits differ by {d} (the modes by {modes})");
 }
 
 /// The calm model's `ty` file through a coordinator and three workers with activations `mode`,

@@ -25,14 +25,6 @@ pub enum Activations {
 }
 
 impl Activations {
-    pub fn name(self) -> &'static str {
-        match self {
-            Activations::F32 => "f32",
-            Activations::Int16 => "int16",
-            Activations::Int8 => "int8",
-        }
-    }
-
     /// A phrase for logs and benchmark headers.
     pub fn describe(self) -> &'static str {
         match self {

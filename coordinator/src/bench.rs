@@ -61,8 +61,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     crate::set_threads(Some(threads))?;
-    engine::tensor::set_activations(a.acts.get());
-    let acts = a.acts.get().describe();
+    engine::tensor::set_activations(a.acts.activations);
+    let acts = a.acts.activations.describe();
     if a.backend == "wgpu" {
         return gpu_bench(&a);
     }

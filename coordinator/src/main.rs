@@ -120,19 +120,8 @@ pub struct ActivationArgs {
     /// through integer kernels; every other type exact f32), `f32` (exact everywhere: the
     /// weights dequantised inside the dot product), or `int8` (8 bits per block as llama.cpp
     /// does: the fastest, at llama.cpp's accuracy).
-    #[arg(long, default_value = "int16", value_parser = ["int16", "f32", "int8"])]
-    pub activations: String,
-}
-
-impl ActivationArgs {
-    pub fn get(&self) -> engine::tensor::Activations {
-        use engine::tensor::Activations;
-        match self.activations.as_str() {
-            "f32" => Activations::F32,
-            "int8" => Activations::Int8,
-            _ => Activations::Int16,
-        }
-    }
+    #[arg(long, default_value = "int16")]
+    pub activations: engine::tensor::Activations,
 }
 
 fn main() -> Result<()> {
@@ -323,7 +312,7 @@ impl PromptArgs {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     set_threads(a.threads)?;
-    engine::tensor::set_activations(a.acts.get());
+    engine::tensor::set_activations(a.acts.activations);
     let mf = ModelFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let tokenizer = mf.tokenizer().context("loading the tokenizer")?;
     let prompt = a.p.prompt_ids(&mf, &tokenizer)?;

@@ -83,7 +83,7 @@ const LAYER: usize = 3;
 
 pub fn run(a: ClusterBenchArgs) -> Result<()> {
     crate::set_threads(a.threads)?;
-    engine::tensor::set_activations(a.acts.get());
+    engine::tensor::set_activations(a.acts.activations);
     let dtype = if a.wire == "f32" {
         Dtype::F32
     } else {

@@ -82,7 +82,7 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     crate::set_threads(a.threads)?;
-    engine::tensor::set_activations(a.acts.get());
+    engine::tensor::set_activations(a.acts.activations);
     let mf = Arc::new(
         ModelFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?,
     );
@@ -157,7 +157,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         names: a.names.clone(),
         local,
         model: Some(mf.clone()),
-        activations: a.acts.get(),
+        activations: a.acts.activations,
         device: match &gpu {
             Some(g) => format!(
                 "{} {}",

@@ -587,7 +587,7 @@ fn status(shared: &Shared) -> control::ClusterStatus {
         workers,
         tokens_per_second: tokens_per_second(shared),
         coordinator_device: shared.opts.device.clone(),
-        activations: wire_activations(shared.opts.activations),
+        activations: worker::numerics::to_wire(shared.opts.activations),
     }
 }
 
@@ -718,7 +718,7 @@ impl grpc::Control for Service {
                 worker_id: id,
                 coordinator_version: env!("CARGO_PKG_VERSION").into(),
                 data_port: self.0.data_port,
-                activations: wire_activations(self.0.opts.activations),
+                activations: worker::numerics::to_wire(self.0.opts.activations),
             }
             .into(),
         ))
@@ -922,16 +922,5 @@ impl grpc::Control for Service {
                 Err(Status::failed_precondition(e.to_string()))
             }
         }
-    }
-}
-
-/// The engine's activation format as the control plane names it.
-fn wire_activations(a: engine::tensor::Activations) -> proto::control::Activations {
-    use engine::tensor::Activations as E;
-    use proto::control::Activations as W;
-    match a {
-        E::F32 => W::F32,
-        E::Int16 => W::Int16,
-        E::Int8 => W::Int8,
     }
 }

@@ -24,6 +24,18 @@ pub enum Activations {
     Int8,
 }
 
+impl std::str::FromStr for Activations {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Activations::F32),
+            "int16" => Ok(Activations::Int16),
+            "int8" => Ok(Activations::Int8),
+            other => Err(format!("unknown activations `{other}` (int16, f32, int8)")),
+        }
+    }
+}
+
 impl Activations {
     /// A phrase for logs and benchmark headers.
     pub fn describe(self) -> &'static str {

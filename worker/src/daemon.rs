@@ -18,7 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use engine::model::moe::LocalExperts;
 use engine::model::weights::ExpertFilter;
 use engine::model::ModelFile;
-use proto::control::{self, Activations, Assignment, Heartbeat, Hello, JoinRequest, WorkerState};
+use proto::control::{self, Assignment, Heartbeat, Hello, JoinRequest, WorkerState};
 use proto::runtime::DataPlaneRuntime;
 use proto::trust::{self, Identity, JoinToken, Trust, WorkerKey};
 use tokio::sync::watch;
@@ -193,11 +193,7 @@ async fn session(
         .map_err(|e| anyhow!("hello refused: {e}"))?;
     let worker_id = hello.worker_id;
     // The coordinator sets the cluster's numerics; a restarted coordinator may change them.
-    engine::tensor::set_activations(match hello.activations {
-        Activations::F32 => engine::tensor::Activations::F32,
-        Activations::Int16 => engine::tensor::Activations::Int16,
-        Activations::Int8 => engine::tensor::Activations::Int8,
-    });
+    engine::tensor::set_activations(crate::numerics::from_wire(hello.activations));
     tracing::info!(
         "connected to {} as worker {worker_id} ({} activations)",
         opts.coordinator,

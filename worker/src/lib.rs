@@ -5,3 +5,4 @@ pub mod cache;
 pub mod compute;
 pub mod daemon;
 pub mod dataplane;
+pub mod numerics;

@@ -397,26 +397,25 @@ fn matvec_with(
     let xq = &xq[..mats[0].act_type().row_bytes(cols).expect("whole blocks")];
     let mut out = vec![0f32; rows];
     let weight_bytes = mats[0].data.len();
-    let mut rounds = Vec::new();
+    // Per round: the matvec's GB/s, and the bandwidth measured just before it (NaN without
+    // a probe).
+    let (mut gbps, mut bws) = (Vec::new(), Vec::new());
     let mut times = Vec::new();
     for _ in 0..cfg.matvec_rounds.max(1) {
-        let bw = probe.map(|p| p.measure(cfg.bandwidth_round_passes).median_gbps);
+        bws.push(probe.map_or(f64::NAN, |p| {
+            p.measure(cfg.bandwidth_round_passes).median_gbps
+        }));
         let t = with_threads(threads, || {
             time_calls(mats.len(), cfg, |k| {
                 crate::cpu::matvec(&mats[k], xq, &mut out);
             })
         });
-        let gbps = weight_bytes as f64 / percentile(&t, 50) as f64;
-        rounds.push((
-            gbps,
-            bw.map_or(f64::NAN, |b| gbps / b),
-            bw.unwrap_or(f64::NAN),
-        ));
+        gbps.push(weight_bytes as f64 / percentile(&t, 50) as f64);
         times.extend(t);
     }
     times.sort_unstable();
-    let median = |f: fn(&(f64, f64, f64)) -> f64| {
-        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+    let ratios: Vec<f64> = gbps.iter().zip(&bws).map(|(g, b)| g / b).collect();
+    let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
@@ -426,9 +425,9 @@ fn matvec_with(
         cols,
         threads,
         weight_bytes,
-        gbps: median(|r| r.0),
-        ratio: median(|r| r.1),
-        bandwidth_gbps: median(|r| r.2),
+        gbps: median(gbps),
+        ratio: median(ratios),
+        bandwidth_gbps: median(bws),
         ns_median: percentile(&times, 50),
         ns_p90: percentile(&times, 90),
     }

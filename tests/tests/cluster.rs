@@ -855,12 +855,12 @@ fn serve_with_int8_activations_matches_generate_with_them() {
     );
 }
 
-/// `serve --activations int16` (the default), the same way on the Q4_K_M file (Q8_0 products stay f32 in
-/// this mode). Each worker says it took the coordinator's numerics; the cluster gives the same
-/// greedy tokens, and logits within the mode's own distance to the exact ones (a cluster adds
-/// partial sums in another order than one process, and a last-bit difference moves some
-/// values across an int16 rounding step, where int8's 256 times coarser steps are crossed 256
-/// times less often: ~5e-4 here, so the bound is 2e-3).
+/// `serve --activations int16` (the default), the same way on the Q4_K_M file (Q8_0 products
+/// stay f32 in this mode). Each worker says it took the coordinator's numerics; the cluster
+/// gives the same greedy tokens, and logits within the mode's own distance to the exact ones
+/// (a cluster adds partial sums in another order than one process, and a last-bit difference
+/// moves some values across an int16 rounding step, where int8's 256 times coarser steps are
+/// crossed 256 times less often: ~5e-4 here, so the bound is 2e-3).
 #[test]
 fn serve_with_int16_activations_matches_generate_with_them() {
     let (d, modes) = serve_with_activations("int16", "q4_k_m");

@@ -12,6 +12,7 @@
 //! blocks (scale `d`), each with its 16-value sums. So `w · x` = the Q8_K kernel's dot of `w`
 //! with the first row plus its dot with the second, and each value is within `d / 2` =
 //! amax / 65024 of `x`, where int8 activations are within amax / 254.
+//!
 //! The caller (`quant::quantize_activation`) has checked the lengths.
 
 use half::f16;
@@ -61,14 +62,17 @@ fn quantize_row_scalar(ty: QuantType, src: &[f32], dst: &mut [u8]) -> Result<(),
     Ok(())
 }
 
+/// The largest |v| of `x`, as ggml finds it (its MAX(a, b) is `a > b ? a : b`, kept as such).
+#[inline(always)]
+fn amax(x: &[f32]) -> f32 {
+    x.iter()
+        .fold(0f32, |m, v| if m > v.abs() { m } else { v.abs() })
+}
+
 /// `d = amax / 127` and its inverse (0 for an all-zero block), as `quantize_row_q8_0_ref`.
 #[inline(always)]
 fn q8_scale(x: &[f32]) -> (f32, f32) {
-    // ggml's MAX(a, b) is `a > b ? a : b`, kept as such.
-    let amax = x
-        .iter()
-        .fold(0f32, |m, v| if m > v.abs() { m } else { v.abs() });
-    let d = amax / 127.0;
+    let d = amax(x) / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     (d, id)
 }
@@ -138,7 +142,8 @@ fn q8_k_bsums(y: &mut [u8]) {
 }
 
 /// Largest |q| of a Q16_K value: `(q + 128) >> 8` then fits an i8.
-const Q16_MAX: f32 = 32512.0;
+const Q16_LIMIT: i32 = 32512;
+const Q16_MAX: f32 = Q16_LIMIT as f32;
 
 /// Q16_K's row layout: `block(x, h, l)` for each 256 values `x` of `src`, with `h` and `l`
 /// their blocks in the high (first) and low (second) halves of `dst`.
@@ -155,9 +160,7 @@ fn q16_k_blocks(src: &[f32], dst: &mut [u8], mut block: impl FnMut(&[f32], &mut 
 
 /// One Q16_K block: `h` and `l` are its blocks in the high and low Q8_K rows.
 fn q16_k_block(x: &[f32], h: &mut [u8], l: &mut [u8]) {
-    let amax = x
-        .iter()
-        .fold(0f32, |m, v| if m > v.abs() { m } else { v.abs() });
+    let amax = amax(x);
     if amax == 0.0 {
         h.fill(0);
         l.fill(0);
@@ -166,7 +169,7 @@ fn q16_k_block(x: &[f32], h: &mut [u8], l: &mut [u8]) {
     let d = amax / Q16_MAX;
     let id = Q16_MAX / amax;
     for i in 0..QK_K {
-        let q = nearest_int(x[i] * id).clamp(-32512, 32512);
+        let q = nearest_int(x[i] * id).clamp(-Q16_LIMIT, Q16_LIMIT);
         let hi = (q + 128) >> 8;
         h[4 + i] = hi as i8 as u8;
         l[4 + i] = (q - (hi << 8)) as i8 as u8;
@@ -339,7 +342,10 @@ mod x86 {
         }
         let d = amax / super::Q16_MAX;
         let idv = _mm256_set1_ps(super::Q16_MAX / amax);
-        let (lim, nlim) = (_mm256_set1_epi32(32512), _mm256_set1_epi32(-32512));
+        let (lim, nlim) = (
+            _mm256_set1_epi32(super::Q16_LIMIT),
+            _mm256_set1_epi32(-super::Q16_LIMIT),
+        );
         let half = _mm256_set1_epi32(128);
         let (hp, lp) = (h.as_mut_ptr(), l.as_mut_ptr());
         for p in 0..4 {

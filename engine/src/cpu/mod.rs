@@ -337,13 +337,14 @@ enum Kind {
 
 impl<'a> RowDot<'a> {
     fn new(w: &'a Matrix) -> Self {
+        let act = w.act_type();
         let kind = if w.block_scales.is_some() {
             Kind::Fp8
-        } else if w.act_type() == QuantType::Q16_K {
+        } else if act == QuantType::Q16_K {
             let (f, width) =
                 fast_kernel_multi(w.ty).expect("Q16_K is taken only where the kernel exists");
             Kind::Split(f, width)
-        } else if w.act_type() == QuantType::F32 {
+        } else if act == QuantType::F32 {
             match w.ty {
                 // Float weights: the SIMD kernels take f32 activations directly.
                 QuantType::F32 | QuantType::F16 | QuantType::BF16 => match fast_kernel(w.ty) {
@@ -361,7 +362,7 @@ impl<'a> RowDot<'a> {
             }
         };
         let multi = match kind {
-            Kind::Fast(_) if w.act_type() != QuantType::F32 => fast_kernel_multi(w.ty),
+            Kind::Fast(_) if act != QuantType::F32 => fast_kernel_multi(w.ty),
             _ => None,
         };
         RowDot {

@@ -204,12 +204,8 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
             r0 = r1;
             continue;
         }
-        let integer = match dot.kind {
-            Kind::Split(multi, width) => Some((multi, width, 2)),
-            _ => dot.multi.map(|(multi, width)| (multi, width, 1)),
-        };
-        if let Some((multi, width, parts)) = integer {
-            integer_rows(dot, multi, width, parts, xq, n, r0, r1, |t, s0, res| {
+        if let Kind::Multi(multi, width) = dot.kind {
+            integer_rows(dot, multi, width, xq, n, r0, r1, |t, s0, res| {
                 out.slice(t * w.rows + s0, res.len()).copy_from_slice(res)
             });
             r0 = r1;
@@ -226,57 +222,42 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
 
 /// Rows `r0..r1` of `W · x_t` for `n` tokens of integer activations in `xq`, through a
 /// multi-token kernel that takes up to `width` activation rows per call, `SUB_ROWS` weight rows
-/// at a time, so each weight block is unpacked once for all of them. A token is `parts`
-/// activation rows, all the same length apart: one (int8), or two (Q16_K: the high then the
-/// low Q8_K row), whose dots are summed. `emit(t, s0, res)` takes token `t`'s results for rows
-/// `s0..s0 + res.len()`. The same calls whatever `n` is, so a token's result does not depend
-/// on the others.
+/// at a time, so each weight block is unpacked once for all of them. `emit(t, s0, res)` takes
+/// token `t`'s results for rows `s0..s0 + res.len()`. The same calls whatever `n` is, so a
+/// token's result does not depend on the others.
 #[allow(clippy::too_many_arguments)]
 fn integer_rows(
     dot: &RowDot,
     multi: MultiDotFn,
     width: usize,
-    parts: usize,
     xq: &[u8],
     n: usize,
     r0: usize,
     r1: usize,
     mut emit: impl FnMut(usize, usize, &[f32]),
 ) {
-    debug_assert!(parts == 1 || parts == 2);
     let w = dot.w;
     let rb = w.row_bytes;
-    let part = xq.len() / (parts * n);
-    let per_call = (width / parts).max(1);
+    let arb = xq.len() / n;
     let mut buf = [0f32; MULTI_I8 * SUB_ROWS];
-    let mut sum = [0f32; SUB_ROWS];
     let mut s0 = r0;
     while s0 < r1 {
         let s1 = (s0 + SUB_ROWS).min(r1);
         let len = s1 - s0;
         let mut t0 = 0;
         while t0 < n {
-            let g = (n - t0).min(per_call);
+            let g = (n - t0).min(width);
             let tile = Tile {
                 cols: w.cols,
                 w: &dot.data[s0 * rb..s1 * rb],
                 row_bytes: rb,
-                a: &xq[parts * t0 * part..],
-                stride: part,
-                tokens: parts * g,
+                a: &xq[t0 * arb..],
+                stride: arb,
+                tokens: g,
                 out_stride: len,
             };
-            multi(&tile, &mut buf[..parts * g * len]);
-            for (i, rows) in buf[..parts * g * len].chunks_exact(parts * len).enumerate() {
-                let res = if parts == 1 {
-                    rows
-                } else {
-                    let (hi, lo) = rows.split_at(len);
-                    for ((o, h), l) in sum[..len].iter_mut().zip(hi).zip(lo) {
-                        *o = h + l;
-                    }
-                    &sum[..len]
-                };
+            multi(&tile, &mut buf[..g * len]);
+            for (i, res) in buf[..g * len].chunks_exact(len).enumerate() {
                 emit(t0 + i, s0, res);
             }
             t0 += g;
@@ -316,21 +297,19 @@ struct RowDot<'a> {
     w: &'a Matrix,
     data: &'a [u8],
     kind: Kind,
-    /// With int8 activations: the kernel that takes several tokens per weight pass, and how
-    /// many it takes best (at most `MULTI_I8`).
-    multi: Option<(MultiDotFn, usize)>,
 }
 
 enum Kind {
-    /// A SIMD kernel for this CPU.
+    /// A SIMD kernel for this CPU, one row at a time.
     Fast(DotFn),
+    /// Integer activations (int8, or Q16_K) through a kernel that takes several tokens per
+    /// weight pass and a whole row range per call, with the number of tokens it takes best
+    /// (at most `MULTI_I8`).
+    Multi(MultiDotFn, usize),
     /// `quant::vec_dot_f32`: blocks dequantised against f32 activations.
     Portable(QuantType),
     /// `quant::vec_dot` against activations in the type's int8 `vec_dot_type`.
     PortableInt8(QuantType),
-    /// Q16_K activations: the Q8_K multi-token kernel over both halves (see `integer_rows`),
-    /// with the number of activation rows it takes best.
-    Split(MultiDotFn, usize),
     /// FP8 rows with block scales and f32 activations.
     Fp8,
 }
@@ -342,8 +321,8 @@ impl<'a> RowDot<'a> {
             Kind::Fp8
         } else if act == QuantType::Q16_K {
             let (f, width) =
-                fast_kernel_multi(w.ty).expect("Q16_K is taken only where the kernel exists");
-            Kind::Split(f, width)
+                fast_kernel_q16(w.ty).expect("Q16_K is taken only where the kernel exists");
+            Kind::Multi(f, width)
         } else if act == QuantType::F32 {
             match w.ty {
                 // Float weights: the SIMD kernels take f32 activations directly.
@@ -356,20 +335,16 @@ impl<'a> RowDot<'a> {
             }
         } else {
             // Int8 activations (ggml's scheme): integer kernels.
-            match fast_kernel(w.ty) {
-                Some(f) => Kind::Fast(f),
-                None => Kind::PortableInt8(w.ty),
+            match (fast_kernel_multi(w.ty), fast_kernel(w.ty)) {
+                (Some((f, width)), _) => Kind::Multi(f, width),
+                (None, Some(f)) => Kind::Fast(f),
+                (None, None) => Kind::PortableInt8(w.ty),
             }
-        };
-        let multi = match kind {
-            Kind::Fast(_) if act != QuantType::F32 => fast_kernel_multi(w.ty),
-            _ => None,
         };
         RowDot {
             w,
             data: &w.data,
             kind,
-            multi,
         }
     }
 
@@ -378,20 +353,20 @@ impl<'a> RowDot<'a> {
     fn rows(&self, r0: usize, x: &[u8], out: &mut [f32]) {
         let (n, rb) = (self.w.cols, self.w.row_bytes);
         let rows = &self.data[r0 * rb..(r0 + out.len()) * rb];
-        if let Some((multi, _)) = self.multi {
-            // The integer kernels take the whole row range in one call.
-            let tile = Tile {
-                cols: n,
-                w: rows,
-                row_bytes: rb,
-                a: x,
-                stride: x.len(),
-                tokens: 1,
-                out_stride: out.len(),
-            };
-            return multi(&tile, out);
-        }
         match self.kind {
+            Kind::Multi(multi, _) => {
+                // The whole row range in one call.
+                let tile = Tile {
+                    cols: n,
+                    w: rows,
+                    row_bytes: rb,
+                    a: x,
+                    stride: x.len(),
+                    tokens: 1,
+                    out_stride: out.len(),
+                };
+                multi(&tile, out)
+            }
             Kind::Fast(f) => {
                 for (o, row) in out.iter_mut().zip(rows.chunks_exact(rb)) {
                     *o = f(n, row, x);
@@ -408,17 +383,6 @@ impl<'a> RowDot<'a> {
                     *o = quant::vec_dot(ty, n, row, x);
                 }
             }
-            Kind::Split(multi, width) => integer_rows(
-                self,
-                multi,
-                width,
-                2,
-                x,
-                1,
-                r0,
-                r0 + out.len(),
-                |_, s0, res| out[s0 - r0..s0 - r0 + res.len()].copy_from_slice(res),
-            ),
             Kind::Fp8 => {
                 let xf: &[f32] = bytemuck::cast_slice(x);
                 for (i, (o, row)) in out.iter_mut().zip(rows.chunks_exact(rb)).enumerate() {
@@ -447,6 +411,16 @@ fn fast_kernel_multi(ty: QuantType) -> Option<(MultiDotFn, usize)> {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn fast_kernel_multi(_ty: QuantType) -> Option<(MultiDotFn, usize)> {
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fast_kernel_q16(ty: QuantType) -> Option<(MultiDotFn, usize)> {
+    quant::avx2::kernel_q16(ty)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fast_kernel_q16(_ty: QuantType) -> Option<(MultiDotFn, usize)> {
     None
 }
 

@@ -6,12 +6,12 @@
 //! `block_q8_K {f32 d; i8 qs[256]; i16 bsums[16]}` (292 bytes).
 //!
 //! Q16_K is this engine's own: 16-bit activations for the K-quant kernels. Each 256-value
-//! block gets `d = amax / 32512` and `q = round(x / d)` (half to even, |q| <= 32512), split as
-//! `q = 256 h + l` with `h = (q + 128) >> 8` in -127..=127 and `l` in -128..=127. A row of
-//! `n` values is two Q8_K rows back to back: the `h` blocks (scale `256 d`) then the `l`
-//! blocks (scale `d`), each with its 16-value sums. So `w · x` = the Q8_K kernel's dot of `w`
-//! with the first row plus its dot with the second, and each value is within `d / 2` =
-//! amax / 65024 of `x`, where int8 activations are within amax / 254.
+//! block gets `d = amax / 32512` and `q = round(x / d)` (half to even, |q| <= 32512), so each
+//! value is within `d / 2` = amax / 65024 of `x`, where int8 activations are within amax / 254.
+//! `block_q16_K {f32 d; u8 pad[28]; i32 sums[8]; i16 qs[256]}` (576 bytes, nine cache lines):
+//! `sums[j]` is the sum of the 32 values of group `j`, and `qs` holds each group's even-indexed
+//! values, then its odd-indexed ones: the order in which the kernels widen a group of packed
+//! weights into 16-bit lanes (even bytes with one `maddubs`, odd bytes with another).
 //!
 //! The caller (`quant::quantize_activation`) has checked the lengths.
 
@@ -56,7 +56,11 @@ fn quantize_row_scalar(ty: QuantType, src: &[f32], dst: &mut [u8]) -> Result<(),
                 q8_k_block(x, y);
             }
         }
-        QuantType::Q16_K => q16_k_blocks(src, dst, q16_k_block),
+        QuantType::Q16_K => {
+            for (x, y) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(Q16_BYTES)) {
+                q16_k_block(x, y);
+            }
+        }
         other => return Err(QuantError::Unsupported(other.name())),
     }
     Ok(())
@@ -141,43 +145,51 @@ fn q8_k_bsums(y: &mut [u8]) {
     }
 }
 
-/// Largest |q| of a Q16_K value: `(q + 128) >> 8` then fits an i8.
+/// Largest |q| of a Q16_K value: small enough that the kernels' i32 sums cannot overflow
+/// (see `avx2`'s Q16_K kernels).
 const Q16_LIMIT: i32 = 32512;
 const Q16_MAX: f32 = Q16_LIMIT as f32;
+/// Byte offsets in a Q16_K block: the group sums, then the values.
+pub(crate) const Q16_SUMS: usize = 32;
+pub(crate) const Q16_QS: usize = 64;
+pub(crate) const Q16_BYTES: usize = 576;
 
-/// Q16_K's row layout: `block(x, h, l)` for each 256 values `x` of `src`, with `h` and `l`
-/// their blocks in the high (first) and low (second) halves of `dst`.
-fn q16_k_blocks(src: &[f32], dst: &mut [u8], mut block: impl FnMut(&[f32], &mut [u8], &mut [u8])) {
-    let (hi, lo) = dst.split_at_mut(dst.len() / 2);
-    for ((x, h), l) in src
-        .chunks_exact(QK_K)
-        .zip(hi.chunks_exact_mut(292))
-        .zip(lo.chunks_exact_mut(292))
-    {
-        block(x, h, l);
-    }
+/// The 16-bit lane of a 32-value group that holds its value `k`: evens first, then odds.
+pub(crate) const fn q16_lane(k: usize) -> usize {
+    k / 2 + 16 * (k % 2)
 }
 
-/// One Q16_K block: `h` and `l` are its blocks in the high and low Q8_K rows.
-fn q16_k_block(x: &[f32], h: &mut [u8], l: &mut [u8]) {
+/// One Q16_K block.
+fn q16_k_block(x: &[f32], y: &mut [u8]) {
+    y.fill(0);
     let amax = amax(x);
     if amax == 0.0 {
-        h.fill(0);
-        l.fill(0);
         return;
     }
     let d = amax / Q16_MAX;
     let id = Q16_MAX / amax;
-    for i in 0..QK_K {
-        let q = nearest_int(x[i] * id).clamp(-Q16_LIMIT, Q16_LIMIT);
-        let hi = (q + 128) >> 8;
-        h[4 + i] = hi as i8 as u8;
-        l[4 + i] = (q - (hi << 8)) as i8 as u8;
+    for (g, xg) in x.chunks_exact(32).enumerate() {
+        let mut sum = 0i32;
+        for (k, &v) in xg.iter().enumerate() {
+            let q = nearest_int(v * id).clamp(-Q16_LIMIT, Q16_LIMIT);
+            sum += q;
+            let at = Q16_QS + 2 * (32 * g + q16_lane(k));
+            y[at..at + 2].copy_from_slice(&(q as i16).to_le_bytes());
+        }
+        y[Q16_SUMS + 4 * g..Q16_SUMS + 4 * g + 4].copy_from_slice(&sum.to_le_bytes());
     }
-    q8_k_bsums(h);
-    q8_k_bsums(l);
-    h[0..4].copy_from_slice(&(d * 256.0).to_le_bytes());
-    l[0..4].copy_from_slice(&d.to_le_bytes());
+    y[0..4].copy_from_slice(&d.to_le_bytes());
+}
+
+/// A Q16_K block's scale and its 256 values in natural order.
+#[cfg(test)]
+pub(crate) fn q16_k_values(y: &[u8]) -> (f32, [i32; QK_K]) {
+    let d = f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+    let q = std::array::from_fn(|i| {
+        let at = Q16_QS + 2 * (32 * (i / 32) + q16_lane(i % 32));
+        i16::from_le_bytes([y[at], y[at + 1]]) as i32
+    });
+    (d, q)
 }
 
 /// AVX2 versions of the four quantisers, byte-identical to the scalar ones for finite input:
@@ -218,8 +230,14 @@ mod x86 {
                     q8_k(x, y);
                 }
             }
-            // SAFETY: AVX2 checked by the caller, as for this function.
-            QuantType::Q16_K => super::q16_k_blocks(src, dst, |x, h, l| unsafe { q16_k(x, h, l) }),
+            QuantType::Q16_K => {
+                for (x, y) in src
+                    .chunks_exact(QK_K)
+                    .zip(dst.chunks_exact_mut(super::Q16_BYTES))
+                {
+                    q16_k(x, y);
+                }
+            }
             _ => unreachable!("only the integer activation types are vectorised"),
         }
     }
@@ -332,12 +350,12 @@ mod x86 {
     /// One Q16_K block (`super::q16_k_block`'s arithmetic, in registers).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn q16_k(x: &[f32], h: &mut [u8], l: &mut [u8]) {
-        assert!(x.len() == QK_K && h.len() == 292 && l.len() == 292);
+    unsafe fn q16_k(x: &[f32], y: &mut [u8]) {
+        assert!(x.len() == QK_K && y.len() == super::Q16_BYTES);
+        y[..super::Q16_SUMS].fill(0);
         let amax = amax(x);
         if amax == 0.0 {
-            h.fill(0);
-            l.fill(0);
+            y.fill(0);
             return;
         }
         let d = amax / super::Q16_MAX;
@@ -346,26 +364,45 @@ mod x86 {
             _mm256_set1_epi32(super::Q16_LIMIT),
             _mm256_set1_epi32(-super::Q16_LIMIT),
         );
-        let half = _mm256_set1_epi32(128);
-        let (hp, lp) = (h.as_mut_ptr(), l.as_mut_ptr());
-        for p in 0..4 {
-            let mut qh = [_mm256_setzero_si256(); 8];
-            let mut ql = [_mm256_setzero_si256(); 8];
-            for k in 0..8 {
-                let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(64 * p + 8 * k)), idv);
-                let r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        // Within 8 values: the evens to lanes 0..4, the odds to 4..8.
+        let split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        let qs = y.as_mut_ptr().add(super::Q16_QS);
+        let mut sums = [_mm256_setzero_si256(); 8];
+        for (g, sum) in sums.iter_mut().enumerate() {
+            let mut v = [_mm256_setzero_si256(); 4];
+            for (k, vk) in v.iter_mut().enumerate() {
+                let f = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(32 * g + 8 * k)), idv);
+                let r = _mm256_round_ps(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 let q = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(r), lim), nlim);
-                qh[k] = _mm256_srai_epi32(_mm256_add_epi32(q, half), 8);
-                ql[k] = _mm256_sub_epi32(q, _mm256_slli_epi32(qh[k], 8));
+                *vk = _mm256_permutevar8x32_epi32(q, split);
             }
-            for (q, y) in [(&qh, hp), (&ql, lp)] {
-                pack32([q[0], q[1], q[2], q[3]], y.add(4 + 64 * p));
-                pack32([q[4], q[5], q[6], q[7]], y.add(4 + 64 * p + 32));
-                bsums64(q, y.add(4 + QK_K + 8 * p));
-            }
+            *sum = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+            // Values 0..16 and 16..32 as (evens, odds) of 8 i32 each.
+            let (e0, o0) = (
+                _mm256_permute2x128_si256(v[0], v[1], 0x20),
+                _mm256_permute2x128_si256(v[0], v[1], 0x31),
+            );
+            let (e1, o1) = (
+                _mm256_permute2x128_si256(v[2], v[3], 0x20),
+                _mm256_permute2x128_si256(v[2], v[3], 0x31),
+            );
+            // `packs` works per 128-bit lane: put its 8-byte groups back in order.
+            let evens = _mm256_permute4x64_epi64(_mm256_packs_epi32(e0, e1), 0b11_01_10_00);
+            let odds = _mm256_permute4x64_epi64(_mm256_packs_epi32(o0, o1), 0b11_01_10_00);
+            _mm256_storeu_si256(qs.add(64 * g) as *mut __m256i, evens);
+            _mm256_storeu_si256(qs.add(64 * g + 32) as *mut __m256i, odds);
         }
-        h[0..4].copy_from_slice(&(d * 256.0).to_le_bytes());
-        l[0..4].copy_from_slice(&d.to_le_bytes());
+        // The 8 group sums: horizontal adds of the 8 vectors of partial sums.
+        let h = |a: usize| {
+            let p = _mm256_hadd_epi32(
+                _mm256_hadd_epi32(sums[a], sums[a + 1]),
+                _mm256_hadd_epi32(sums[a + 2], sums[a + 3]),
+            );
+            _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1))
+        };
+        let all = _mm256_setr_m128i(h(0), h(4));
+        _mm256_storeu_si256(y.as_mut_ptr().add(super::Q16_SUMS) as *mut __m256i, all);
+        y[0..4].copy_from_slice(&d.to_le_bytes());
     }
 }
 
@@ -533,7 +570,8 @@ mod tests {
     }
 
     /// Q16_K: every value is within half a step (`d / 2`, `d = amax / 32512`) of its input,
-    /// the high bytes stay in -127..=127, and each half's sums are its 16-value sums.
+    /// the largest uses the full range, each group's sum is its values' sum, and the padding
+    /// is zero.
     #[test]
     fn q16_k_values_are_within_half_a_step() {
         let mut rng = Rng(0x5eed_0016);
@@ -548,35 +586,50 @@ mod tests {
                     }
                 })
                 .collect();
-            let mut y = vec![0u8; QuantType::Q16_K.row_bytes(x.len()).unwrap()];
+            let mut y = vec![0xAAu8; QuantType::Q16_K.row_bytes(x.len()).unwrap()];
             quantize_row(QuantType::Q16_K, &x, &mut y).unwrap();
-            let (hi, lo) = y.split_at(y.len() / 2);
-            for (b, xb) in x.chunks_exact(QK_K).enumerate() {
-                let (h, l) = (&hi[292 * b..292 * (b + 1)], &lo[292 * b..292 * (b + 1)]);
-                let f = |y: &[u8]| f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
-                let (dh, dl) = (f(h), f(l));
+            for (blk, xb) in y.chunks_exact(Q16_BYTES).zip(x.chunks_exact(QK_K)) {
+                let (d, q) = q16_k_values(blk);
                 let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                assert_eq!(dl, amax / Q16_MAX);
-                assert_eq!(dh, 256.0 * dl);
-                for k in 0..QK_K {
-                    let (qh, ql) = (h[4 + k] as i8, l[4 + k] as i8);
-                    assert!(qh.unsigned_abs() <= 127, "high byte {qh}");
+                assert_eq!(d, amax / Q16_MAX);
+                assert_eq!(q.iter().map(|v| v.abs()).max(), Some(Q16_LIMIT));
+                for (k, (&qk, &xk)) in q.iter().zip(xb).enumerate() {
                     // Half a step, and the rounding of `x / d` in f32.
-                    let v = dh as f64 * qh as f64 + dl as f64 * ql as f64;
-                    let x = xb[k] as f64;
+                    let (v, x) = (d as f64 * qk as f64, xk as f64);
                     assert!(
-                        (v - x).abs() <= dl as f64 * 0.5 + x.abs() * 2f64.powi(-22),
-                        "{v} for {} (step {dl})",
-                        xb[k]
+                        (v - x).abs() <= d as f64 * 0.5 + x.abs() * 2f64.powi(-22),
+                        "value {k}: {v} for {xk} (step {d})"
                     );
                 }
-                for half in [h, l] {
-                    for j in 0..16 {
-                        let want: i32 = (0..16).map(|k| half[4 + 16 * j + k] as i8 as i32).sum();
-                        let at = 4 + QK_K + 2 * j;
-                        assert_eq!(i16::from_le_bytes([half[at], half[at + 1]]) as i32, want);
-                    }
+                for g in 0..8 {
+                    let at = Q16_SUMS + 4 * g;
+                    let sum = i32::from_le_bytes(blk[at..at + 4].try_into().unwrap());
+                    assert_eq!(sum, q[32 * g..32 * g + 32].iter().sum::<i32>(), "group {g}");
                 }
+                assert!(blk[4..Q16_SUMS].iter().all(|&b| b == 0), "padding");
+            }
+        }
+    }
+
+    /// The group layout: value `k` of a group in lane `k / 2` (even `k`) or `16 + k / 2`.
+    #[test]
+    fn q16_k_groups_hold_evens_then_odds() {
+        let x: Vec<f32> = (0..QK_K).map(|i| i as f32 - 100.0).collect();
+        let y = quant(QuantType::Q16_K, &x);
+        let (d, _) = q16_k_values(&y);
+        let lane = |g: usize, l: usize| {
+            let at = Q16_QS + 2 * (32 * g + l);
+            i16::from_le_bytes([y[at], y[at + 1]]) as f32 * d
+        };
+        for g in 0..8 {
+            for l in 0..16 {
+                let (even, odd) = (32 * g + 2 * l, 32 * g + 2 * l + 1);
+                assert!((lane(g, l) - x[even]).abs() <= d, "group {g} lane {l}");
+                assert!(
+                    (lane(g, 16 + l) - x[odd]).abs() <= d,
+                    "group {g} lane {}",
+                    16 + l
+                );
             }
         }
     }

@@ -88,6 +88,22 @@ pub fn kernel_multi(ty: QuantType) -> Option<(MultiDotFn, usize)> {
     Some(f)
 }
 
+/// The multi-token kernel for weights of type `ty` against [`QuantType::Q16_K`] activations,
+/// with the number of tokens it is fastest at, where there is one (Q4_K, Q5_K, Q6_K).
+pub fn kernel_q16(ty: QuantType) -> Option<(MultiDotFn, usize)> {
+    if !full() {
+        return None;
+    }
+    use QuantType::*;
+    let f: (MultiDotFn, usize) = match ty {
+        Q4_K => (q4_k_q16_multi, 8),
+        Q5_K => (q5_k_q16_multi, 8),
+        Q6_K => (q6_k_q16_multi, 4),
+        _ => return None,
+    };
+    Some(f)
+}
+
 /// `Some(dot)` when an AVX2 kernel exists for `ty`, `None` to fall back to the portable one.
 #[inline]
 pub fn vec_dot(ty: QuantType, n: usize, w: &[u8], a: &[u8]) -> Option<f32> {
@@ -211,6 +227,9 @@ wrapper_multi!(q6_k_multi, q6_k_n, QK_K, 210, 292);
 wrapper_multi!(q8_0_multi, q8_0_n, 32, 34, 34);
 wrapper_multi!(q4_0_multi, q4_0_n, 32, 18, 34);
 wrapper_multi!(q5_0_multi, q5_0_n, 32, 22, 34);
+wrapper_multi!(q4_k_q16_multi, q4_k_q16, QK_K, 144, Z_BYTES);
+wrapper_multi!(q5_k_q16_multi, q5_k_q16, QK_K, 176, Z_BYTES);
+wrapper_multi!(q6_k_q16_multi, q6_k_q16, QK_K, 210, Z_BYTES);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -685,6 +704,36 @@ unsafe fn scaled_bsums(sc: __m128i, y: *const u8) -> __m256i {
     _mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), ld(y.add(Y_BSUMS)))
 }
 
+/// The 128 values of half `h` of the Q6_K block at `x`, stored as `q + 32` (0..63), as four
+/// vectors of 32 bytes: values `128 h + 32 k + l` in byte `l` of vector `k`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_half(x: *const u8, h: usize, m4: __m256i) -> [__m256i; 4] {
+    let ql = x.add(64 * h);
+    let qh = ld(x.add(128 + 32 * h));
+    let ql0 = ld(ql);
+    let ql1 = ld(ql.add(32));
+    // The two high bits of value group t sit at bits 2t..2t+2 of qh: move them to 4..6.
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(ql0, m4),
+            _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(ql1, m4),
+            _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0c)), 2),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+            _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+            _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xc0u8 as i8)), 2),
+        ),
+    ]
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     q6_k_n::<1>(nb, w, [a])[0]
@@ -707,29 +756,7 @@ unsafe fn q6_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
             sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(), sb);
         }
         for h in 0..2 {
-            let ql = x.add(64 * h);
-            let qh = ld(x.add(128 + 32 * h));
-            let ql0 = ld(ql);
-            let ql1 = ld(ql.add(32));
-            // The two high bits of value group t sit at bits 2t..2t+2 of qh: move them to 4..6.
-            let q = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql0, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, m4),
-                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0c)), 2),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                    _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                    _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xc0u8 as i8)), 2),
-                ),
-            ];
+            let q = q6_k_half(x, h, m4);
             for (k, &qk) in q.iter().enumerate() {
                 let s = pair_scales(sc, 4 * h + k);
                 for t in 0..T {
@@ -743,6 +770,180 @@ unsafe fn q6_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
         for t in 0..T {
             let d = _mm256_mul_ps(f32x8(a[t].add(i * 292)), dx);
             acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        }
+    }
+    hsums(acc)
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quants against Q16_K (`d` f32 at 0, `sums[8]` i32 at 32, `qs[256]` i16 at 64, each 32-value
+// group as its 16 even-indexed values then its 16 odd-indexed ones).
+//
+// Each 32-value group of weights is widened to two vectors of 16 i16 lanes already multiplied by
+// the group's scale: `maddubs(q, [s, 0, s, 0, ..])` gives the even bytes `q·s`, `[0, s, ..]` the
+// odd ones (one product of each pair is zero, so nothing saturates). Those are shared by every
+// token; each token then costs two `madd` (16-bit products summed in pairs into i32) per group.
+//
+// The i32 sums cannot overflow: |q| <= 32512 (`act::Q16_LIMIT`) and each lane sums 32 products
+// per block: Q4_K |q·s| <= 15·63, 32·945·32512 < 2^30; Q5_K |q·s| <= 31·63, 32·1953·32512 =
+// 2.03e9 < 2^31 - 1. Q6_K's `(q - 32)·s` reaches 32·128 = 4096, so its sums are converted every
+// half block (16 products: 2.13e9 < 2^31 - 1).
+
+use super::act::{Q16_BYTES as Z_BYTES, Q16_QS as Z_QS, Q16_SUMS as Z_SUMS};
+
+/// One 32-value group of a Q4_K/Q5_K block (`q`: 32 unsigned values < 32) with scale `s` (in
+/// every i16 lane, < 64) for `T` tokens: `sumi[t] += Σ q·s·y` over the token's group at `off`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_q16<const T: usize>(
+    sumi: &mut [__m256i; T],
+    q: __m256i,
+    even: __m256i,
+    odd: __m256i,
+    a: [*const u8; T],
+    off: usize,
+) {
+    let we = _mm256_maddubs_epi16(q, even);
+    let wo = _mm256_maddubs_epi16(q, odd);
+    for t in 0..T {
+        let y = a[t].add(off);
+        let p = _mm256_add_epi32(
+            _mm256_madd_epi16(we, ld(y)),
+            _mm256_madd_epi16(wo, ld(y.add(32))),
+        );
+        sumi[t] = _mm256_add_epi32(sumi[t], p);
+    }
+}
+
+/// The float part of a Q4_K/Q5_K block against Q16_K for `T` tokens:
+/// `acc += d·dy·Σ s·q·y − dmin·dy·Σ m·sum`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_block_end_q16<const T: usize>(
+    acc: &mut [__m256; T],
+    sumi: &[__m256i; T],
+    x: *const u8,
+    mn: __m128i,
+    a: [*const u8; T],
+    off: usize,
+) {
+    let (dx, dminx) = (f16x8(x), f16x8(x.add(2)));
+    let mn = _mm256_cvtepu8_epi32(mn);
+    for t in 0..T {
+        let y = a[t].add(off);
+        let yd = f32x8(y);
+        let mins = _mm256_cvtepi32_ps(_mm256_mullo_epi32(mn, ld(y.add(Z_SUMS))));
+        acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(yd, dminx), mins, acc[t]);
+        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(yd, dx), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+    }
+}
+
+/// The even and odd `maddubs` masks of Q4_K/Q5_K scale `k` (`[s, 0]` and `[0, s]` per i16).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_masks(scales: __m256i, k: usize) -> (__m256i, __m256i) {
+    let s = scale_k(scales, k);
+    (s, _mm256_slli_epi16(s, 8))
+}
+
+/// Q4_K rows against `T` Q16_K rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for i in 0..nb {
+        let x = w.add(i * 144);
+        if T <= 2 {
+            prefetch_ahead(x, 144);
+        }
+        let (sc, mn) = k4_scales_mins_split(x.add(4));
+        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
+        let qs = x.add(16);
+        let mut sumi = [_mm256_setzero_si256(); T];
+        for j in 0..4 {
+            let bits = ld(qs.add(32 * j));
+            let lo = _mm256_and_si256(bits, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+            for (g, q) in [(2 * j, lo), (2 * j + 1, hi)] {
+                let (even, odd) = k4_masks(sc, g);
+                group_q16(&mut sumi, q, even, odd, a, i * Z_BYTES + Z_QS + 64 * g);
+            }
+        }
+        k4_block_end_q16(&mut acc, &sumi, x, mn, a, i * Z_BYTES);
+    }
+    hsums(acc)
+}
+
+/// Q5_K rows against `T` Q16_K rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for i in 0..nb {
+        let x = w.add(i * 176);
+        if T <= 2 {
+            prefetch_ahead(x, 176);
+        }
+        let (sc, mn) = k4_scales_mins_split(x.add(4));
+        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
+        let mut hbits = ld(x.add(16));
+        let qs = x.add(48);
+        let mut sumi = [_mm256_setzero_si256(); T];
+        for j in 0..4 {
+            let bits = ld(qs.add(32 * j));
+            let h_lo = _mm256_slli_epi16(_mm256_and_si256(hbits, one), 4);
+            let h_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 1), one), 4);
+            hbits = _mm256_srli_epi16(hbits, 2);
+            let lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h_lo);
+            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h_hi);
+            for (g, q) in [(2 * j, lo), (2 * j + 1, hi)] {
+                let (even, odd) = k4_masks(sc, g);
+                group_q16(&mut sumi, q, even, odd, a, i * Z_BYTES + Z_QS + 64 * g);
+            }
+        }
+        k4_block_end_q16(&mut acc, &sumi, x, mn, a, i * Z_BYTES);
+    }
+    hsums(acc)
+}
+
+/// Q6_K rows against `T` Q16_K rows. The stored values are `q + 32` (0..63): each group's
+/// 16-bit weights are `(q + 32)·s − 32·s`, |.| <= 4096.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let low_byte = _mm256_set1_epi16(0xff);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for i in 0..nb {
+        let x = w.add(i * 210);
+        if T <= 2 {
+            prefetch_ahead(x, 210);
+        }
+        let sc = ld128(x.add(192));
+        let dx = f16x8(x.add(208));
+        for h in 0..2 {
+            let q = q6_k_half(x, h, m4);
+            let mut sumi = [_mm256_setzero_si256(); T];
+            for (k, &qk) in q.iter().enumerate() {
+                // Scales of the group's two 16-value halves, sign-extended to i16.
+                let s = pair_scales(sc, 4 * h + k);
+                let off = _mm256_slli_epi16(s, 5);
+                let we =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(qk, _mm256_and_si256(s, low_byte)), off);
+                let wo = _mm256_sub_epi16(_mm256_maddubs_epi16(qk, _mm256_slli_epi16(s, 8)), off);
+                for t in 0..T {
+                    let y = a[t].add(i * Z_BYTES + Z_QS + 256 * h + 64 * k);
+                    let p = _mm256_add_epi32(
+                        _mm256_madd_epi16(we, ld(y)),
+                        _mm256_madd_epi16(wo, ld(y.add(32))),
+                    );
+                    sumi[t] = _mm256_add_epi32(sumi[t], p);
+                }
+            }
+            for t in 0..T {
+                let d = _mm256_mul_ps(f32x8(a[t].add(i * Z_BYTES)), dx);
+                acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+            }
         }
     }
     hsums(acc)
@@ -1108,6 +1309,172 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Token `t`'s Q16_K row of `n` values, quantised from `x`.
+    fn q16(x: &[f32]) -> Vec<u8> {
+        let mut y = vec![0u8; QuantType::Q16_K.row_bytes(x.len()).unwrap()];
+        act::quantize_row(QuantType::Q16_K, x, &mut y).unwrap();
+        y
+    }
+
+    /// `Σ w·a` in f64 over the dequantised weights and the Q16_K values, with `Σ |w·a|`.
+    fn q16_reference(ty: QuantType, n: usize, w: &[u8], a: &[u8]) -> (f64, f64) {
+        let mut wf = vec![0f32; n];
+        dequant::dequantize_row(ty, w, &mut wf).unwrap();
+        let (mut dot, mut mag) = (0f64, 0f64);
+        for (wb, ab) in wf.chunks(QK_K).zip(a.chunks(Z_BYTES)) {
+            let (d, q) = act::q16_k_values(ab);
+            for (&wv, &qv) in wb.iter().zip(&q) {
+                let p = wv as f64 * d as f64 * qv as f64;
+                dot += p;
+                mag += p.abs();
+            }
+        }
+        (dot, mag)
+    }
+
+    /// Runs `ty`'s Q16_K kernel on `count` tokens (rows `stride` apart in `a`) over `rows`
+    /// weight rows: `out[t][r]`.
+    fn run_q16(
+        ty: QuantType,
+        n: usize,
+        w: &[u8],
+        a: &[u8],
+        stride: usize,
+        count: usize,
+    ) -> Vec<Vec<f32>> {
+        let (multi, _) = kernel_q16(ty).expect("Q16_K kernel");
+        let wb = ty.row_bytes(n).unwrap();
+        let rows = w.len() / wb;
+        let mut out = vec![f32::NAN; count * rows];
+        let tile = Tile {
+            cols: n,
+            w,
+            row_bytes: wb,
+            a,
+            stride,
+            tokens: count,
+            out_stride: rows,
+        };
+        multi(&tile, &mut out);
+        out.chunks(rows).map(|c| c.to_vec()).collect()
+    }
+
+    /// The Q16_K kernels: within f32 rounding of the f64 product of the same values (their
+    /// integer parts are exact), and each token's result bit for bit the same whatever the
+    /// number of tokens in the call.
+    #[test]
+    fn q16_kernels_match_the_reference_for_any_token_count() {
+        if !full() {
+            return;
+        }
+        for ty in [QuantType::Q4_K, QuantType::Q5_K, QuantType::Q6_K] {
+            for (k, n) in [256usize, 512, 2048, 7168].into_iter().enumerate() {
+                let rows = 3;
+                let w = random_weights(ty, rows * n, 17 + k as u64);
+                let wb = ty.row_bytes(n).unwrap();
+                let rb = QuantType::Q16_K.row_bytes(n).unwrap();
+                let stride = rb + 5;
+                let mut a = vec![0u8; MULTI * stride];
+                for t in 0..MULTI {
+                    // Blocks of different magnitudes, one all zero.
+                    let x: Vec<f32> = random_f32(n, 60 + t as u64)
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            if (i / QK_K + t) % 5 == 4 {
+                                0.0
+                            } else {
+                                v * (1 + i / QK_K) as f32
+                            }
+                        })
+                        .collect();
+                    a[t * stride..t * stride + rb].copy_from_slice(&q16(&x));
+                }
+                let alone: Vec<Vec<f32>> = (0..MULTI)
+                    .map(|t| run_q16(ty, n, &w, &a[t * stride..], stride, 1).remove(0))
+                    .collect();
+                for t in 0..MULTI {
+                    for r in 0..rows {
+                        let (want, mag) = q16_reference(
+                            ty,
+                            n,
+                            &w[r * wb..(r + 1) * wb],
+                            &a[t * stride..t * stride + rb],
+                        );
+                        let got = alone[t][r] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * mag + 1e-30,
+                            "{ty} n={n} row {r} token {t}: {got} vs {want}"
+                        );
+                    }
+                }
+                for count in 2..=MULTI {
+                    let out = run_q16(ty, n, &w, &a, stride, count);
+                    for (t, o) in out.iter().enumerate() {
+                        assert_eq!(
+                            o.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            alone[t].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{ty} n={n} token {t} of {count}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The largest products the formats allow do not overflow the kernels' i32 sums: every
+    /// weight value and scale at its extreme, every activation at ±32512 with the weights'
+    /// sign, against the same sum in i64.
+    #[test]
+    fn q16_kernels_do_not_overflow_at_the_extremes() {
+        if !full() {
+            return;
+        }
+        let one = half::f16::from_f32(1.0).to_le_bytes();
+        let zero = [0u8; 2];
+        // Q4_K/Q5_K: d = 1, dmin = 0, every 6-bit scale 63, every value at its maximum.
+        let mut q4 = vec![0xffu8; 144];
+        q4[0..2].copy_from_slice(&one);
+        q4[2..4].copy_from_slice(&zero);
+        let mut q5 = vec![0xffu8; 176];
+        q5[0..2].copy_from_slice(&one);
+        q5[2..4].copy_from_slice(&zero);
+        // Q6_K: every value 0 (-32 once offset), every scale -128, d = 1.
+        let mut q6 = vec![0u8; 210];
+        q6[192..208].fill(0x80);
+        q6[208..210].copy_from_slice(&one);
+        for (ty, w, sign) in [
+            (QuantType::Q4_K, q4, 1f32),
+            (QuantType::Q5_K, q5, 1.0),
+            (QuantType::Q6_K, q6, 1.0),
+        ] {
+            let mut wf = vec![0f32; QK_K];
+            dequant::dequantize_row(ty, &w, &mut wf).unwrap();
+            let x: Vec<f32> = wf.iter().map(|v| sign * v.signum()).collect();
+            let a = q16(&x);
+            let (d, q) = act::q16_k_values(&a);
+            assert!(
+                q.iter().all(|v| v.abs() == 32512),
+                "{ty}: activations at the limit"
+            );
+            let exact: i64 = wf
+                .iter()
+                .zip(&q)
+                .map(|(&wv, &qv)| wv as i64 * qv as i64)
+                .sum();
+            let want = exact as f64 * d as f64;
+            let got = run_q16(ty, QK_K, &w, &a, a.len(), 1)[0][0] as f64;
+            assert!(
+                want.abs() > 1e5,
+                "{ty}: the test reaches large sums ({want})"
+            );
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs(),
+                "{ty}: {got} vs {want}"
+            );
         }
     }
 

@@ -85,9 +85,8 @@ pub enum QuantType {
     MXFP4,
     F8E4M3,
     /// Activations only (no file holds it): each 256-value block as 16-bit integers under one
-    /// f32 scale, stored as two Q8_K rows, the high bytes (scale `256 d`) then the low bytes
-    /// (scale `d`), so that the Q8_K kernels compute with it: a product is the sum of the
-    /// weights' dots with the two rows. See [`act`].
+    /// f32 scale, with the sums of its 32-value groups, laid out for the K-quant kernels that
+    /// multiply them in 16-bit lanes. See [`act`].
     Q16_K,
 }
 
@@ -157,7 +156,7 @@ const TABLE: &[TypeInfo] = &[
         ggml_id: None,
         name: "Q16_K",
         block_elems: QK_K,
-        block_bytes: 2 * 292,
+        block_bytes: act::Q16_BYTES,
         supported: false,
     },
 ];
@@ -277,12 +276,11 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) -> Result<(), 
 }
 
 /// Whether weights of type `ty` take [`QuantType::Q16_K`] activations on this CPU: the K-quants
-/// whose Q8_K kernel takes several activation rows per weight pass (the two halves are two
-/// rows of one call).
+/// with a 16-bit kernel (Q4_K, Q5_K, Q6_K, with AVX2).
 pub fn takes_q16_k(ty: QuantType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        ty.vec_dot_type() == QuantType::Q8_K && avx2::kernel_multi(ty).is_some()
+        avx2::kernel_q16(ty).is_some()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

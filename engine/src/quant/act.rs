@@ -8,8 +8,9 @@
 //! Q16_K is this engine's own: 16-bit activations for the K-quant kernels. Each 256-value
 //! block gets `d = amax / 32512` and `q = round(x / d)` (half to even, |q| <= 32512), so each
 //! value is within `d / 2` = amax / 65024 of `x`, where int8 activations are within amax / 254.
-//! `block_q16_K {f32 d; u8 pad[28]; i32 sums[8]; i16 qs[256]}` (576 bytes, nine cache lines):
-//! `sums[j]` is the sum of the 32 values of group `j`, and `qs` holds each group's even-indexed
+//! `block_q16_K {f32 d; u8 pad[28]; f32 sums[8]; i16 qs[256]}` (576 bytes, nine cache lines):
+//! `sums[j]` is `d` times the sum of the 32 values of group `j` (what the mins of Q4_K/Q5_K
+//! multiply), and `qs` holds each group's even-indexed
 //! values, then its odd-indexed ones: the order in which the kernels widen a group of packed
 //! weights into 16-bit lanes (even bytes with one `maddubs`, odd bytes with another).
 //!
@@ -176,7 +177,8 @@ fn q16_k_block(x: &[f32], y: &mut [u8]) {
             let at = Q16_QS + 2 * (32 * g + q16_lane(k));
             y[at..at + 2].copy_from_slice(&(q as i16).to_le_bytes());
         }
-        y[Q16_SUMS + 4 * g..Q16_SUMS + 4 * g + 4].copy_from_slice(&sum.to_le_bytes());
+        let ds = d * sum as f32;
+        y[Q16_SUMS + 4 * g..Q16_SUMS + 4 * g + 4].copy_from_slice(&ds.to_le_bytes());
     }
     y[0..4].copy_from_slice(&d.to_le_bytes());
 }
@@ -400,8 +402,9 @@ mod x86 {
             );
             _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1))
         };
-        let all = _mm256_setr_m128i(h(0), h(4));
-        _mm256_storeu_si256(y.as_mut_ptr().add(super::Q16_SUMS) as *mut __m256i, all);
+        let all = _mm256_cvtepi32_ps(_mm256_setr_m128i(h(0), h(4)));
+        let ds = _mm256_mul_ps(_mm256_set1_ps(d), all);
+        _mm256_storeu_ps(y.as_mut_ptr().add(super::Q16_SUMS) as *mut f32, ds);
         y[0..4].copy_from_slice(&d.to_le_bytes());
     }
 }
@@ -570,8 +573,8 @@ mod tests {
     }
 
     /// Q16_K: every value is within half a step (`d / 2`, `d = amax / 32512`) of its input,
-    /// the largest uses the full range, each group's sum is its values' sum, and the padding
-    /// is zero.
+    /// the largest uses the full range, each group's sum is `d` times its values' sum, and the
+    /// padding is zero.
     #[test]
     fn q16_k_values_are_within_half_a_step() {
         let mut rng = Rng(0x5eed_0016);
@@ -603,8 +606,9 @@ mod tests {
                 }
                 for g in 0..8 {
                     let at = Q16_SUMS + 4 * g;
-                    let sum = i32::from_le_bytes(blk[at..at + 4].try_into().unwrap());
-                    assert_eq!(sum, q[32 * g..32 * g + 32].iter().sum::<i32>(), "group {g}");
+                    let ds = f32::from_le_bytes(blk[at..at + 4].try_into().unwrap());
+                    let sum = q[32 * g..32 * g + 32].iter().sum::<i32>();
+                    assert_eq!(ds, d * sum as f32, "group {g}");
                 }
                 assert!(blk[4..Q16_SUMS].iter().all(|&b| b == 0), "padding");
             }

@@ -98,7 +98,7 @@ pub fn kernel_q16(ty: QuantType) -> Option<(MultiDotFn, usize)> {
     let f: (MultiDotFn, usize) = match ty {
         Q4_K => (q4_k_q16_multi, 8),
         Q5_K => (q5_k_q16_multi, 8),
-        Q6_K => (q6_k_q16_multi, 4),
+        Q6_K => (q6_k_q16_multi, 8),
         _ => return None,
     };
     Some(f)
@@ -776,7 +776,7 @@ unsafe fn q6_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
 }
 
 // ---------------------------------------------------------------------------------------------
-// K-quants against Q16_K (`d` f32 at 0, `sums[8]` i32 at 32, `qs[256]` i16 at 64, each 32-value
+// K-quants against Q16_K (`d` f32 at 0, `d·sum` of each group f32 at 32, `qs[256]` i16 at 64, each 32-value
 // group as its 16 even-indexed values then its 16 odd-indexed ones).
 //
 // Each 32-value group of weights is widened to two vectors of 16 i16 lanes already multiplied by
@@ -816,7 +816,7 @@ unsafe fn group_q16<const T: usize>(
 }
 
 /// The float part of a Q4_K/Q5_K block against Q16_K for `T` tokens:
-/// `acc += d·dy·Σ s·q·y − dmin·dy·Σ m·sum`.
+/// `acc += d·dy·Σ s·q·y − Σ (dmin·m)·(dy·sum)`, the activations holding `dy·sum` per group.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn k4_block_end_q16<const T: usize>(
@@ -828,13 +828,16 @@ unsafe fn k4_block_end_q16<const T: usize>(
     off: usize,
 ) {
     let (dx, dminx) = (f16x8(x), f16x8(x.add(2)));
-    let mn = _mm256_cvtepu8_epi32(mn);
+    let mins = _mm256_mul_ps(dminx, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)));
     for t in 0..T {
         let y = a[t].add(off);
-        let yd = f32x8(y);
-        let mins = _mm256_cvtepi32_ps(_mm256_mullo_epi32(mn, ld(y.add(Z_SUMS))));
-        acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(yd, dminx), mins, acc[t]);
-        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(yd, dx), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        let sums = _mm256_loadu_ps(y.add(Z_SUMS) as *const f32);
+        acc[t] = _mm256_fnmadd_ps(mins, sums, acc[t]);
+        acc[t] = _mm256_fmadd_ps(
+            _mm256_mul_ps(f32x8(y), dx),
+            _mm256_cvtepi32_ps(sumi[t]),
+            acc[t],
+        );
     }
 }
 

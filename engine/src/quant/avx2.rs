@@ -573,41 +573,83 @@ unsafe fn k4_mins_dot(mn: __m128i, y: *const u8) -> __m256i {
     _mm256_madd_epi16(mn2, ld(y.add(Y_BSUMS)))
 }
 
+/// Quarter `j` of the Q5_K block at `x` as two vectors of 32 values (0..31): groups `2j` and
+/// `2j + 1`. Bit `2j` of `qh[l]` is the fifth bit of low-nibble value `l`, bit `2j + 1` that
+/// of the high one.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_quarter(x: *const u8, j: usize, m4: __m256i) -> (__m256i, __m256i) {
+    let one = _mm256_set1_epi8(1);
+    let hbits = _mm256_srl_epi16(ld(x.add(16)), _mm_cvtsi32_si128(2 * j as i32));
+    let bits = ld(x.add(48 + 32 * j));
+    let h_lo = _mm256_slli_epi16(_mm256_and_si256(hbits, one), 4);
+    let h_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 1), one), 4);
+    let lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h_lo);
+    let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h_hi);
+    (lo, hi)
+}
+
+/// Quarter `j` of the Q4_K block at `x` as two vectors of 32 values (0..15): groups `2j` and
+/// `2j + 1`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_quarter(x: *const u8, j: usize, m4: __m256i) -> (__m256i, __m256i) {
+    let bits = ld(x.add(16 + 32 * j));
+    (
+        _mm256_and_si256(bits, m4),
+        _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4),
+    )
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     q4_k_n::<1>(nb, w, [a])[0]
 }
 
-/// Q4_K rows against `T` Q8_K rows: each block's nibbles and scales are unpacked once for
-/// all of them.
+/// Q4_K rows against `T` Q8_K rows: each block's values and scales are unpacked once for all
+/// of them.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    k4_n::<T, false>(nb, w, a, 144, q4_k_quarter)
+}
+
+/// Q4_K/Q5_K rows (`bytes` per block, quarters unpacked by `quarter`) against `T` rows of
+/// Q8_K activations, or of Q16_K ones with `Q16`.
+#[inline(always)]
+unsafe fn k4_n<const T: usize, const Q16: bool>(
+    nb: usize,
+    w: *const u8,
+    a: [*const u8; T],
+    bytes: usize,
+    quarter: unsafe fn(*const u8, usize, __m256i) -> (__m256i, __m256i),
+) -> [f32; T] {
     let m4 = _mm256_set1_epi8(0x0f);
     let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
-        let x = w.add(i * 144);
+        let x = w.add(i * bytes);
         if T <= 2 {
-            prefetch_ahead(x, 144);
+            prefetch_ahead(x, bytes);
         }
         let (sc, mn) = k4_scales_mins_split(x.add(4));
         let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
-        let qs = x.add(16);
         let mut sumi = [_mm256_setzero_si256(); T];
         for j in 0..4 {
-            let bits = ld(qs.add(32 * j));
-            let lo = _mm256_and_si256(bits, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-            k4_quarter(
-                &mut sumi,
-                lo,
-                hi,
-                scale_k(sc, 2 * j),
-                scale_k(sc, 2 * j + 1),
-                a,
-                i * 292 + Y_QS + 64 * j,
-            );
+            let (lo, hi) = quarter(x, j, m4);
+            if Q16 {
+                for (g, q) in [(2 * j, lo), (2 * j + 1, hi)] {
+                    let (even, odd) = k4_masks(sc, g);
+                    group_q16(&mut sumi, q, even, odd, a, i * Z_BYTES + Z_QS + 64 * g);
+                }
+            } else {
+                let (sl, sh) = (scale_k(sc, 2 * j), scale_k(sc, 2 * j + 1));
+                k4_quarter(&mut sumi, lo, hi, sl, sh, a, i * 292 + Y_QS + 64 * j);
+            }
         }
-        k4_block_end(&mut acc, &sumi, x, mn, a, i * 292);
+        if Q16 {
+            k4_block_end_q16(&mut acc, &sumi, x, mn, a, i * Z_BYTES);
+        } else {
+            k4_block_end(&mut acc, &sumi, x, mn, a, i * 292);
+        }
     }
     hsums(acc)
 }
@@ -661,40 +703,7 @@ unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let one = _mm256_set1_epi8(1);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for i in 0..nb {
-        let x = w.add(i * 176);
-        if T <= 2 {
-            prefetch_ahead(x, 176);
-        }
-        let (sc, mn) = k4_scales_mins_split(x.add(4));
-        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
-        let mut hbits = ld(x.add(16));
-        let qs = x.add(48);
-        let mut sumi = [_mm256_setzero_si256(); T];
-        for j in 0..4 {
-            let bits = ld(qs.add(32 * j));
-            // Bit 2j of qh[l] is the fifth bit of the low-nibble value l, bit 2j+1 of the high.
-            let h_lo = _mm256_slli_epi16(_mm256_and_si256(hbits, one), 4);
-            let h_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 1), one), 4);
-            hbits = _mm256_srli_epi16(hbits, 2);
-            let lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h_lo);
-            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h_hi);
-            k4_quarter(
-                &mut sumi,
-                lo,
-                hi,
-                scale_k(sc, 2 * j),
-                scale_k(sc, 2 * j + 1),
-                a,
-                i * 292 + Y_QS + 64 * j,
-            );
-        }
-        k4_block_end(&mut acc, &sumi, x, mn, a, i * 292);
-    }
-    hsums(acc)
+    k4_n::<T, false>(nb, w, a, 176, q5_k_quarter)
 }
 
 /// `Σ_k sc_k · bsum_k` over the 16 per-16 scales (i8) of a Q2_K/Q3_K/Q6_K block, as 8 i32.
@@ -849,65 +858,14 @@ unsafe fn k4_masks(scales: __m256i, k: usize) -> (__m256i, __m256i) {
     (s, _mm256_slli_epi16(s, 8))
 }
 
-/// Q4_K rows against `T` Q16_K rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for i in 0..nb {
-        let x = w.add(i * 144);
-        if T <= 2 {
-            prefetch_ahead(x, 144);
-        }
-        let (sc, mn) = k4_scales_mins_split(x.add(4));
-        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
-        let qs = x.add(16);
-        let mut sumi = [_mm256_setzero_si256(); T];
-        for j in 0..4 {
-            let bits = ld(qs.add(32 * j));
-            let lo = _mm256_and_si256(bits, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-            for (g, q) in [(2 * j, lo), (2 * j + 1, hi)] {
-                let (even, odd) = k4_masks(sc, g);
-                group_q16(&mut sumi, q, even, odd, a, i * Z_BYTES + Z_QS + 64 * g);
-            }
-        }
-        k4_block_end_q16(&mut acc, &sumi, x, mn, a, i * Z_BYTES);
-    }
-    hsums(acc)
+    k4_n::<T, true>(nb, w, a, 144, q4_k_quarter)
 }
 
-/// Q5_K rows against `T` Q16_K rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
-    let m4 = _mm256_set1_epi8(0x0f);
-    let one = _mm256_set1_epi8(1);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for i in 0..nb {
-        let x = w.add(i * 176);
-        if T <= 2 {
-            prefetch_ahead(x, 176);
-        }
-        let (sc, mn) = k4_scales_mins_split(x.add(4));
-        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc));
-        let mut hbits = ld(x.add(16));
-        let qs = x.add(48);
-        let mut sumi = [_mm256_setzero_si256(); T];
-        for j in 0..4 {
-            let bits = ld(qs.add(32 * j));
-            let h_lo = _mm256_slli_epi16(_mm256_and_si256(hbits, one), 4);
-            let h_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 1), one), 4);
-            hbits = _mm256_srli_epi16(hbits, 2);
-            let lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h_lo);
-            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h_hi);
-            for (g, q) in [(2 * j, lo), (2 * j + 1, hi)] {
-                let (even, odd) = k4_masks(sc, g);
-                group_q16(&mut sumi, q, even, odd, a, i * Z_BYTES + Z_QS + 64 * g);
-            }
-        }
-        k4_block_end_q16(&mut acc, &sumi, x, mn, a, i * Z_BYTES);
-    }
-    hsums(acc)
+    k4_n::<T, true>(nb, w, a, 176, q5_k_quarter)
 }
 
 /// Q6_K rows against `T` Q16_K rows. The stored values are `q + 32` (0..63): each group's

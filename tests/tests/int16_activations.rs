@@ -1,5 +1,5 @@
 //! The int16-activation mode: the K-quant products take activations as 16-bit integers per
-//! 256-value block (two int8 halves through the int8 kernels), every other product stays f32.
+//! 256-value block (through the 16-bit K-quant kernels), every other product stays f32.
 //! It must hold the same bar as the exact mode on the quantized oracle files (at least as
 //! close as llama.cpp to the dequantised reference, greedy prefix at least as long), keep the
 //! rounding within its bound on every product, and keep batch invariance. Its own test binary,

@@ -10,9 +10,9 @@
 //! value is within `d / 2` = amax / 65024 of `x`, where int8 activations are within amax / 254.
 //! `block_q16_K {f32 d; u8 pad[28]; f32 sums[8]; i16 qs[256]}` (576 bytes, nine cache lines):
 //! `sums[j]` is `d` times the sum of the 32 values of group `j` (what the mins of Q4_K/Q5_K
-//! multiply), and `qs` holds each group's even-indexed
-//! values, then its odd-indexed ones: the order in which the kernels widen a group of packed
-//! weights into 16-bit lanes (even bytes with one `maddubs`, odd bytes with another).
+//! multiply), and `qs` holds each group's even-indexed values, then its odd-indexed ones: the
+//! order in which the kernels widen a group of packed weights into 16-bit lanes (even bytes
+//! with one `maddubs`, odd bytes with another).
 //!
 //! The caller (`quant::quantize_activation`) has checked the lengths.
 

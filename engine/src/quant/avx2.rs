@@ -17,6 +17,7 @@
 use core::arch::x86_64::*;
 use std::array::from_fn;
 
+use super::act::{Q16_BYTES as Z_BYTES, Q16_QS as Z_QS, Q16_SUMS as Z_SUMS};
 use super::{QuantType, QK_K};
 
 /// A dot-product kernel: `(n, weight row bytes, activation row bytes) -> dot`.
@@ -785,8 +786,8 @@ unsafe fn q6_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
 }
 
 // ---------------------------------------------------------------------------------------------
-// K-quants against Q16_K (`d` f32 at 0, `d·sum` of each group f32 at 32, `qs[256]` i16 at 64, each 32-value
-// group as its 16 even-indexed values then its 16 odd-indexed ones).
+// K-quants against Q16_K (`d` f32 at 0, `d·sum` of each group f32 at 32, `qs[256]` i16 at 64,
+// each 32-value group as its 16 even-indexed values then its 16 odd-indexed ones).
 //
 // Each 32-value group of weights is widened to two vectors of 16 i16 lanes already multiplied by
 // the group's scale: `maddubs(q, [s, 0, s, 0, ..])` gives the even bytes `q·s`, `[0, s, ..]` the
@@ -798,10 +799,9 @@ unsafe fn q6_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
 // 2.03e9 < 2^31 - 1. Q6_K's `(q - 32)·s` reaches 32·128 = 4096, so its sums are converted every
 // half block (16 products: 2.13e9 < 2^31 - 1).
 
-use super::act::{Q16_BYTES as Z_BYTES, Q16_QS as Z_QS, Q16_SUMS as Z_SUMS};
-
-/// One 32-value group of a Q4_K/Q5_K block (`q`: 32 unsigned values < 32) with scale `s` (in
-/// every i16 lane, < 64) for `T` tokens: `sumi[t] += Σ q·s·y` over the token's group at `off`.
+/// One 32-value group of a Q4_K/Q5_K block (`q`: 32 unsigned values < 32; `even`, `odd`: its
+/// scale's masks from `k4_masks`) for `T` tokens: `sumi[t] += Σ q·s·y` over the token's group
+/// at byte `off` of its row.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group_q16<const T: usize>(

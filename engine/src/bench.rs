@@ -244,10 +244,7 @@ pub fn run_kernel_bench_with(threads: usize, cfg: &BenchConfig) -> Vec<BenchLine
             7168,
             cfg.ceiling_time,
         )));
-        #[cfg(target_arch = "x86_64")]
-        if crate::quant::avx2::kernel_multi(ty).is_some()
-            && crate::tensor::activations() == crate::tensor::Activations::Int8
-        {
+        if multi_width(ty).is_some() {
             lines.push(BenchLine::Ceiling(kernel_ceiling_multi(
                 ty,
                 7168,
@@ -529,64 +526,58 @@ fn matrix_copies(ty: QuantType, rows: usize, cols: usize, min_bytes: usize) -> V
 }
 
 /// One core's dot-kernel speed in weight GB per CPU-second, rows and activations in L2: the
-/// ceiling a matvec could reach per thread if memory were free. Measured in on-CPU time where
-/// the OS reports it (Linux), so it holds on a machine shared with other work.
+/// ceiling a matvec could reach per thread if memory were free. The kernel is the one the
+/// current activation mode ([`crate::tensor::activations`]) uses for `ty`, run through the CPU
+/// backend on one thread. Measured in on-CPU time where the OS reports it (Linux), so it holds
+/// on a machine shared with other work.
 pub fn kernel_ceiling(ty: QuantType, cols: usize, time: Duration) -> CeilingResult {
-    let rows = 64;
-    let w = random_weights(ty, rows * cols, 1);
-    let rb = ty.row_bytes(cols).expect("whole blocks");
-    let a = random_activation(ty.vec_dot_type(), cols, 2);
-    let mut sink = 0f32;
-    let (gb_per_cpu_s, cpu_share) = per_cpu_second(time, || {
-        for r in w.chunks_exact(rb) {
-            sink += crate::quant::vec_dot(ty, cols, r, &a);
+    ceiling(ty, cols, 1, time)
+}
+
+/// [`kernel_ceiling`] for the multi-token kernel (prefill's) of the current mode, at its full
+/// width (1 token where the mode has none for `ty`).
+pub fn kernel_ceiling_multi(ty: QuantType, cols: usize, time: Duration) -> CeilingResult {
+    ceiling(ty, cols, multi_width(ty).unwrap_or(1), time)
+}
+
+/// Tokens per call of the multi-token integer kernel the current mode uses for `ty`, if any.
+fn multi_width(ty: QuantType) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::quant::avx2;
+        use crate::tensor::Activations;
+        match crate::tensor::activations() {
+            Activations::Int8 => avx2::kernel_multi(ty).map(|(_, w)| w),
+            Activations::Int16 => avx2::kernel_q16(ty).map(|(_, w)| w),
+            Activations::F32 => None,
         }
-        w.len()
-    });
-    std::hint::black_box(sink);
-    CeilingResult {
-        ty,
-        cols,
-        tokens: 1,
-        gb_per_cpu_s,
-        cpu_share,
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        None
     }
 }
 
-/// [`kernel_ceiling`] for the multi-token integer kernel (prefill's), at its full width.
-#[cfg(target_arch = "x86_64")]
-pub fn kernel_ceiling_multi(ty: QuantType, cols: usize, time: Duration) -> CeilingResult {
-    use crate::quant::avx2::MULTI;
-    let (multi, width) = crate::quant::avx2::kernel_multi(ty).expect("a multi-token kernel");
+fn ceiling(ty: QuantType, cols: usize, tokens: usize, time: Duration) -> CeilingResult {
     let rows = 64;
-    let w = random_weights(ty, rows * cols, 1);
-    let rb = ty.row_bytes(cols).expect("whole blocks");
-    let at = ty.vec_dot_type();
-    let arb = at.row_bytes(cols).expect("whole blocks");
-    let a: Vec<u8> = (0..width)
-        .flat_map(|t| random_activation(at, cols, 2 + t as u64))
-        .collect();
-    let mut out = [0f32; MULTI * 64];
-    let mut sink = 0f32;
-    let tile = crate::quant::avx2::Tile {
-        cols,
-        w: &w,
-        row_bytes: rb,
-        a: &a,
-        stride: arb,
-        tokens: width,
-        out_stride: rows,
-    };
-    let (gb_per_cpu_s, cpu_share) = per_cpu_second(time, || {
-        multi(&tile, &mut out[..width * rows]);
-        sink += out[0];
-        w.len()
+    let data = random_weights(ty, rows * cols, 1);
+    let m = Matrix::new(ty, rows, cols, Bytes::from_vec(data)).expect("valid matrix");
+    let store = activations(&m, tokens, 2);
+    let xq: &[u8] = bytemuck::cast_slice(&store);
+    let xq = &xq[..tokens * m.act_type().row_bytes(cols).expect("whole blocks")];
+    let mut out = vec![0f32; rows * tokens];
+    let (gb_per_cpu_s, cpu_share) = with_threads(1, || {
+        per_cpu_second(time, || {
+            crate::cpu::matmul(&m, xq, tokens, &mut out);
+            m.data.len()
+        })
     });
-    std::hint::black_box(sink);
+    std::hint::black_box(&out);
     CeilingResult {
         ty,
         cols,
-        tokens: width,
+        tokens,
         gb_per_cpu_s,
         cpu_share,
     }

@@ -722,7 +722,7 @@ pub fn random_activation(ty: QuantType, n: usize, seed: u64) -> Vec<u8> {
             }
         }
         QuantType::Q16_K => {
-            // Through the quantiser: the halves' split is its own to make.
+            // Through the quantiser, which lays out the values and group sums.
             let mut out = vec![0u8; ty.row_bytes(n).expect("whole blocks")];
             crate::quant::quantize_activation(ty, &random_f32(n, seed), &mut out)
                 .expect("Q16_K rows of whole blocks");

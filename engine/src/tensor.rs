@@ -7,21 +7,22 @@ use std::sync::Arc;
 use crate::quant::{self, QuantError, QuantType};
 use crate::Bytes;
 
-static ACTIVATIONS: AtomicU8 = AtomicU8::new(0);
+static ACTIVATIONS: AtomicU8 = AtomicU8::new(Activations::F32 as u8);
 
 /// The activation format of the CPU's quantized matrix products, for the whole process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum Activations {
     /// f32: the weights are dequantised block by block inside the dot product (exact).
     #[default]
-    F32,
+    F32 = 0,
     /// 16-bit integers per 256-value block (`QuantType::Q16_K`) for the K-quants that have an
     /// integer kernel on this CPU (Q4_K, Q5_K, Q6_K with AVX2): each value within 1/65024 of
     /// its block's largest; every other type stays f32.
-    Int16,
+    Int16 = 1,
     /// int8 per block as llama.cpp does (fastest; each value within 1/254 of its block's
     /// largest).
-    Int8,
+    Int8 = 2,
 }
 
 impl std::str::FromStr for Activations {
@@ -56,8 +57,8 @@ pub fn set_activations(a: Activations) {
 /// The format [`set_activations`] chose.
 pub fn activations() -> Activations {
     match ACTIVATIONS.load(Ordering::Relaxed) {
-        1 => Activations::Int16,
-        2 => Activations::Int8,
+        x if x == Activations::Int16 as u8 => Activations::Int16,
+        x if x == Activations::Int8 as u8 => Activations::Int8,
         _ => Activations::F32,
     }
 }

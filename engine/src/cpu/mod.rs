@@ -205,9 +205,35 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
             continue;
         }
         if let Kind::Multi(multi, width) = dot.kind {
-            integer_rows(dot, multi, width, xq, n, r0, r1, |t, s0, res| {
-                out.slice(t * w.rows + s0, res.len()).copy_from_slice(res)
-            });
+            // Integer kernels: each weight block is unpacked once for up to `width` tokens,
+            // `SUB_ROWS` rows per call. The same calls whatever `n` is, so a token's result
+            // does not depend on the others.
+            let rb = w.row_bytes;
+            let mut buf = [0f32; MULTI_I8 * SUB_ROWS];
+            let mut s0 = r0;
+            while s0 < r1 {
+                let s1 = (s0 + SUB_ROWS).min(r1);
+                let len = s1 - s0;
+                let mut t0 = 0;
+                while t0 < n {
+                    let g = (n - t0).min(width);
+                    let tile = Tile {
+                        cols: w.cols,
+                        w: &dot.data[s0 * rb..s1 * rb],
+                        row_bytes: rb,
+                        a: &xq[t0 * arb..],
+                        stride: arb,
+                        tokens: g,
+                        out_stride: len,
+                    };
+                    multi(&tile, &mut buf[..g * len]);
+                    for (i, res) in buf[..g * len].chunks_exact(len).enumerate() {
+                        out.slice((t0 + i) * w.rows + s0, len).copy_from_slice(res);
+                    }
+                    t0 += g;
+                }
+                s0 = s1;
+            }
             r0 = r1;
             continue;
         }
@@ -217,52 +243,6 @@ unsafe fn run_rows(dot: &RowDot, xq: &[u8], n: usize, r0: usize, end: usize, out
             dot.rows(r0, x, o);
         }
         r0 = r1;
-    }
-}
-
-/// Rows `r0..r1` of `W · x_t` for `n` tokens of integer activations in `xq`, through a
-/// multi-token kernel that takes up to `width` activation rows per call, `SUB_ROWS` weight rows
-/// at a time, so each weight block is unpacked once for all of them. `emit(t, s0, res)` takes
-/// token `t`'s results for rows `s0..s0 + res.len()`. The same calls whatever `n` is, so a
-/// token's result does not depend on the others.
-#[allow(clippy::too_many_arguments)]
-fn integer_rows(
-    dot: &RowDot,
-    multi: MultiDotFn,
-    width: usize,
-    xq: &[u8],
-    n: usize,
-    r0: usize,
-    r1: usize,
-    mut emit: impl FnMut(usize, usize, &[f32]),
-) {
-    let w = dot.w;
-    let rb = w.row_bytes;
-    let arb = xq.len() / n;
-    let mut buf = [0f32; MULTI_I8 * SUB_ROWS];
-    let mut s0 = r0;
-    while s0 < r1 {
-        let s1 = (s0 + SUB_ROWS).min(r1);
-        let len = s1 - s0;
-        let mut t0 = 0;
-        while t0 < n {
-            let g = (n - t0).min(width);
-            let tile = Tile {
-                cols: w.cols,
-                w: &dot.data[s0 * rb..s1 * rb],
-                row_bytes: rb,
-                a: &xq[t0 * arb..],
-                stride: arb,
-                tokens: g,
-                out_stride: len,
-            };
-            multi(&tile, &mut buf[..g * len]);
-            for (i, res) in buf[..g * len].chunks_exact(len).enumerate() {
-                emit(t0 + i, s0, res);
-            }
-            t0 += g;
-        }
-        s0 = s1;
     }
 }
 

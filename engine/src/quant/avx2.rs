@@ -59,8 +59,7 @@ pub fn kernel(ty: QuantType) -> Option<DotFn> {
     Some(f)
 }
 
-/// Bytes ahead of the current block that the one-token kernels prefetch (and the two-token
-/// K-quant ones: an int16 matvec is two rows of activations, and streams its weights too).
+/// Bytes ahead of the current block that the one-token kernels prefetch.
 const PREFETCH: usize = 2048;
 
 /// Most tokens a multi-token kernel takes at once.
@@ -628,7 +627,7 @@ unsafe fn k4_n<const T: usize, const Q16: bool>(
     let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
         let x = w.add(i * bytes);
-        if T <= 2 {
+        if T == 1 {
             prefetch_ahead(x, bytes);
         }
         let (sc, mn) = k4_scales_mins_split(x.add(4));
@@ -638,8 +637,11 @@ unsafe fn k4_n<const T: usize, const Q16: bool>(
             let (lo, hi) = quarter(x, j, m4);
             if Q16 {
                 for (g, q) in [(2 * j, lo), (2 * j + 1, hi)] {
-                    let (even, odd) = k4_masks(sc, g);
-                    group_q16(&mut sumi, q, even, odd, a, i * Z_BYTES + Z_QS + 64 * g);
+                    // Scale masks `[s, 0]` and `[0, s]` per i16: the even and the odd bytes.
+                    let even = scale_k(sc, g);
+                    let odd = _mm256_slli_epi16(even, 8);
+                    let (we, wo) = (_mm256_maddubs_epi16(q, even), _mm256_maddubs_epi16(q, odd));
+                    group_q16(&mut sumi, we, wo, a, i * Z_BYTES + Z_QS + 64 * g);
                 }
             } else {
                 let (sl, sh) = (scale_k(sc, 2 * j), scale_k(sc, 2 * j + 1));
@@ -755,7 +757,7 @@ unsafe fn q6_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
     let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
         let x = w.add(i * 210);
-        if T <= 2 {
+        if T == 1 {
             prefetch_ahead(x, 210);
         }
         let sc = ld128(x.add(192));
@@ -799,21 +801,18 @@ unsafe fn q6_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
 // 2.03e9 < 2^31 - 1. Q6_K's `(q - 32)·s` reaches 32·128 = 4096, so its sums are converted every
 // half block (16 products: 2.13e9 < 2^31 - 1).
 
-/// One 32-value group of a Q4_K/Q5_K block (`q`: 32 unsigned values < 32; `even`, `odd`: its
-/// scale's masks from `k4_masks`) for `T` tokens: `sumi[t] += Σ q·s·y` over the token's group
-/// at byte `off` of its row.
+/// One 32-value group of weights, widened and scaled to 16-bit lanes (`we`: its even-indexed
+/// values, `wo`: its odd ones), for `T` tokens: `sumi[t] += Σ w·y` over the token's group at
+/// byte `off` of its row.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group_q16<const T: usize>(
     sumi: &mut [__m256i; T],
-    q: __m256i,
-    even: __m256i,
-    odd: __m256i,
+    we: __m256i,
+    wo: __m256i,
     a: [*const u8; T],
     off: usize,
 ) {
-    let we = _mm256_maddubs_epi16(q, even);
-    let wo = _mm256_maddubs_epi16(q, odd);
     for t in 0..T {
         let y = a[t].add(off);
         let p = _mm256_add_epi32(
@@ -850,14 +849,6 @@ unsafe fn k4_block_end_q16<const T: usize>(
     }
 }
 
-/// The even and odd `maddubs` masks of Q4_K/Q5_K scale `k` (`[s, 0]` and `[0, s]` per i16).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k4_masks(scales: __m256i, k: usize) -> (__m256i, __m256i) {
-    let s = scale_k(scales, k);
-    (s, _mm256_slli_epi16(s, 8))
-}
-
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
     k4_n::<T, true>(nb, w, a, 144, q4_k_quarter)
@@ -877,7 +868,7 @@ unsafe fn q6_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -
     let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
         let x = w.add(i * 210);
-        if T <= 2 {
+        if T == 1 {
             prefetch_ahead(x, 210);
         }
         let sc = ld128(x.add(192));
@@ -892,14 +883,7 @@ unsafe fn q6_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -
                 let we =
                     _mm256_sub_epi16(_mm256_maddubs_epi16(qk, _mm256_and_si256(s, low_byte)), off);
                 let wo = _mm256_sub_epi16(_mm256_maddubs_epi16(qk, _mm256_slli_epi16(s, 8)), off);
-                for t in 0..T {
-                    let y = a[t].add(i * Z_BYTES + Z_QS + 256 * h + 64 * k);
-                    let p = _mm256_add_epi32(
-                        _mm256_madd_epi16(we, ld(y)),
-                        _mm256_madd_epi16(wo, ld(y.add(32))),
-                    );
-                    sumi[t] = _mm256_add_epi32(sumi[t], p);
-                }
+                group_q16(&mut sumi, we, wo, a, i * Z_BYTES + Z_QS + 256 * h + 64 * k);
             }
             for t in 0..T {
                 let d = _mm256_mul_ps(f32x8(a[t].add(i * Z_BYTES)), dx);
@@ -1273,7 +1257,7 @@ mod tests {
         }
     }
 
-    /// Token `t`'s Q16_K row of `n` values, quantised from `x`.
+    /// `x` quantised to a Q16_K row.
     fn q16(x: &[f32]) -> Vec<u8> {
         let mut y = vec![0u8; QuantType::Q16_K.row_bytes(x.len()).unwrap()];
         act::quantize_row(QuantType::Q16_K, x, &mut y).unwrap();
@@ -1407,14 +1391,14 @@ mod tests {
         let mut q6 = vec![0u8; 210];
         q6[192..208].fill(0x80);
         q6[208..210].copy_from_slice(&one);
-        for (ty, w, sign) in [
-            (QuantType::Q4_K, q4, 1f32),
-            (QuantType::Q5_K, q5, 1.0),
-            (QuantType::Q6_K, q6, 1.0),
+        for (ty, w) in [
+            (QuantType::Q4_K, q4),
+            (QuantType::Q5_K, q5),
+            (QuantType::Q6_K, q6),
         ] {
             let mut wf = vec![0f32; QK_K];
             dequant::dequantize_row(ty, &w, &mut wf).unwrap();
-            let x: Vec<f32> = wf.iter().map(|v| sign * v.signum()).collect();
+            let x: Vec<f32> = wf.iter().map(|v| v.signum()).collect();
             let a = q16(&x);
             let (d, q) = act::q16_k_values(&a);
             assert!(

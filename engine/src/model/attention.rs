@@ -218,13 +218,7 @@ fn head_products<'x>(
         return;
     }
     let xs: [&[f32]; MULTI_MAX] = std::array::from_fn(|i| if i < g { xs(t0 + i) } else { &[] });
-    let mut res = [0f32; MULTI_MAX];
-    for r in 0..m.rows {
-        quant::f32dot::vec_dot_f32_multi(m.ty, m.row(r), &xs[..g], &mut res[..g]);
-        for (i, &v) in res[..g].iter().enumerate() {
-            dst[i * m.rows + r] = v;
-        }
-    }
+    quant::f32dot::vec_dot_f32_rows(m.ty, &m.data, m.row_bytes, m.rows, &xs[..g], dst, m.rows);
 }
 
 /// A group of heads of one token attending to the first `npos` cached rows: the scores of

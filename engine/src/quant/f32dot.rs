@@ -58,6 +58,52 @@ pub fn vec_dot_f32_multi(ty: QuantType, w: &[u8], xs: &[&[f32]], out: &mut [f32]
     }
 }
 
+/// `out[j * out_stride + r] = row r · xs[j]` for `rows` packed rows of `row_bytes` bytes back
+/// to back in `w`, against up to [`MULTI_MAX`] vectors of the same length: the rows of a small
+/// matrix in one call (the per-call checks and dispatch once, not per row). Every result
+/// equals `vec_dot_f32` of its row and vector bit for bit.
+///
+/// # Panics
+/// When the lengths do not hold `rows` rows or the outputs.
+pub fn vec_dot_f32_rows(
+    ty: QuantType,
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    xs: &[&[f32]],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let g = xs.len();
+    assert!(g <= MULTI_MAX, "at most {MULTI_MAX} vectors");
+    if g == 0 || rows == 0 {
+        return;
+    }
+    assert!(
+        rows * row_bytes <= w.len(),
+        "{rows} rows of {row_bytes} bytes"
+    );
+    assert!((g - 1) * out_stride + rows <= out.len() && (g == 1 || out_stride >= rows));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::available() && x86::rows_group(ty, w, row_bytes, rows, xs, out, out_stride) {
+            return;
+        }
+    }
+    let mut res = [0f32; MULTI_MAX];
+    for r in 0..rows {
+        vec_dot_f32_multi(
+            ty,
+            &w[r * row_bytes..(r + 1) * row_bytes],
+            xs,
+            &mut res[..g],
+        );
+        for (j, &v) in res[..g].iter().enumerate() {
+            out[j * out_stride + r] = v;
+        }
+    }
+}
+
 /// The portable path: dequantises one block (or 64 scalars) at a time on the stack, then dots
 /// over 8 lanes. Rows of unsupported types give NaN.
 pub fn vec_dot_f32_generic(ty: QuantType, w: &[u8], x: &[f32]) -> f32 {
@@ -140,6 +186,117 @@ mod x86 {
             7 => arm!(7),
             8 => arm!(8),
             _ => false,
+        }
+    }
+
+    /// A kernel of [`dot`]: `(row, blocks or, for float rows, elements, vectors) -> dots`.
+    type Kernel<const N: usize> = unsafe fn(*const u8, usize, &[*const f32; N]) -> [f32; N];
+
+    /// The kernel for `ty` with `N` vectors and the elements it counts per unit of its length
+    /// argument (blocks; 1 for float rows).
+    fn kernel<const N: usize>(ty: QuantType) -> Option<(Kernel<N>, usize)> {
+        use QuantType::*;
+        let k: Kernel<N> = match ty {
+            F32 => float::<N, 4>,
+            F16 => float::<N, 2>,
+            BF16 => float::<N, 3>,
+            Q4_0 => q4_0::<N>,
+            Q4_1 => q4_1::<N>,
+            Q5_0 => q5_0::<N>,
+            Q5_1 => q5_1::<N>,
+            Q8_0 => q8_0::<N>,
+            Q2_K => q2_k::<N>,
+            Q3_K => q3_k::<N>,
+            Q4_K => q4_k::<N>,
+            Q5_K => q5_k::<N>,
+            Q6_K => q6_k::<N>,
+            _ => return None,
+        };
+        Some((
+            k,
+            if ty.block_elems() == 1 {
+                1
+            } else {
+                ty.block_elems()
+            },
+        ))
+    }
+
+    /// [`super::vec_dot_f32_rows`] (the caller has checked the row and output bounds and
+    /// `available()`); false when there is no kernel for `ty` or the vectors' lengths do not
+    /// suit it.
+    pub fn rows_group(
+        ty: QuantType,
+        w: &[u8],
+        rb: usize,
+        rows: usize,
+        xs: &[&[f32]],
+        out: &mut [f32],
+        os: usize,
+    ) -> bool {
+        macro_rules! arm {
+            ($n:literal) => {{
+                let Some((kern, be)) = kernel::<$n>(ty) else {
+                    return false;
+                };
+                let n = xs[0].len();
+                if xs.iter().any(|x| x.len() != n)
+                    || !n.is_multiple_of(be)
+                    || ty.row_bytes(n) != Ok(rb)
+                {
+                    return false;
+                }
+                let xp: [*const f32; $n] = std::array::from_fn(|j| xs[j].as_ptr());
+                // SAFETY: features checked by the caller; every row is `rb` bytes, exactly the
+                // `n / be` blocks the kernel reads, `rows` of them lie in `w` and every output
+                // index below `(N - 1) * os + rows` in `out` (the caller's checks); each vector
+                // holds `n` floats.
+                unsafe {
+                    each_row(
+                        kern,
+                        w.as_ptr(),
+                        rb,
+                        rows,
+                        n / be,
+                        &xp,
+                        out.as_mut_ptr(),
+                        os,
+                    )
+                };
+                true
+            }};
+        }
+        match xs.len() {
+            1 => arm!(1),
+            2 => arm!(2),
+            3 => arm!(3),
+            4 => arm!(4),
+            5 => arm!(5),
+            6 => arm!(6),
+            7 => arm!(7),
+            8 => arm!(8),
+            _ => false,
+        }
+    }
+
+    /// `out[j * os + r] = kern(row r)[j]` for `rows` rows `rb` bytes apart.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn each_row<const N: usize>(
+        kern: Kernel<N>,
+        w: *const u8,
+        rb: usize,
+        rows: usize,
+        len: usize,
+        xs: &[*const f32; N],
+        out: *mut f32,
+        os: usize,
+    ) {
+        for r in 0..rows {
+            let v = kern(w.add(r * rb), len, xs);
+            for (j, &x) in v.iter().enumerate() {
+                *out.add(j * os + r) = x;
+            }
         }
     }
 
@@ -900,6 +1057,39 @@ mod tests {
                             "{ty} n={n} count={count} vector {j}: {o} vs {single}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The rows of a small matrix in one call: every output is its row's single-vector dot,
+    /// bit for bit, at its `j * out_stride + r` (and nothing else is written).
+    #[test]
+    fn rows_equal_single() {
+        let mut rng = Rng(0x0005_eed5);
+        for ty in TYPES {
+            let n = 2 * ty.block_elems().max(32);
+            let rows = 5;
+            let w: Vec<u8> = (0..rows)
+                .flat_map(|_| random_row(ty, n, &mut rng))
+                .collect();
+            let rb = w.len() / rows;
+            let xs: Vec<Vec<f32>> = (0..MULTI_MAX)
+                .map(|_| (0..n).map(|_| rng.normal()).collect())
+                .collect();
+            for count in 1..=MULTI_MAX {
+                let refs: Vec<&[f32]> = xs[..count].iter().map(|v| v.as_slice()).collect();
+                let stride = rows + 2;
+                let mut out = vec![f32::MAX; count * stride];
+                vec_dot_f32_rows(ty, &w, rb, rows, &refs, &mut out, stride);
+                for (i, &o) in out.iter().enumerate() {
+                    let (j, r) = (i / stride, i % stride);
+                    if r >= rows {
+                        assert_eq!(o, f32::MAX, "{ty}: wrote past row {rows}");
+                        continue;
+                    }
+                    let single = vec_dot_f32(ty, &w[r * rb..(r + 1) * rb], refs[j]);
+                    assert_eq!(o.to_bits(), single.to_bits(), "{ty} count {count} row {r}");
                 }
             }
         }

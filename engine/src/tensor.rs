@@ -196,8 +196,7 @@ impl Matrix {
 /// Reusable buffer for quantised activations (no allocation once warmed up).
 #[derive(Default)]
 pub struct ActBuf {
-    /// u64 storage so that f32 activations viewed through it are aligned.
-    buf: Vec<u64>,
+    buf: Vec<Line>,
     tasks: Vec<(u32, u32, u32)>,
 }
 
@@ -217,11 +216,7 @@ impl ActBuf {
         let rb = ty
             .row_bytes(cols)
             .expect("matrix shapes are checked at load time");
-        let words = (rb * n).div_ceil(8);
-        if self.buf.len() < words {
-            self.buf.resize(words, 0);
-        }
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.buf[..words]);
+        let bytes = lines(&mut self.buf, rb * n);
         let seg = QuantSeg {
             ty,
             src: xs.as_ptr(),
@@ -234,6 +229,26 @@ impl ActBuf {
         unsafe { quantize_segments(&[seg], &mut self.tasks) };
         &bytes[..rb * n]
     }
+}
+
+/// 64 bytes on a 64-byte boundary: what quantised activations are stored in, so that every
+/// row of a type whose rows are whole cache lines (Q16_K: 576 bytes a block) starts on one and
+/// the 16-bit kernels' 32-byte loads never straddle two lines (about 5-10% of their speed).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+// SAFETY: plain bytes, no padding (64 bytes at alignment 64).
+unsafe impl bytemuck::Zeroable for Line {}
+unsafe impl bytemuck::Pod for Line {}
+
+/// The first `len` bytes of `buf`, grown (zeroed) to hold them.
+fn lines(buf: &mut Vec<Line>, len: usize) -> &mut [u8] {
+    let n = len.div_ceil(64);
+    if buf.len() < n {
+        buf.resize(n, Line([0; 64]));
+    }
+    &mut bytemuck::cast_slice_mut(&mut buf[..n])[..len]
 }
 
 /// Rows of activations to quantise: `n` rows of `cols` f32 at `src` into rows of `rb` bytes
@@ -304,8 +319,9 @@ unsafe impl Sync for QuantSeg {}
 /// Reusable buffers of [`Group`]: quantised activations, the job list and the task list.
 #[derive(Default)]
 pub struct GroupBuf {
-    /// u64 storage: quantised activation rows, one segment per distinct (input, format).
-    buf: Vec<u64>,
+    /// Quantised activation rows, one segment per distinct (input, format), each starting on
+    /// a cache line.
+    buf: Vec<Line>,
     /// Per pushed product: its matrix, input, rows, output, and its activations' byte offset
     /// in `buf` (`usize::MAX`: f32, passed through).
     items: Vec<(crate::cpu::RawJob, *const f32, usize)>,
@@ -376,17 +392,13 @@ impl<'a> Group<'a> {
                     .row_bytes(w.cols)
                     .expect("matrix shapes are checked at load time");
                 let at = total;
-                total += (rb * job.n).next_multiple_of(32);
+                total += (rb * job.n).next_multiple_of(64);
                 at
             };
             // `xq_len` holds the offset until the buffer exists.
             b.items[k].0.xq_len = off;
         }
-        let words = total / 8;
-        if b.buf.len() < words {
-            b.buf.resize(words, 0);
-        }
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut b.buf[..words]);
+        let bytes = lines(&mut b.buf, total);
         let base = bytes.as_mut_ptr();
         b.jobs.clear();
         b.segs.clear();

@@ -350,15 +350,28 @@ unsafe fn bits_32(p: *const u8) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1))
 }
 
+/// `_mm_shuffle_epi8` controls of [`pair_scales`]: row `i` is eight bytes `2i`, then eight
+/// bytes `2i + 1` (constants, so the kernels load them instead of building them).
+static PAIR_CTRL: [[u8; 16]; 8] = {
+    let mut t = [[0u8; 16]; 8];
+    let mut i = 0;
+    while i < 8 {
+        let mut b = 0;
+        while b < 16 {
+            t[i][b] = (2 * i + b / 8) as u8;
+            b += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
 /// i16 lanes 0..8 = scale byte `2i`, lanes 8..16 = byte `2i + 1` of `sc` (16 signed bytes):
 /// the scales of the two 16-element halves of the `i`-th 32-element vector.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn pair_scales(sc: __m128i, i: usize) -> __m256i {
-    let lo = 0x0101010101010101u64.wrapping_mul(2 * i as u64);
-    let hi = 0x0101010101010101u64.wrapping_mul(2 * i as u64 + 1);
-    let m = _mm_set_epi64x(hi as i64, lo as i64);
-    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, m))
+    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, ld128(PAIR_CTRL[i & 7].as_ptr())))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -556,12 +569,26 @@ unsafe fn k4_scales_mins_split(p: *const u8) -> (__m128i, __m128i) {
     (_mm_cvtsi64_si128(sc as i64), _mm_cvtsi64_si128(mn as i64))
 }
 
+/// `_mm256_shuffle_epi8` controls of [`scale_k`]: row `k` repeats bytes `2k, 2k + 1`.
+static SCALE_CTRL: [[u8; 32]; 8] = {
+    let mut t = [[0u8; 32]; 8];
+    let mut k = 0;
+    while k < 8 {
+        let mut b = 0;
+        while b < 32 {
+            t[k][b] = (2 * k + b % 2) as u8;
+            b += 1;
+        }
+        k += 1;
+    }
+    t
+};
+
 /// Scale `k` of Q4_K/Q5_K in every i16 lane, from the 8 scales as i16 in both 128-bit lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scale_k(scales: __m256i, k: usize) -> __m256i {
-    let m = (((2 * k + 1) << 8) | (2 * k)) as i16;
-    _mm256_shuffle_epi8(scales, _mm256_set1_epi16(m))
+    _mm256_shuffle_epi8(scales, ld(SCALE_CTRL[k & 7].as_ptr()))
 }
 
 /// The mins term of Q4_K/Q5_K, `Σ_j m_j · (bsum_{2j} + bsum_{2j+1})`, as 8 i32 lanes: each

@@ -151,6 +151,23 @@ mod x86 {
         b
     }
 
+    /// `$arm!(k)` for `k = $n` in 1..=8 (a const generic per count), else `false`.
+    macro_rules! by_count {
+        ($n:expr, $arm:ident) => {
+            match $n {
+                1 => $arm!(1),
+                2 => $arm!(2),
+                3 => $arm!(3),
+                4 => $arm!(4),
+                5 => $arm!(5),
+                6 => $arm!(6),
+                7 => $arm!(7),
+                8 => $arm!(8),
+                _ => false,
+            }
+        };
+    }
+
     /// Whether the CPU has AVX2, FMA and F16C (checked once).
     #[inline]
     pub fn available() -> bool {
@@ -176,25 +193,15 @@ mod x86 {
                 }
             }};
         }
-        match xs.len() {
-            1 => arm!(1),
-            2 => arm!(2),
-            3 => arm!(3),
-            4 => arm!(4),
-            5 => arm!(5),
-            6 => arm!(6),
-            7 => arm!(7),
-            8 => arm!(8),
-            _ => false,
-        }
+        by_count!(xs.len(), arm)
     }
 
     /// A kernel of [`dot`]: `(row, blocks or, for float rows, elements, vectors) -> dots`.
     type Kernel<const N: usize> = unsafe fn(*const u8, usize, &[*const f32; N]) -> [f32; N];
 
-    /// The kernel for `ty` with `N` vectors and the elements it counts per unit of its length
-    /// argument (blocks; 1 for float rows).
-    fn kernel<const N: usize>(ty: QuantType) -> Option<(Kernel<N>, usize)> {
+    /// The kernel for `ty` with `N` vectors (its length argument counts blocks of
+    /// `ty.block_elems()` elements: single elements for float rows).
+    fn kernel<const N: usize>(ty: QuantType) -> Option<Kernel<N>> {
         use QuantType::*;
         let k: Kernel<N> = match ty {
             F32 => float::<N, 4>,
@@ -212,14 +219,7 @@ mod x86 {
             Q6_K => q6_k::<N>,
             _ => return None,
         };
-        Some((
-            k,
-            if ty.block_elems() == 1 {
-                1
-            } else {
-                ty.block_elems()
-            },
-        ))
+        Some(k)
     }
 
     /// [`super::vec_dot_f32_rows`] (the caller has checked the row and output bounds and
@@ -236,10 +236,10 @@ mod x86 {
     ) -> bool {
         macro_rules! arm {
             ($n:literal) => {{
-                let Some((kern, be)) = kernel::<$n>(ty) else {
+                let Some(kern) = kernel::<$n>(ty) else {
                     return false;
                 };
-                let n = xs[0].len();
+                let (n, be) = (xs[0].len(), ty.block_elems());
                 if xs.iter().any(|x| x.len() != n)
                     || !n.is_multiple_of(be)
                     || ty.row_bytes(n) != Ok(rb)
@@ -266,17 +266,7 @@ mod x86 {
                 true
             }};
         }
-        match xs.len() {
-            1 => arm!(1),
-            2 => arm!(2),
-            3 => arm!(3),
-            4 => arm!(4),
-            5 => arm!(5),
-            6 => arm!(6),
-            7 => arm!(7),
-            8 => arm!(8),
-            _ => false,
-        }
+        by_count!(xs.len(), arm)
     }
 
     /// `out[j * os + r] = kern(row r)[j]` for `rows` rows `rb` bytes apart.
@@ -305,7 +295,6 @@ mod x86 {
     /// The caller has checked `available()`.
     #[inline]
     pub fn dot<const N: usize>(ty: QuantType, w: &[u8], xs: [&[f32]; N]) -> Option<[f32; N]> {
-        use QuantType::*;
         let n = xs[0].len();
         if xs.iter().any(|x| x.len() != n) {
             return None;
@@ -314,29 +303,11 @@ mod x86 {
         if be == 0 || !n.is_multiple_of(be) || w.len() != n / be * ty.block_bytes() {
             return None;
         }
-        let nb = n / be;
-        let wp = w.as_ptr();
+        let kern = kernel::<N>(ty)?;
         let xp: [*const f32; N] = std::array::from_fn(|j| xs[j].as_ptr());
-        // SAFETY: the CPU features were checked by the caller; `w` holds exactly `nb` blocks
-        // and every vector `nb * be` floats, which is all the kernels read.
-        unsafe {
-            Some(match ty {
-                F32 => float::<N, 4>(wp, n, &xp),
-                F16 => float::<N, 2>(wp, n, &xp),
-                BF16 => float::<N, 3>(wp, n, &xp),
-                Q4_0 => q4_0::<N>(wp, nb, &xp),
-                Q4_1 => q4_1::<N>(wp, nb, &xp),
-                Q5_0 => q5_0::<N>(wp, nb, &xp),
-                Q5_1 => q5_1::<N>(wp, nb, &xp),
-                Q8_0 => q8_0::<N>(wp, nb, &xp),
-                Q2_K => q2_k::<N>(wp, nb, &xp),
-                Q3_K => q3_k::<N>(wp, nb, &xp),
-                Q4_K => q4_k::<N>(wp, nb, &xp),
-                Q5_K => q5_k::<N>(wp, nb, &xp),
-                Q6_K => q6_k::<N>(wp, nb, &xp),
-                _ => return None,
-            })
-        }
+        // SAFETY: the CPU features were checked by the caller; `w` holds exactly `n / be`
+        // blocks and every vector `n` floats, which is all the kernels read.
+        Some(unsafe { kern(w.as_ptr(), n / be, &xp) })
     }
 
     /// One accumulator per vector, and one order of operations per vector whatever `N` is:

@@ -452,3 +452,29 @@ impl Drop for Group<'_> {
         self.b.items.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Quantised activation rows start on cache lines: the line buffer at any length, and so
+    /// every Q16_K row (whole lines) of a product's activations.
+    #[test]
+    fn quantised_rows_start_on_cache_lines() {
+        let cols = 512;
+        let x: Vec<f32> = (0..3 * cols).map(|i| (i % 17) as f32 - 8.0).collect();
+        let rb = QuantType::Q16_K.row_bytes(cols).unwrap();
+        assert_eq!(rb % 64, 0);
+        let mut act = ActBuf::default();
+        let q = act.quantize(QuantType::Q16_K, &x, cols, 3);
+        assert_eq!(q.len(), 3 * rb);
+        assert_eq!(q.as_ptr() as usize % 64, 0);
+
+        let mut lines_buf = Vec::new();
+        for len in [0, 1, 63, 64, 65, 1000] {
+            let b = lines(&mut lines_buf, len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % 64, 0);
+        }
+    }
+}

@@ -350,21 +350,24 @@ unsafe fn bits_32(p: *const u8) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1))
 }
 
-/// `_mm_shuffle_epi8` controls of [`pair_scales`]: row `i` is eight bytes `2i`, then eight
-/// bytes `2i + 1` (constants, so the kernels load them instead of building them).
-static PAIR_CTRL: [[u8; 16]; 8] = {
-    let mut t = [[0u8; 16]; 8];
+/// Byte shuffle controls, one row per `i` in 0..8: byte `b` of row `i` is `2i + (b / span) % 2`
+/// (constants, so the kernels load them instead of building them).
+const fn pair_ctrl<const B: usize>(span: usize) -> [[u8; B]; 8] {
+    let mut t = [[0u8; B]; 8];
     let mut i = 0;
     while i < 8 {
         let mut b = 0;
-        while b < 16 {
-            t[i][b] = (2 * i + b / 8) as u8;
+        while b < B {
+            t[i][b] = (2 * i + (b / span) % 2) as u8;
             b += 1;
         }
         i += 1;
     }
     t
-};
+}
+
+/// Controls of [`pair_scales`]: row `i` is eight bytes `2i`, then eight bytes `2i + 1`.
+static PAIR_CTRL: [[u8; 16]; 8] = pair_ctrl(8);
 
 /// i16 lanes 0..8 = scale byte `2i`, lanes 8..16 = byte `2i + 1` of `sc` (16 signed bytes):
 /// the scales of the two 16-element halves of the `i`-th 32-element vector.
@@ -569,20 +572,8 @@ unsafe fn k4_scales_mins_split(p: *const u8) -> (__m128i, __m128i) {
     (_mm_cvtsi64_si128(sc as i64), _mm_cvtsi64_si128(mn as i64))
 }
 
-/// `_mm256_shuffle_epi8` controls of [`scale_k`]: row `k` repeats bytes `2k, 2k + 1`.
-static SCALE_CTRL: [[u8; 32]; 8] = {
-    let mut t = [[0u8; 32]; 8];
-    let mut k = 0;
-    while k < 8 {
-        let mut b = 0;
-        while b < 32 {
-            t[k][b] = (2 * k + b % 2) as u8;
-            b += 1;
-        }
-        k += 1;
-    }
-    t
-};
+/// Controls of [`scale_k`]: row `k` repeats bytes `2k, 2k + 1`.
+static SCALE_CTRL: [[u8; 32]; 8] = pair_ctrl(1);
 
 /// Scale `k` of Q4_K/Q5_K in every i16 lane, from the 8 scales as i16 in both 128-bit lanes.
 #[inline]

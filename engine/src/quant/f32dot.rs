@@ -236,33 +236,15 @@ mod x86 {
     ) -> bool {
         macro_rules! arm {
             ($n:literal) => {{
-                let Some(kern) = kernel::<$n>(ty) else {
+                let (Some(kern), Some(len)) = (kernel::<$n>(ty), units(ty, xs, rb)) else {
                     return false;
                 };
-                let (n, be) = (xs[0].len(), ty.block_elems());
-                if xs.iter().any(|x| x.len() != n)
-                    || !n.is_multiple_of(be)
-                    || ty.row_bytes(n) != Ok(rb)
-                {
-                    return false;
-                }
                 let xp: [*const f32; $n] = std::array::from_fn(|j| xs[j].as_ptr());
                 // SAFETY: features checked by the caller; every row is `rb` bytes, exactly the
-                // `n / be` blocks the kernel reads, `rows` of them lie in `w` and every output
+                // `len` units the kernel reads, `rows` of them lie in `w` and every output
                 // index below `(N - 1) * os + rows` in `out` (the caller's checks); each vector
-                // holds `n` floats.
-                unsafe {
-                    each_row(
-                        kern,
-                        w.as_ptr(),
-                        rb,
-                        rows,
-                        n / be,
-                        &xp,
-                        out.as_mut_ptr(),
-                        os,
-                    )
-                };
+                // holds as many values.
+                unsafe { each_row(kern, w.as_ptr(), rb, rows, len, &xp, out.as_mut_ptr(), os) };
                 true
             }};
         }
@@ -295,19 +277,24 @@ mod x86 {
     /// The caller has checked `available()`.
     #[inline]
     pub fn dot<const N: usize>(ty: QuantType, w: &[u8], xs: [&[f32]; N]) -> Option<[f32; N]> {
-        let n = xs[0].len();
-        if xs.iter().any(|x| x.len() != n) {
-            return None;
-        }
-        let be = ty.block_elems();
-        if be == 0 || !n.is_multiple_of(be) || w.len() != n / be * ty.block_bytes() {
-            return None;
-        }
+        let len = units(ty, &xs, w.len())?;
         let kern = kernel::<N>(ty)?;
         let xp: [*const f32; N] = std::array::from_fn(|j| xs[j].as_ptr());
-        // SAFETY: the CPU features were checked by the caller; `w` holds exactly `n / be`
-        // blocks and every vector `n` floats, which is all the kernels read.
-        Some(unsafe { kern(w.as_ptr(), n / be, &xp) })
+        // SAFETY: the CPU features were checked by the caller; `w` holds exactly `len` blocks
+        // (elements of float rows) and every vector as many values, all the kernels read.
+        Some(unsafe { kern(w.as_ptr(), len, &xp) })
+    }
+
+    /// The length argument of `ty`'s kernels (blocks; elements for float rows) when every
+    /// vector has the same whole number of blocks and a row of them is exactly `row_bytes`.
+    fn units(ty: QuantType, xs: &[&[f32]], row_bytes: usize) -> Option<usize> {
+        let n = xs.first()?.len();
+        let be = ty.block_elems();
+        let ok = be > 0
+            && n.is_multiple_of(be)
+            && xs.iter().all(|x| x.len() == n)
+            && n / be * ty.block_bytes() == row_bytes;
+        ok.then_some(n / be)
     }
 
     /// One accumulator per vector, and one order of operations per vector whatever `N` is:

@@ -94,6 +94,9 @@ pub fn kernel_q16(ty: QuantType) -> Option<(MultiDotFn, usize)> {
     if !full() {
         return None;
     }
+    if let Some(k) = avx512::kernel_q16(ty) {
+        return Some(k);
+    }
     use QuantType::*;
     let f: (MultiDotFn, usize) = match ty {
         Q4_K => (q4_k_q16_multi, 8),
@@ -230,6 +233,8 @@ wrapper_multi!(q5_0_multi, q5_0_n, 32, 22, 34);
 wrapper_multi!(q4_k_q16_multi, q4_k_q16, QK_K, 144, Z_BYTES);
 wrapper_multi!(q5_k_q16_multi, q5_k_q16, QK_K, 176, Z_BYTES);
 wrapper_multi!(q6_k_q16_multi, q6_k_q16, QK_K, 210, Z_BYTES);
+
+pub mod avx512;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.

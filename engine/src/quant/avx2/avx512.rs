@@ -1,0 +1,342 @@
+//! AVX-512 (F, BW, VNNI) versions of the 16-bit kernels, chosen at run time over the AVX2 ones
+//! where the CPU has them (Zen 4 and 5, Intel since Ice Lake).
+//!
+//! Each gives bit for bit the AVX2 kernel's result, so a model's output does not depend on
+//! which of the two a machine has. The integer part is exact either way; what must match is how
+//! it is cut into the eight i32 lanes that are turned into floats. A 512-bit vector holds a
+//! 32-value group's 16 even-indexed 16-bit weights (low half) beside its 16 odd-indexed ones
+//! (high half), which is how a Q16_K group lies in memory: one 64-byte load of activations and
+//! one `vpdpwssd` (products summed in pairs and added to i32 lanes) replace the AVX2 kernel's
+//! two loads, two `madd` and two adds. Adding a block's two halves gives the AVX2 kernel's eight
+//! lane sums exactly (integer adds, and every partial sum is bounded as the AVX2 one is); from
+//! there the float part is the AVX2 kernel's own code.
+//!
+//! The weights are widened and scaled once per group for all tokens: a group's 32 bytes are
+//! loaded into both halves (a broadcast load), and one `maddubs` against a mask of `[s, 0]`
+//! pairs in the low half and `[0, s]` in the high half gives its even weights times the scale
+//! in the low half and its odd ones in the high half. The masks are byte shuffles of the
+//! block's scales with constant controls.
+
+use super::*;
+
+/// Whether this CPU runs the kernels here: AVX-512 F, BW and VNNI besides AVX2, FMA and F16C.
+/// `ENGINE_KERNELS=avx2` turns them off (to compare the two on one machine).
+pub fn available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        full()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && std::env::var("ENGINE_KERNELS").map_or(true, |v| v != "avx2")
+    })
+}
+
+/// The 16-bit kernel for weights of type `ty`, with the number of tokens it is fastest at,
+/// where there is one here (Q4_K, Q5_K, Q6_K).
+pub fn kernel_q16(ty: QuantType) -> Option<(MultiDotFn, usize)> {
+    if !available() {
+        return None;
+    }
+    use QuantType::*;
+    let f: (MultiDotFn, usize) = match ty {
+        Q4_K => (q4_k_q16_multi, 8),
+        Q5_K => (q5_k_q16_multi, 8),
+        Q6_K => (q6_k_q16_multi, 8),
+        _ => return None,
+    };
+    Some(f)
+}
+
+wrapper_multi!(q4_k_q16_multi, q4_k_q16, QK_K, 144, Z_BYTES);
+wrapper_multi!(q5_k_q16_multi, q5_k_q16, QK_K, 176, Z_BYTES);
+wrapper_multi!(q6_k_q16_multi, q6_k_q16, QK_K, 210, Z_BYTES);
+
+/// Loads 64 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn ld512(p: *const u8) -> __m512i {
+    _mm512_loadu_si512(p as *const __m512i)
+}
+
+/// 32 bytes at `p` in both halves.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn ld_both(p: *const u8) -> __m512i {
+    _mm512_broadcast_i64x4(ld(p))
+}
+
+/// Independent accumulator chains per token: `vpdpwssd` has a latency of several cycles, so
+/// one or two tokens' sums are spread over four chains; more tokens interleave on their own.
+const fn chains(t: usize) -> usize {
+    if t <= 2 {
+        4
+    } else {
+        1
+    }
+}
+
+/// A token's chains added, and the two halves added: the AVX2 kernel's eight lane sums.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn fold(s: [__m512i; 4], chains: usize) -> __m256i {
+    let mut v = s[0];
+    for &c in &s[1..chains] {
+        v = _mm512_add_epi32(v, c);
+    }
+    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
+}
+
+/// Mask controls of Q4_K/Q5_K, one row per group `g`, against the 8 scales as i16 in every
+/// 128-bit lane: the low half repeats bytes `2g, 2g + 1` (`[s, 0]` pairs), the high half
+/// `2g + 1, 2g` (`[0, s]`).
+static K4_CTRL: [[u8; 64]; 8] = {
+    let mut t = [[0u8; 64]; 8];
+    let mut g = 0;
+    while g < 8 {
+        let mut b = 0;
+        while b < 64 {
+            let odd_byte = (b % 2) as u8;
+            t[g][b] = 2 * g as u8 + if b < 32 { odd_byte } else { 1 - odd_byte };
+            b += 1;
+        }
+        g += 1;
+    }
+    t
+};
+
+/// Q4_K/Q5_K rows (`bytes` per block; `quarter(x, j)` gives quarter `j`'s two groups, each in
+/// both halves) against `T` Q16_K rows.
+#[inline(always)]
+unsafe fn k4_q16<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    a: [*const u8; T],
+    bytes: usize,
+    quarter: unsafe fn(*const u8, usize) -> (__m512i, __m512i),
+) -> [f32; T] {
+    let c = chains(T);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for i in 0..nb {
+        let x = w.add(i * bytes);
+        if T == 1 {
+            prefetch_ahead(x, bytes);
+        }
+        let (sc, mn) = k4_scales_mins_split(x.add(4));
+        let scales = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sc));
+        let mut sumi = [[_mm512_setzero_si512(); 4]; T];
+        for j in 0..4 {
+            let (lo, hi) = quarter(x, j);
+            for (g, q) in [(2 * j, lo), (2 * j + 1, hi)] {
+                let mask = _mm512_shuffle_epi8(scales, ld512(K4_CTRL[g].as_ptr()));
+                let wv = _mm512_maddubs_epi16(q, mask);
+                for t in 0..T {
+                    let y = ld512(a[t].add(i * Z_BYTES + Z_QS + 64 * g));
+                    let s = &mut sumi[t][g % c];
+                    *s = _mm512_dpwssd_epi32(*s, wv, y);
+                }
+            }
+        }
+        let sumi: [__m256i; T] = from_fn(|t| fold(sumi[t], c));
+        k4_block_end_q16(&mut acc, &sumi, x, mn, a, i * Z_BYTES);
+    }
+    hsums(acc)
+}
+
+/// Quarter `j` of a Q4_K block: groups `2j` and `2j + 1` (0..15).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_k_quarter512(x: *const u8, j: usize) -> (__m512i, __m512i) {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let bits = ld_both(x.add(16 + 32 * j));
+    (
+        _mm512_and_si512(bits, m4),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(bits), m4),
+    )
+}
+
+/// Quarter `j` of a Q5_K block: groups `2j` and `2j + 1` (0..31), from the AVX2 unpacking.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q5_k_quarter512(x: *const u8, j: usize) -> (__m512i, __m512i) {
+    let (lo, hi) = q5_k_quarter(x, j, _mm256_set1_epi8(0x0f));
+    (_mm512_broadcast_i64x4(lo), _mm512_broadcast_i64x4(hi))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    k4_q16::<T>(nb, w, a, 144, q4_k_quarter512)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q5_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    k4_q16::<T>(nb, w, a, 176, q5_k_quarter512)
+}
+
+/// Controls of Q6_K's masks and offsets, one row per 32-value group `k` of a block, against
+/// its 16 scale bytes in every 128-bit lane. A group's first 16 values take scale `2k`, the
+/// last 16 scale `2k + 1`; in a half of 16 even- or odd-indexed values those are the first
+/// and the second 128-bit lane. Masks: `[s, 0]` pairs in the low half, `[0, s]` in the high
+/// half (0x80 gives a zero byte). Offsets: `[0, s]` everywhere, an i16 of `256·s`.
+const fn q6_ctrl(mask: bool) -> [[u8; 64]; 8] {
+    let mut t = [[0u8; 64]; 8];
+    let mut k = 0;
+    while k < 8 {
+        let mut b = 0;
+        while b < 64 {
+            let scale = (2 * k + (b / 16) % 2) as u8;
+            let high_byte = b % 2 == 1;
+            let s_in_high = !mask || b >= 32;
+            t[k][b] = if high_byte == s_in_high { scale } else { 0x80 };
+            b += 1;
+        }
+        k += 1;
+    }
+    t
+}
+
+static Q6_MASK: [[u8; 64]; 8] = q6_ctrl(true);
+static Q6_OFFSET: [[u8; 64]; 8] = q6_ctrl(false);
+
+/// Half `h` of the Q6_K block at `x` (stored `q + 32`, 0..63): its four groups, each in both
+/// halves (`q6_k_half` on broadcast loads).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6_k_half512(x: *const u8, h: usize) -> [__m512i; 4] {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let ql = x.add(64 * h);
+    let qh = ld_both(x.add(128 + 32 * h));
+    let ql0 = ld_both(ql);
+    let ql1 = ld_both(ql.add(32));
+    let bits = |m: i8| _mm512_and_si512(qh, _mm512_set1_epi8(m));
+    [
+        _mm512_or_si512(
+            _mm512_and_si512(ql0, m4),
+            _mm512_slli_epi16::<4>(bits(0x03)),
+        ),
+        _mm512_or_si512(
+            _mm512_and_si512(ql1, m4),
+            _mm512_slli_epi16::<2>(bits(0x0c)),
+        ),
+        _mm512_or_si512(
+            _mm512_and_si512(_mm512_srli_epi16::<4>(ql0), m4),
+            bits(0x30),
+        ),
+        _mm512_or_si512(
+            _mm512_and_si512(_mm512_srli_epi16::<4>(ql1), m4),
+            _mm512_srli_epi16::<2>(bits(0xc0u8 as i8)),
+        ),
+    ]
+}
+
+/// Q6_K rows against `T` Q16_K rows: each group's 16-bit weights are `(q + 32)·s − 32·s`, and
+/// the sums are turned into floats every half block, as in the AVX2 kernel.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+    let c = chains(T);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for i in 0..nb {
+        let x = w.add(i * 210);
+        if T == 1 {
+            prefetch_ahead(x, 210);
+        }
+        let scales = _mm512_broadcast_i32x4(ld128(x.add(192)));
+        let dx = f16x8(x.add(208));
+        for h in 0..2 {
+            let q = q6_k_half512(x, h);
+            let mut sumi = [[_mm512_setzero_si512(); 4]; T];
+            for (k, &qk) in q.iter().enumerate() {
+                let g = 4 * h + k;
+                let mask = _mm512_shuffle_epi8(scales, ld512(Q6_MASK[g].as_ptr()));
+                let off = _mm512_shuffle_epi8(scales, ld512(Q6_OFFSET[g].as_ptr()));
+                let wv =
+                    _mm512_sub_epi16(_mm512_maddubs_epi16(qk, mask), _mm512_srai_epi16::<3>(off));
+                for t in 0..T {
+                    let y = ld512(a[t].add(i * Z_BYTES + Z_QS + 256 * h + 64 * k));
+                    let s = &mut sumi[t][k % c];
+                    *s = _mm512_dpwssd_epi32(*s, wv, y);
+                }
+            }
+            for t in 0..T {
+                let d = _mm256_mul_ps(f32x8(a[t].add(i * Z_BYTES)), dx);
+                acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(fold(sumi[t], c)), acc[t]);
+            }
+        }
+    }
+    hsums(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{random_f32, random_weights};
+    use crate::quant::act;
+
+    /// Every kernel here gives the AVX2 kernel's bits, for 1 to 8 tokens, on random blocks and
+    /// on blocks at the formats' extremes (every byte 0x00 or 0xff but the scales).
+    #[test]
+    fn kernels_equal_the_avx2_ones_bit_for_bit() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX-512 F/BW/VNNI");
+            return;
+        }
+        let pairs: [(QuantType, MultiDotFn); 3] = [
+            (QuantType::Q4_K, super::super::q4_k_q16_multi),
+            (QuantType::Q5_K, super::super::q5_k_q16_multi),
+            (QuantType::Q6_K, super::super::q6_k_q16_multi),
+        ];
+        for (ty, avx2) in pairs {
+            let (wide, _) = kernel_q16(ty).expect("kernel");
+            for (k, n) in [256usize, 2048, 7168].into_iter().enumerate() {
+                let rows = 5;
+                let wb = ty.row_bytes(n).unwrap();
+                let mut w = random_weights(ty, rows * n, 40 + k as u64);
+                // Rows 3 and 4: every value byte at its extreme, the block scales kept.
+                for (r, fill) in [(3, 0xffu8), (4, 0x00)] {
+                    for blk in w[r * wb..(r + 1) * wb].chunks_exact_mut(ty.block_bytes()) {
+                        let keep: Vec<u8> = blk.to_vec();
+                        blk.fill(fill);
+                        match ty {
+                            QuantType::Q6_K => blk[192..].copy_from_slice(&keep[192..]),
+                            _ => blk[..4].copy_from_slice(&keep[..4]),
+                        }
+                    }
+                }
+                let rb = QuantType::Q16_K.row_bytes(n).unwrap();
+                let stride = rb + 64;
+                let mut a = vec![0u8; MULTI * stride];
+                for t in 0..MULTI {
+                    let x: Vec<f32> = random_f32(n, 90 + t as u64)
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            if t == 7 {
+                                v.signum()
+                            } else {
+                                v * (1 + i % 3) as f32
+                            }
+                        })
+                        .collect();
+                    act::quantize_row(QuantType::Q16_K, &x, &mut a[t * stride..t * stride + rb])
+                        .unwrap();
+                }
+                for count in 1..=MULTI {
+                    let tile = Tile {
+                        cols: n,
+                        w: &w,
+                        row_bytes: wb,
+                        a: &a,
+                        stride,
+                        tokens: count,
+                        out_stride: rows,
+                    };
+                    let (mut got, mut want) = (vec![0f32; count * rows], vec![1f32; count * rows]);
+                    wide(&tile, &mut got);
+                    avx2(&tile, &mut want);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{ty} n={n} tokens={count}");
+                }
+            }
+        }
+    }
+}

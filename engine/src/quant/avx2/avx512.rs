@@ -33,9 +33,9 @@ pub fn available() -> bool {
 }
 
 /// The 16-bit kernel for weights of type `ty`, with the number of tokens it is fastest at,
-/// where there is one here (Q4_K, Q5_K, Q6_K). Q4_K's is 4: measured on the mid-size model's
-/// prefill, 960-980 tok/s against 920-930 with 8 (its unpacking is cheap here, and four
-/// tokens' activations stay closer to the core).
+/// where there is one here (Q4_K, Q5_K, Q6_K): 4 for each, measured (one thread, 64 tokens:
+/// Q4_K 2048x2048 at 178 GFLOP/s with 4 or 8; Q5_K 155-163 against 133-139 with 8; Q6_K
+/// 140-167 against 118-148; the mid-size model's prefill 960-980 tok/s against 920-930).
 pub fn kernel_q16(ty: QuantType) -> Option<(MultiDotFn, usize)> {
     if !available() {
         return None;
@@ -43,31 +43,147 @@ pub fn kernel_q16(ty: QuantType) -> Option<(MultiDotFn, usize)> {
     use QuantType::*;
     let f: (MultiDotFn, usize) = match ty {
         Q4_K => (q4_k_q16_multi, 4),
-        Q5_K => (q5_k_q16_multi, 8),
-        Q6_K => (q6_k_q16_multi, 8),
+        Q5_K => (q5_k_q16_multi, 4),
+        Q6_K => (q6_k_q16_multi, 4),
         _ => return None,
     };
     Some(f)
 }
 
-wrapper_multi!(q4_k_q16_multi, q4_k_q16, QK_K, 144, Z_BYTES);
-wrapper_multi!(q5_k_q16_multi, q5_k_q16, QK_K, 176, Z_BYTES);
-wrapper_multi!(q6_k_q16_multi, q6_k_q16, QK_K, 210, Z_BYTES);
+/// The safe wrapper of a kernel here, `$kern::<T>(blocks, row, tokens, acc) -> acc` (it
+/// continues the accumulators it is given): a lone token takes each row in one pass; several
+/// take the rows [`SLAB_ROWS`] at a time, a slab of columns at a time ([`slabs`]).
+macro_rules! wrapper_slabs {
+    ($name:ident, $kern:ident, $wb:expr) => {
+        fn $name(j: &Tile, out: &mut [f32]) {
+            let t = j.tokens;
+            assert!((1..=MULTI).contains(&t), "1 to {MULTI} tokens, not {t}");
+            let nb = check(j.cols, j.w, &j.a[(t - 1) * j.stride..], QK_K, $wb, Z_BYTES);
+            assert!(
+                t == 1 || j.stride >= nb * Z_BYTES,
+                "activation rows overlap"
+            );
+            assert!(j.row_bytes >= nb * $wb, "weight rows overlap");
+            let rows = j.w.len().checked_div(j.row_bytes).unwrap_or(0);
+            assert!(
+                rows == 0
+                    || (t == 1 || j.out_stride >= rows)
+                        && (t - 1) * j.out_stride + rows <= out.len(),
+                "output too short"
+            );
+            let p = |k: usize| j.a[k * j.stride..].as_ptr();
+            let (w, rb, o, os) = (j.w.as_ptr(), j.row_bytes, out.as_mut_ptr(), j.out_stride);
+            // SAFETY: as in `wrapper_multi!`: every row holds `nb` blocks and every output
+            // index is below the bound checked above.
+            unsafe {
+                macro_rules! go {
+                    ($n:literal) => {
+                        slabs::<$n>(rows, nb, w, rb, $wb, from_fn(p), o, os, |n, w, a, acc| {
+                            $kern::<$n>(n, w, a, acc)
+                        })
+                    };
+                }
+                match t {
+                    1 => go!(1),
+                    2 => go!(2),
+                    3 => go!(3),
+                    4 => go!(4),
+                    5 => go!(5),
+                    6 => go!(6),
+                    7 => go!(7),
+                    _ => go!(8),
+                }
+            }
+        }
+    };
+}
 
-/// `acc + Σ pairs of a·b` in i32 lanes (`vpdpwssd`), as an instruction of its own: the
-/// compiler splits the intrinsic into `vpmaddwd` and `vpaddd` (two operations, and more
-/// registers live), which left the 8-token kernel spilling to the stack (prefill on the
-/// mid-size model: 800 tok/s with the intrinsic, 885 with this).
+/// Rows whose accumulators are kept while a slab of columns passes.
+const SLAB_ROWS: usize = 64;
+
+/// Columns (in blocks) of one slab for `t` tokens: their Q16_K activations, about 23 KiB,
+/// stay in L1 while the rows pass. Without slabs, four tokens of 7168 columns (64 KiB) ran at
+/// 120 GFLOP/s where 4096 columns ran at 210.
+const fn slab_blocks(t: usize) -> usize {
+    let b = 40 / t;
+    if b < 4 {
+        4
+    } else {
+        b
+    }
+}
+
+/// `out[t * os + r] = row r · token t` for `rows` rows of `nb` blocks (`wb` bytes each), `rb`
+/// bytes apart. One token takes each row in one pass (a matvec streams the weights once, and
+/// slabs cut those streams short); several take [`SLAB_ROWS`] rows at a time, each a slab of
+/// [`slab_blocks`] columns at a time, carrying the accumulators from slab to slab: the same
+/// operations per row and token as one pass, so the same bits.
+///
+/// # Safety
+/// Every row (`nb` blocks) and every activation row must be readable, every output index
+/// writable; `kern` must be a kernel this CPU runs.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+#[allow(clippy::too_many_arguments)]
+unsafe fn slabs<const T: usize>(
+    rows: usize,
+    nb: usize,
+    w: *const u8,
+    rb: usize,
+    wb: usize,
+    a: [*const u8; T],
+    out: *mut f32,
+    os: usize,
+    kern: impl Fn(usize, *const u8, [*const u8; T], [__m256; T]) -> [__m256; T],
+) {
+    let zero = [_mm256_setzero_ps(); T];
+    let slab = slab_blocks(T);
+    if T == 1 || nb <= slab {
+        for r in 0..rows {
+            let v = hsums(kern(nb, w.add(r * rb), a, zero));
+            for (t, &x) in v.iter().enumerate() {
+                *out.add(t * os + r) = x;
+            }
+        }
+        return;
+    }
+    let mut acc = [zero; SLAB_ROWS];
+    for r0 in (0..rows).step_by(SLAB_ROWS) {
+        let g = SLAB_ROWS.min(rows - r0);
+        acc[..g].fill(zero);
+        for b0 in (0..nb).step_by(slab) {
+            let n = slab.min(nb - b0);
+            let at: [*const u8; T] = from_fn(|t| a[t].add(b0 * Z_BYTES));
+            for (r, acc) in acc[..g].iter_mut().enumerate() {
+                *acc = kern(n, w.add((r0 + r) * rb + b0 * wb), at, *acc);
+            }
+        }
+        for (r, acc) in acc[..g].iter().enumerate() {
+            for (t, &x) in hsums(*acc).iter().enumerate() {
+                *out.add(t * os + r0 + r) = x;
+            }
+        }
+    }
+}
+
+wrapper_slabs!(q4_k_q16_multi, q4_k_q16, 144);
+wrapper_slabs!(q5_k_q16_multi, q5_k_q16, 176);
+wrapper_slabs!(q6_k_q16_multi, q6_k_q16, 210);
+
+/// `acc + Σ pairs of a·b` in i32 lanes (`vpdpwssd`), `b` the 64 bytes at `p`, as an
+/// instruction of its own: the compiler splits the intrinsic into `vpmaddwd` and `vpaddd`
+/// (two operations, and more registers live), which left the 8-token kernel spilling to the
+/// stack (prefill on the mid-size model: 800 tok/s with the intrinsic, 885 with this).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn dpwssd_at(acc: __m512i, a: __m512i, p: *const u8) -> __m512i {
     let mut acc = acc;
     core::arch::asm!(
-        "vpdpwssd {acc}, {a}, {b}",
+        "vpdpwssd {acc}, {a}, zmmword ptr [{p}]",
         acc = inout(zmm_reg) acc,
         a = in(zmm_reg) a,
-        b = in(zmm_reg) b,
-        options(pure, nomem, nostack, preserves_flags)
+        p = in(reg) p,
+        options(pure, readonly, nostack, preserves_flags)
     );
     acc
 }
@@ -134,9 +250,9 @@ unsafe fn k4_q16<const T: usize>(
     a: [*const u8; T],
     bytes: usize,
     quarter: unsafe fn(*const u8, usize) -> (__m512i, __m512i),
-) -> [f32; T] {
+    mut acc: [__m256; T],
+) -> [__m256; T] {
     let c = chains(T);
-    let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
         let x = w.add(i * bytes);
         if T == 1 {
@@ -151,16 +267,15 @@ unsafe fn k4_q16<const T: usize>(
                 let mask = _mm512_shuffle_epi8(scales, ld512(K4_CTRL[g].as_ptr()));
                 let wv = _mm512_maddubs_epi16(q, mask);
                 for t in 0..T {
-                    let y = ld512(a[t].add(i * Z_BYTES + Z_QS + 64 * g));
                     let s = &mut sumi[t][g % c];
-                    *s = dpwssd(*s, wv, y);
+                    *s = dpwssd_at(*s, wv, a[t].add(i * Z_BYTES + Z_QS + 64 * g));
                 }
             }
         }
         let sumi: [__m256i; T] = from_fn(|t| fold(sumi[t], c));
         k4_block_end_q16(&mut acc, &sumi, x, mn, a, i * Z_BYTES);
     }
-    hsums(acc)
+    acc
 }
 
 /// Quarter `j` of a Q4_K block: groups `2j` and `2j + 1` (0..15).
@@ -184,13 +299,23 @@ unsafe fn q5_k_quarter512(x: *const u8, j: usize) -> (__m512i, __m512i) {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
-    k4_q16::<T>(nb, w, a, 144, q4_k_quarter512)
+unsafe fn q4_k_q16<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    a: [*const u8; T],
+    acc: [__m256; T],
+) -> [__m256; T] {
+    k4_q16::<T>(nb, w, a, 144, q4_k_quarter512, acc)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn q5_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
-    k4_q16::<T>(nb, w, a, 176, q5_k_quarter512)
+unsafe fn q5_k_q16<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    a: [*const u8; T],
+    acc: [__m256; T],
+) -> [__m256; T] {
+    k4_q16::<T>(nb, w, a, 176, q5_k_quarter512, acc)
 }
 
 /// Controls of Q6_K's masks and offsets, one row per 32-value group `k` of a block, against
@@ -252,9 +377,13 @@ unsafe fn q6_k_half512(x: *const u8, h: usize) -> [__m512i; 4] {
 /// Q6_K rows against `T` Q16_K rows: each group's 16-bit weights are `(q + 32)·s − 32·s`, and
 /// the sums are turned into floats every half block, as in the AVX2 kernel.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn q6_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> [f32; T] {
+unsafe fn q6_k_q16<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    a: [*const u8; T],
+    mut acc: [__m256; T],
+) -> [__m256; T] {
     let c = chains(T);
-    let mut acc = [_mm256_setzero_ps(); T];
     for i in 0..nb {
         let x = w.add(i * 210);
         if T == 1 {
@@ -272,9 +401,8 @@ unsafe fn q6_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -
                 let wv =
                     _mm512_sub_epi16(_mm512_maddubs_epi16(qk, mask), _mm512_srai_epi16::<3>(off));
                 for t in 0..T {
-                    let y = ld512(a[t].add(i * Z_BYTES + Z_QS + 256 * h + 64 * k));
                     let s = &mut sumi[t][k % c];
-                    *s = dpwssd(*s, wv, y);
+                    *s = dpwssd_at(*s, wv, a[t].add(i * Z_BYTES + Z_QS + 256 * h + 64 * k));
                 }
             }
             for t in 0..T {
@@ -283,7 +411,7 @@ unsafe fn q6_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -
             }
         }
     }
-    hsums(acc)
+    acc
 }
 
 #[cfg(test)]
@@ -308,7 +436,7 @@ mod tests {
         for (ty, avx2) in pairs {
             let (wide, _) = kernel_q16(ty).expect("kernel");
             for (k, n) in [256usize, 2048, 7168].into_iter().enumerate() {
-                let rows = 5;
+                let rows = 67;
                 let wb = ty.row_bytes(n).unwrap();
                 let mut w = random_weights(ty, rows * n, 40 + k as u64);
                 // Rows 3 and 4: every value byte at its extreme, the block scales kept.

@@ -79,6 +79,9 @@ pub fn kernel_multi(ty: QuantType) -> Option<(MultiDotFn, usize)> {
     if !full() {
         return None;
     }
+    if let Some(k) = avx512::kernel_multi(ty) {
+        return Some(k);
+    }
     use QuantType::*;
     let f: (MultiDotFn, usize) = match ty {
         Q4_K => (q4_k_multi, 8),

@@ -1,4 +1,5 @@
-//! AVX-512 (F, BW, VNNI) versions of the 16-bit kernels, chosen at run time over the AVX2 ones
+//! AVX-512 (F, BW, VNNI) versions of the 16-bit kernels (Q4_K, Q5_K, Q6_K against Q16_K) and
+//! of the int8 ones for Q4_K and Q6_K (against Q8_K), chosen at run time over the AVX2 ones
 //! where the CPU has them (Zen 4 and 5, Intel since Ice Lake).
 //!
 //! Each gives bit for bit the AVX2 kernel's result, so a model's output does not depend on
@@ -18,6 +19,9 @@
 //! block's scales with constant controls.
 
 use super::*;
+
+/// Bytes of a Q8_K activation block (`d` f32, 256 i8 values, 16 i16 block sums).
+const Y_BYTES: usize = 292;
 
 /// Whether this CPU runs the kernels here: AVX-512 F, BW and VNNI besides AVX2, FMA and F16C.
 /// `ENGINE_KERNELS=avx2` turns them off (to compare the two on one machine).
@@ -54,15 +58,12 @@ pub fn kernel_q16(ty: QuantType) -> Option<(MultiDotFn, usize)> {
 /// continues the accumulators it is given): a lone token takes each row in one pass; several
 /// take the rows [`SLAB_ROWS`] at a time, a slab of columns at a time ([`slabs`]).
 macro_rules! wrapper_slabs {
-    ($name:ident, $kern:ident, $wb:expr) => {
+    ($name:ident, $kern:ident, $wb:expr, $ab:expr) => {
         fn $name(j: &Tile, out: &mut [f32]) {
             let t = j.tokens;
             assert!((1..=MULTI).contains(&t), "1 to {MULTI} tokens, not {t}");
-            let nb = check(j.cols, j.w, &j.a[(t - 1) * j.stride..], QK_K, $wb, Z_BYTES);
-            assert!(
-                t == 1 || j.stride >= nb * Z_BYTES,
-                "activation rows overlap"
-            );
+            let nb = check(j.cols, j.w, &j.a[(t - 1) * j.stride..], QK_K, $wb, $ab);
+            assert!(t == 1 || j.stride >= nb * $ab, "activation rows overlap");
             assert!(j.row_bytes >= nb * $wb, "weight rows overlap");
             let rows = j.w.len().checked_div(j.row_bytes).unwrap_or(0);
             assert!(
@@ -78,9 +79,18 @@ macro_rules! wrapper_slabs {
             unsafe {
                 macro_rules! go {
                     ($n:literal) => {
-                        slabs::<$n>(rows, nb, w, rb, $wb, from_fn(p), o, os, |n, w, a, acc| {
-                            $kern::<$n>(n, w, a, acc)
-                        })
+                        slabs::<$n>(
+                            rows,
+                            nb,
+                            w,
+                            rb,
+                            $wb,
+                            $ab,
+                            from_fn(p),
+                            o,
+                            os,
+                            |n, w, a, acc| $kern::<$n>(n, w, a, acc),
+                        )
                     };
                 }
                 match t {
@@ -101,11 +111,11 @@ macro_rules! wrapper_slabs {
 /// Rows whose accumulators are kept while a slab of columns passes.
 const SLAB_ROWS: usize = 64;
 
-/// Columns (in blocks) of one slab for `t` tokens: their Q16_K activations, about 23 KiB,
-/// stay in L1 while the rows pass. Without slabs, four tokens of 7168 columns (64 KiB) ran at
-/// 120 GFLOP/s where 4096 columns ran at 210.
-const fn slab_blocks(t: usize) -> usize {
-    let b = 40 / t;
+/// Columns (in blocks of `ab` activation bytes) of one slab for `t` tokens: their
+/// activations, about 22 KiB, stay in L1 while the rows pass. Without slabs, four tokens of
+/// 7168 columns in Q16_K (64 KiB) ran at 120 GFLOP/s where 4096 columns ran at 210.
+const fn slab_blocks(t: usize, ab: usize) -> usize {
+    let b = 40 * Z_BYTES / (t * ab);
     if b < 4 {
         4
     } else {
@@ -131,13 +141,14 @@ unsafe fn slabs<const T: usize>(
     w: *const u8,
     rb: usize,
     wb: usize,
+    ab: usize,
     a: [*const u8; T],
     out: *mut f32,
     os: usize,
     kern: impl Fn(usize, *const u8, [*const u8; T], [__m256; T]) -> [__m256; T],
 ) {
     let zero = [_mm256_setzero_ps(); T];
-    let slab = slab_blocks(T);
+    let slab = slab_blocks(T, ab);
     if T == 1 || nb <= slab {
         for r in 0..rows {
             let v = hsums(kern(nb, w.add(r * rb), a, zero));
@@ -153,7 +164,7 @@ unsafe fn slabs<const T: usize>(
         acc[..g].fill(zero);
         for b0 in (0..nb).step_by(slab) {
             let n = slab.min(nb - b0);
-            let at: [*const u8; T] = from_fn(|t| a[t].add(b0 * Z_BYTES));
+            let at: [*const u8; T] = from_fn(|t| a[t].add(b0 * ab));
             for (r, acc) in acc[..g].iter_mut().enumerate() {
                 *acc = kern(n, w.add((r0 + r) * rb + b0 * wb), at, *acc);
             }
@@ -166,9 +177,11 @@ unsafe fn slabs<const T: usize>(
     }
 }
 
-wrapper_slabs!(q4_k_q16_multi, q4_k_q16, 144);
-wrapper_slabs!(q5_k_q16_multi, q5_k_q16, 176);
-wrapper_slabs!(q6_k_q16_multi, q6_k_q16, 210);
+wrapper_slabs!(q4_k_q16_multi, q4_k_q16, 144, Z_BYTES);
+wrapper_slabs!(q5_k_q16_multi, q5_k_q16, 176, Z_BYTES);
+wrapper_slabs!(q6_k_q16_multi, q6_k_q16, 210, Z_BYTES);
+wrapper_slabs!(q4_k_q8_multi, q4_k_q8, 144, Y_BYTES);
+wrapper_slabs!(q6_k_q8_multi, q6_k_q8, 210, Y_BYTES);
 
 /// `acc + Σ pairs of a·b` in i32 lanes (`vpdpwssd`), `b` the 64 bytes at `p`, as an
 /// instruction of its own: the compiler splits the intrinsic into `vpmaddwd` and `vpaddd`
@@ -200,6 +213,22 @@ unsafe fn ld512(p: *const u8) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn ld_both(p: *const u8) -> __m512i {
     _mm512_broadcast_i64x4(ld(p))
+}
+
+/// The int8 multi-token kernel for weights of type `ty` (against Q8_K), with the number of
+/// tokens it is fastest at, where there is one here (Q4_K, Q6_K): 4 (mid-size prefill with
+/// Q4_K at 4: 1110-1118 tok/s; at 8: 1066-1084; the AVX2 kernels: 844-856).
+pub fn kernel_multi(ty: QuantType) -> Option<(MultiDotFn, usize)> {
+    if !available() {
+        return None;
+    }
+    use QuantType::*;
+    let f: (MultiDotFn, usize) = match ty {
+        Q4_K => (q4_k_q8_multi, 4),
+        Q6_K => (q6_k_q8_multi, 4),
+        _ => return None,
+    };
+    Some(f)
 }
 
 /// Independent accumulator chains per token: `vpdpwssd` has a latency of several cycles, so
@@ -414,6 +443,181 @@ unsafe fn q6_k_q16<const T: usize>(
     acc
 }
 
+// ---------------------------------------------------------------------------------------------
+// Against Q8_K (int8 activations, ggml's scheme). A 512-bit vector holds two 32-value groups
+// side by side, which is how their 64 activation bytes lie: one `maddubs` against one load,
+// and one `vpdpwssd` with the two groups' scales, per token and pair of groups. The low half
+// gathers what the AVX2 kernel's first `madd` of a pair gives, the high half its second, so
+// adding the halves gives its eight lane sums; the float part is its code.
+
+/// `acc + Σ pairs of a·b` in i32 lanes (`vpdpwssd`) on registers, as an instruction of its
+/// own (see [`dpwssd_at`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    core::arch::asm!(
+        "vpdpwssd {acc}, {a}, {b}",
+        acc = inout(zmm_reg) acc,
+        a = in(zmm_reg) a,
+        b = in(zmm_reg) b,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    acc
+}
+
+/// Controls of Q4_K/Q5_K's scale pairs against the 8 scales as i16 in every 128-bit lane:
+/// row `j` gives scale `2j` in every i16 of the low half and `2j + 1` in the high half.
+static K4_PAIR_CTRL: [[u8; 64]; 4] = {
+    let mut t = [[0u8; 64]; 4];
+    let mut j = 0;
+    while j < 4 {
+        let mut b = 0;
+        while b < 64 {
+            let g = 2 * j + b / 32;
+            t[j][b] = (2 * g + b % 2) as u8;
+            b += 1;
+        }
+        j += 1;
+    }
+    t
+};
+
+/// Q4_K rows against `T` Q8_K rows (continues `acc`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_k_q8<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    a: [*const u8; T],
+    mut acc: [__m256; T],
+) -> [__m256; T] {
+    let c = chains(T);
+    let m4 = _mm512_set1_epi8(0x0f);
+    // Shift the high half's copy of the 32 bytes by 4: low nibbles below, high ones above.
+    let shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+    for i in 0..nb {
+        let x = w.add(i * 144);
+        if T == 1 {
+            prefetch_ahead(x, 144);
+        }
+        let (sc, mn) = k4_scales_mins_split(x.add(4));
+        let scales = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sc));
+        let mut sumi = [[_mm512_setzero_si512(); 4]; T];
+        for j in 0..4 {
+            let q = _mm512_and_si512(_mm512_srlv_epi64(ld_both(x.add(16 + 32 * j)), shifts), m4);
+            let s = _mm512_shuffle_epi8(scales, ld512(K4_PAIR_CTRL[j].as_ptr()));
+            for t in 0..T {
+                let y = ld512(a[t].add(i * Y_BYTES + Y_QS + 64 * j));
+                let acc = &mut sumi[t][j % c];
+                *acc = dpwssd(*acc, s, _mm512_maddubs_epi16(q, y));
+            }
+        }
+        let sumi: [__m256i; T] = from_fn(|t| fold(sumi[t], c));
+        k4_block_end(&mut acc, &sumi, x, mn, a, i * Y_BYTES);
+    }
+    acc
+}
+
+/// Controls of Q6_K's scale pairs against its 16 scale bytes in every 128-bit lane: row `p`
+/// (groups `2p` and `2p + 1` of 32 values) puts scale byte `4p + lane` in the high byte of
+/// every i16 of 128-bit lane `lane` (an arithmetic shift then sign-extends it).
+static Q6_PAIR_CTRL: [[u8; 64]; 4] = {
+    let mut t = [[0u8; 64]; 4];
+    let mut p = 0;
+    while p < 4 {
+        let mut b = 0;
+        while b < 64 {
+            t[p][b] = if b % 2 == 1 {
+                (4 * p + b / 16) as u8
+            } else {
+                0x80
+            };
+            b += 1;
+        }
+        p += 1;
+    }
+    t
+};
+
+/// Half `h` of the Q6_K block at `x` (stored `q + 32`, 0..63) as two vectors of 64 values:
+/// groups 0 and 1 of the half, then groups 2 and 3 (`q6_k_half`, two groups at a time).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6_k_half_pairs(x: *const u8, h: usize) -> [__m512i; 2] {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let ql = ld512(x.add(64 * h));
+    let qh = ld_both(x.add(128 + 32 * h));
+    let m = |lo: i8, hi: i8| {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi8(lo)),
+            _mm256_set1_epi8(hi),
+        )
+    };
+    let n = |lo: i16, hi: i16| {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi16(lo)),
+            _mm256_set1_epi16(hi),
+        )
+    };
+    [
+        _mm512_or_si512(
+            _mm512_and_si512(ql, m4),
+            _mm512_sllv_epi16(_mm512_and_si512(qh, m(0x03, 0x0c)), n(4, 2)),
+        ),
+        _mm512_or_si512(
+            _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+            _mm512_srlv_epi16(_mm512_and_si512(qh, m(0x30, 0xc0u8 as i8)), n(0, 2)),
+        ),
+    ]
+}
+
+/// Q6_K rows against `T` Q8_K rows (continues `acc`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6_k_q8<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    a: [*const u8; T],
+    mut acc: [__m256; T],
+) -> [__m256; T] {
+    let c = chains(T);
+    for i in 0..nb {
+        let x = w.add(i * 210);
+        if T == 1 {
+            prefetch_ahead(x, 210);
+        }
+        let sc = ld128(x.add(192));
+        let scales = _mm512_broadcast_i32x4(sc);
+        // Values are stored as q + 32 (unsigned 0..63): subtract 32·Σ sc·bsum once.
+        let mut sumi = [[_mm512_setzero_si512(); 4]; T];
+        for t in 0..T {
+            let sb = _mm256_slli_epi32(scaled_bsums(sc, a[t].add(i * Y_BYTES)), 5);
+            let neg = _mm256_sub_epi32(_mm256_setzero_si256(), sb);
+            sumi[t][0] = _mm512_zextsi256_si512(neg);
+        }
+        for h in 0..2 {
+            let q = q6_k_half_pairs(x, h);
+            for (k, &qk) in q.iter().enumerate() {
+                let p = 2 * h + k;
+                let s = _mm512_srai_epi16::<8>(_mm512_shuffle_epi8(
+                    scales,
+                    ld512(Q6_PAIR_CTRL[p].as_ptr()),
+                ));
+                for t in 0..T {
+                    let y = ld512(a[t].add(i * Y_BYTES + Y_QS + 128 * h + 64 * k));
+                    let acc = &mut sumi[t][p % c];
+                    *acc = dpwssd(*acc, s, _mm512_maddubs_epi16(qk, y));
+                }
+            }
+        }
+        let dx = f16x8(x.add(208));
+        for t in 0..T {
+            let d = _mm256_mul_ps(f32x8(a[t].add(i * Y_BYTES)), dx);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(fold(sumi[t], c)), acc[t]);
+        }
+    }
+    acc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,20 +625,53 @@ mod tests {
     use crate::quant::act;
 
     /// Every kernel here gives the AVX2 kernel's bits, for 1 to 8 tokens, on random blocks and
-    /// on blocks at the formats' extremes (every byte 0x00 or 0xff but the scales).
+    /// on blocks at the formats' extremes (every byte 0x00 or 0xff but the scales), against
+    /// 16-bit and against 8-bit activations.
     #[test]
     fn kernels_equal_the_avx2_ones_bit_for_bit() {
         if !available() {
             eprintln!("skipped: this CPU lacks AVX-512 F/BW/VNNI");
             return;
         }
-        let pairs: [(QuantType, MultiDotFn); 3] = [
-            (QuantType::Q4_K, super::super::q4_k_q16_multi),
-            (QuantType::Q5_K, super::super::q5_k_q16_multi),
-            (QuantType::Q6_K, super::super::q6_k_q16_multi),
+        use super::super as avx2;
+        let cases: [(QuantType, QuantType, MultiDotFn, MultiDotFn); 5] = [
+            (
+                QuantType::Q4_K,
+                QuantType::Q16_K,
+                q4_k_q16_multi,
+                avx2::q4_k_q16_multi,
+            ),
+            (
+                QuantType::Q5_K,
+                QuantType::Q16_K,
+                q5_k_q16_multi,
+                avx2::q5_k_q16_multi,
+            ),
+            (
+                QuantType::Q6_K,
+                QuantType::Q16_K,
+                q6_k_q16_multi,
+                avx2::q6_k_q16_multi,
+            ),
+            (
+                QuantType::Q4_K,
+                QuantType::Q8_K,
+                q4_k_q8_multi,
+                avx2::q4_k_multi,
+            ),
+            (
+                QuantType::Q6_K,
+                QuantType::Q8_K,
+                q6_k_q8_multi,
+                avx2::q6_k_multi,
+            ),
         ];
-        for (ty, avx2) in pairs {
-            let (wide, _) = kernel_q16(ty).expect("kernel");
+        for (ty, act_ty, wide, avx2) in cases {
+            assert!(
+                kernel_q16(ty).is_some_and(|k| k.0 as usize == wide as usize)
+                    || kernel_multi(ty).is_some_and(|k| k.0 as usize == wide as usize),
+                "{ty}: the kernel handed out"
+            );
             for (k, n) in [256usize, 2048, 7168].into_iter().enumerate() {
                 let rows = 67;
                 let wb = ty.row_bytes(n).unwrap();
@@ -450,7 +687,7 @@ mod tests {
                         }
                     }
                 }
-                let rb = QuantType::Q16_K.row_bytes(n).unwrap();
+                let rb = act_ty.row_bytes(n).unwrap();
                 let stride = rb + 64;
                 let mut a = vec![0u8; MULTI * stride];
                 for t in 0..MULTI {
@@ -465,8 +702,7 @@ mod tests {
                             }
                         })
                         .collect();
-                    act::quantize_row(QuantType::Q16_K, &x, &mut a[t * stride..t * stride + rb])
-                        .unwrap();
+                    act::quantize_row(act_ty, &x, &mut a[t * stride..t * stride + rb]).unwrap();
                 }
                 for count in 1..=MULTI {
                     let tile = Tile {
@@ -482,7 +718,11 @@ mod tests {
                     wide(&tile, &mut got);
                     avx2(&tile, &mut want);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got), bits(&want), "{ty} n={n} tokens={count}");
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{ty} against {act_ty}, n={n}, tokens={count}"
+                    );
                 }
             }
         }

@@ -172,29 +172,35 @@ wrapper!(f32_row, f32_avx2, 1, 4, 4);
 wrapper!(f16_row, f16_avx2, 1, 2, 4);
 wrapper!(bf16_row, bf16_avx2, 1, 2, 4);
 
+/// Checks a tile against its kernel's blocks (`be` elements, `wb` weight bytes and `ab`
+/// activation bytes each) and `out`, panicking on what would read or write out of bounds:
+/// `(blocks per row, rows)`.
+fn check_tile(j: &Tile, out: &[f32], be: usize, wb: usize, ab: usize) -> (usize, usize) {
+    let t = j.tokens;
+    assert!((1..=MULTI).contains(&t), "1 to {MULTI} tokens, not {t}");
+    let nb = check(j.cols, j.w, &j.a[(t - 1) * j.stride..], be, wb, ab);
+    assert!(t == 1 || j.stride >= nb * ab, "activation rows overlap");
+    assert!(j.row_bytes >= nb * wb, "weight rows overlap");
+    let rows = j.w.len().checked_div(j.row_bytes).unwrap_or(0);
+    assert!(
+        rows == 0 || (t == 1 || j.out_stride >= rows) && (t - 1) * j.out_stride + rows <= out.len(),
+        "output too short"
+    );
+    (nb, rows)
+}
+
 macro_rules! wrapper_multi {
     ($name:ident, $kern:ident, $be:expr, $wb:expr, $ab:expr) => {
         fn $name(j: &Tile, out: &mut [f32]) {
-            let t = j.tokens;
-            assert!((1..=MULTI).contains(&t), "1 to {MULTI} tokens, not {t}");
-            let nb = check(j.cols, j.w, &j.a[(t - 1) * j.stride..], $be, $wb, $ab);
-            assert!(t == 1 || j.stride >= nb * $ab, "activation rows overlap");
-            assert!(j.row_bytes >= nb * $wb, "weight rows overlap");
-            let rows = j.w.len().checked_div(j.row_bytes).unwrap_or(0);
-            assert!(
-                rows == 0
-                    || (t == 1 || j.out_stride >= rows)
-                        && (t - 1) * j.out_stride + rows <= out.len(),
-                "output too short"
-            );
+            let (nb, rows) = check_tile(j, out, $be, $wb, $ab);
             let p = |k: usize| j.a[k * j.stride..].as_ptr();
             let (w, rb, o, os) = (j.w.as_ptr(), j.row_bytes, out.as_mut_ptr(), j.out_stride);
             // SAFETY: as in `wrapper!`: every row holds `nb` blocks (`row_bytes` is no shorter,
-            // and `rows` whole rows fit in `w`); the last token's row is checked above and the
-            // earlier ones lie before it, `stride` apart and no shorter; every output index
-            // `t * out_stride + r` is below the bound checked above.
+            // and `rows` whole rows fit in `w`); the last token's row is checked by
+            // `check_tile` and the earlier ones lie before it, `stride` apart and no shorter;
+            // every output index `t * out_stride + r` is below the bound it checked.
             unsafe {
-                match t {
+                match j.tokens {
                     1 => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<1>(nb, w, a)),
                     2 => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<2>(nb, w, a)),
                     3 => each_row(rows, w, rb, from_fn(p), o, os, |w, a| $kern::<3>(nb, w, a)),

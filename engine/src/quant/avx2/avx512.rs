@@ -60,22 +60,11 @@ pub fn kernel_q16(ty: QuantType) -> Option<(MultiDotFn, usize)> {
 macro_rules! wrapper_slabs {
     ($name:ident, $kern:ident, $wb:expr, $ab:expr) => {
         fn $name(j: &Tile, out: &mut [f32]) {
-            let t = j.tokens;
-            assert!((1..=MULTI).contains(&t), "1 to {MULTI} tokens, not {t}");
-            let nb = check(j.cols, j.w, &j.a[(t - 1) * j.stride..], QK_K, $wb, $ab);
-            assert!(t == 1 || j.stride >= nb * $ab, "activation rows overlap");
-            assert!(j.row_bytes >= nb * $wb, "weight rows overlap");
-            let rows = j.w.len().checked_div(j.row_bytes).unwrap_or(0);
-            assert!(
-                rows == 0
-                    || (t == 1 || j.out_stride >= rows)
-                        && (t - 1) * j.out_stride + rows <= out.len(),
-                "output too short"
-            );
+            let (nb, rows) = check_tile(j, out, QK_K, $wb, $ab);
             let p = |k: usize| j.a[k * j.stride..].as_ptr();
             let (w, rb, o, os) = (j.w.as_ptr(), j.row_bytes, out.as_mut_ptr(), j.out_stride);
             // SAFETY: as in `wrapper_multi!`: every row holds `nb` blocks and every output
-            // index is below the bound checked above.
+            // index is below the bound `check_tile` checked.
             unsafe {
                 macro_rules! go {
                     ($n:literal) => {
@@ -93,7 +82,7 @@ macro_rules! wrapper_slabs {
                         )
                     };
                 }
-                match t {
+                match j.tokens {
                     1 => go!(1),
                     2 => go!(2),
                     3 => go!(3),

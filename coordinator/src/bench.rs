@@ -66,7 +66,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.backend == "wgpu" {
         return gpu_bench(&a);
     }
-    println!("# threads: {threads}; activations of quantized products: {acts}");
+    println!(
+        "# threads: {threads}; CPU kernels: {}; activations of quantized products: {acts}",
+        engine::quant::cpu_kernels()
+    );
     if !a.no_kernels {
         let cfg = if a.quick {
             engine::bench::BenchConfig::smoke()

@@ -164,7 +164,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 g.context().adapter().backend.to_lowercase(),
                 g.context().adapter().name
             ),
-            None => format!("cpu ({threads} threads)"),
+            None => format!("cpu ({threads} threads, {})", engine::quant::cpu_kernels()),
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -63,7 +63,7 @@ pub struct ClusterOptions {
     /// The cluster's numerics, told to every worker in its hello: the activation format of
     /// quantized products.
     pub activations: engine::tensor::Activations,
-    /// Where this process runs the always-active part, for the status ("cpu (8 threads)").
+    /// Where this process runs the always-active part, for the status ("cpu (8 threads, AVX2)").
     pub device: String,
 }
 

@@ -1096,7 +1096,7 @@ pub struct ClusterStatus {
     pub all_loaded: bool,
     pub workers: Vec<WorkerStatus>,
     pub tokens_per_second: f64,
-    /// Where the coordinator runs the always-active part ("cpu (8 threads)", "vulkan NVIDIA
+    /// Where the coordinator runs the always-active part ("cpu (8 threads, AVX2)", "vulkan NVIDIA
     /// GeForce RTX 4090"; empty when unknown).
     pub coordinator_device: String,
     /// The cluster's numerics: the activation format of quantized products.

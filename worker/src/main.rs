@@ -142,7 +142,7 @@ fn real_main() -> Result<()> {
             engine::bench::quick_expert_gbps(threads),
             DeviceInfo {
                 backend: "cpu".into(),
-                name: format!("cpu ({threads} threads)"),
+                name: format!("cpu ({threads} threads, {})", engine::quant::cpu_kernels()),
                 memory_bytes: memory,
             },
         ),

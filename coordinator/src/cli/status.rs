@@ -124,7 +124,7 @@ pub struct StatusJson {
     pub all_loaded: bool,
     /// Tokens generated per second over the last few seconds.
     pub tokens_per_second: f64,
-    /// Where the coordinator runs the always-active part ("cpu (8 threads)", "vulkan
+    /// Where the coordinator runs the always-active part ("cpu (8 threads, AVX2)", "vulkan
     /// NVIDIA GeForce RTX 4090"; empty when unknown).
     pub coordinator_device: String,
     /// The activation format of quantized products: "f32", "int16" or "int8".
@@ -315,7 +315,7 @@ fn or_dash(s: &str) -> String {
 }
 
 /// Backend and device name, the backend left out when the name starts with it (the CPU
-/// backend's device is "cpu (N threads)").
+/// backend's device is "cpu (N threads, KERNELS)").
 fn device(w: &WorkerStatus) -> String {
     if w.gpu.is_empty() {
         or_dash(&w.backend)

@@ -275,6 +275,21 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) -> Result<(), 
     dequant::dequantize_row(ty, src, dst)
 }
 
+/// The CPU kernels this machine runs: "AVX-512" (F, BW and VNNI, for the 16-bit and the int8
+/// Q4_K/Q6_K products; AVX2 for the rest), "AVX2", or "portable".
+pub fn cpu_kernels() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2::avx512::available() {
+            return "AVX-512";
+        }
+        if avx2::kernel(QuantType::Q4_K).is_some() {
+            return "AVX2";
+        }
+    }
+    "portable"
+}
+
 /// Whether weights of type `ty` take [`QuantType::Q16_K`] activations on this CPU: the K-quants
 /// with a 16-bit kernel (Q4_K, Q5_K, Q6_K, with AVX2).
 pub fn takes_q16_k(ty: QuantType) -> bool {

@@ -29,7 +29,7 @@ pub fn available() -> bool {
 }
 
 /// AVX2 + FMA + F16C: what every kernel here is compiled for (all AVX2 CPUs have F16C).
-fn full() -> bool {
+pub(crate) fn full() -> bool {
     available() && is_x86_feature_detected!("f16c")
 }
 
@@ -254,8 +254,8 @@ pub mod avx512;
 
 /// Asks for the `len` bytes that lie [`PREFETCH`] bytes after `x`, one request per cache
 /// line, into L2: a matvec streams every weight once, and the hardware prefetchers alone
-/// left a core waiting on memory between blocks. Past the end of a row it touches the next row or
-/// nothing (prefetches do not fault).
+/// left a core waiting on memory between blocks. Past the end of a row it touches the next
+/// row or nothing (prefetches do not fault).
 /// (Prefetching is baseline SSE: no target features, so it inlines into every kernel.)
 #[inline(always)]
 pub(crate) unsafe fn prefetch_ahead(x: *const u8, len: usize) {

@@ -283,7 +283,7 @@ pub fn cpu_kernels() -> &'static str {
         if avx2::avx512::available() {
             return "AVX-512";
         }
-        if avx2::kernel(QuantType::Q4_K).is_some() {
+        if avx2::full() {
             return "AVX2";
         }
     }

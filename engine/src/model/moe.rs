@@ -203,6 +203,12 @@ pub struct MoeScratch {
     lists: Vec<Vec<(u32, f32)>>,
     /// Experts with tokens, in id order, and their token counts.
     active: Vec<(u32, usize)>,
+    /// The token of each gathered row of `x`.
+    rows: Vec<u32>,
+    /// Each token's share of the answer, expert by expert: the pairs (row of `y`, weight) of
+    /// token `t` are `contrib[starts[t]..starts[t + 1]]`.
+    starts: Vec<usize>,
+    contrib: Vec<(u32, f32)>,
     x: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
@@ -456,7 +462,7 @@ impl LocalExperts {
         }
         // Every chosen expert's tokens, gathered expert by expert.
         s.active.clear();
-        s.x.clear();
+        s.rows.clear();
         let (mut inter_total, mut rows_total) = (0, 0);
         for (e, expert) in set.experts.iter().enumerate() {
             let Some(mlp) = expert else { continue };
@@ -465,12 +471,14 @@ impl LocalExperts {
                 continue;
             }
             s.active.push((e as u32, m));
-            for &(t, _) in &s.lists[e] {
-                s.x.extend_from_slice(&xs[t as usize * h..(t as usize + 1) * h]);
-            }
+            s.rows.extend(s.lists[e].iter().map(|&(t, _)| t));
             inter_total += m * mlp.gate.rows;
             rows_total += m;
         }
+        if s.x.len() < rows_total * h {
+            s.x.resize(rows_total * h, 0.0);
+        }
+        gather_rows(xs, h, &s.rows, &mut s.x[..rows_total * h]);
         s.gate.resize(inter_total, 0.0);
         s.up.resize(inter_total, 0.0);
         s.y.resize(rows_total * h, 0.0);
@@ -498,7 +506,7 @@ impl LocalExperts {
             }
             g.run();
         }
-        ops::swiglu(&mut s.gate, &s.up);
+        ops::swiglu_par(&mut s.gate, &s.up);
         {
             let mut g = s.group.group();
             let mut yr = &mut s.y[..];
@@ -513,17 +521,31 @@ impl LocalExperts {
             }
             g.run();
         }
-        let mut y0 = 0;
-        for &(e, m) in &s.active {
-            for (i, &(t, w)) in s.lists[e as usize].iter().enumerate() {
-                ops::axpy(
-                    &mut out[t as usize * h..(t as usize + 1) * h],
-                    w,
-                    &s.y[(y0 + i) * h..(y0 + i + 1) * h],
-                );
-            }
-            y0 += m;
+        // Each token's rows of `y`, expert by expert as above, added into its row of `out`.
+        s.starts.clear();
+        s.starts.resize(n + 1, 0);
+        for &t in &s.rows {
+            s.starts[t as usize + 1] += 1;
         }
+        for t in 0..n {
+            s.starts[t + 1] += s.starts[t];
+        }
+        s.contrib.resize(rows_total, (0, 0.0));
+        let mut y0 = 0;
+        for &(e, _) in &s.active {
+            for &(t, w) in &s.lists[e as usize] {
+                let at = &mut s.starts[t as usize];
+                s.contrib[*at] = (y0, w);
+                *at += 1;
+                y0 += 1;
+            }
+        }
+        // `starts[t]` now ends token `t`'s range: shift back to starts.
+        for t in (1..=n).rev() {
+            s.starts[t] = s.starts[t - 1];
+        }
+        s.starts[0] = 0;
+        scatter_rows(&s.y, h, &s.starts, &s.contrib, &mut out[..n * h]);
         Ok(())
     }
 
@@ -594,6 +616,40 @@ pub fn mlp_forward(
     mlp_down(mlp, gate, up, m, y, g);
 }
 
+/// Rows (tokens) per task when gathering or scattering rows over the kernels' pool.
+const ROWS_PER_TASK: usize = 16;
+
+/// `dst` row `i` = row `rows[i]` of `xs` (`h` wide), spread over the kernels' pool when large.
+fn gather_rows(xs: &[f32], h: usize, rows: &[u32], dst: &mut [f32]) {
+    let copy = |i0: usize, d: &mut [f32]| {
+        for (d, &t) in d.chunks_exact_mut(h).zip(&rows[i0..]) {
+            d.copy_from_slice(&xs[t as usize * h..(t as usize + 1) * h]);
+        }
+    };
+    if dst.len() < ops::PARALLEL_VALUES || h == 0 {
+        return copy(0, dst);
+    }
+    crate::cpu::pool::global()
+        .for_each_chunk_mut(dst, ROWS_PER_TASK * h, |i, d| copy(i * ROWS_PER_TASK, d));
+}
+
+/// `out` row `t` += `w · y[r]` for each `(r, w)` of `contrib[starts[t]..starts[t + 1]]`, in
+/// that order (the same sums whether or not spread over the kernels' pool).
+fn scatter_rows(y: &[f32], h: usize, starts: &[usize], contrib: &[(u32, f32)], out: &mut [f32]) {
+    let add = |t0: usize, o: &mut [f32]| {
+        for (t, o) in (t0..).zip(o.chunks_exact_mut(h)) {
+            for &(r, w) in &contrib[starts[t]..starts[t + 1]] {
+                ops::axpy(o, w, &y[r as usize * h..(r as usize + 1) * h]);
+            }
+        }
+    };
+    if contrib.len() * h < ops::PARALLEL_VALUES || h == 0 {
+        return add(0, out);
+    }
+    crate::cpu::pool::global()
+        .for_each_chunk_mut(out, ROWS_PER_TASK * h, |i, o| add(i * ROWS_PER_TASK, o));
+}
+
 /// The second half of [`mlp_forward`], once `gate` and `up` hold their products:
 /// `y = down(silu(gate) * up)` (`gate` is overwritten).
 pub fn mlp_down(
@@ -604,7 +660,7 @@ pub fn mlp_down(
     y: &mut Vec<f32>,
     g: &mut GroupBuf,
 ) {
-    ops::swiglu(gate, up);
+    ops::swiglu_par(gate, up);
     y.resize(m * mlp.down.rows, 0.0);
     let mut grp = g.group();
     grp.push(&mlp.down, gate, m, y);
@@ -614,6 +670,82 @@ pub fn mlp_down(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch large enough that its gather, SwiGLU and scatter run on the pool gives every
+    /// token exactly what that token gets alone (where they run on the caller).
+    #[test]
+    fn a_large_batch_adds_the_same_bits_as_tokens_alone() {
+        use crate::bench::splitmix;
+        let (h, inter, n_exp, n, k) = (256, 64, 8, 200, 3);
+        let m = |rows: usize, cols: usize, seed: u64| {
+            let data: Vec<u8> = (0..rows * cols)
+                .flat_map(|i| {
+                    let v = ((splitmix(seed ^ ((i as u64) << 8)) >> 40) as f32
+                        / (1u64 << 24) as f32
+                        - 0.5)
+                        * 0.2;
+                    half::bf16::from_f32(v).to_bits().to_le_bytes()
+                })
+                .collect();
+            Matrix::new(QuantType::BF16, rows, cols, crate::Bytes::from_vec(data)).unwrap()
+        };
+        let experts = (0..n_exp)
+            .map(|e| {
+                Some(Mlp {
+                    gate: m(inter, h, 3 * e as u64 + 1),
+                    up: m(inter, h, 3 * e as u64 + 2),
+                    down: m(h, inter, 3 * e as u64 + 3),
+                })
+            })
+            .collect();
+        let x = LocalExperts {
+            hidden: h,
+            layers: vec![None, Some(ExpertSet { experts })],
+        };
+        let xs: Vec<f32> = (0..n * h)
+            .map(|i| ((splitmix(i as u64 + 99) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0)
+            .collect();
+        // Token t takes experts t, t + 3, t + 5 (mod 8), weights varying by token.
+        let pairs: Vec<Pair> = (0..n)
+            .flat_map(|t| {
+                (0..k).map(move |j| Pair {
+                    token: t as u32,
+                    expert: ((t + [0, 3, 5][j]) % n_exp) as u32,
+                    weight: 0.1 + 0.05 * j as f32 + 0.001 * t as f32,
+                })
+            })
+            .collect();
+        assert!(n * k * h >= ops::PARALLEL_VALUES && n * k * inter >= ops::PARALLEL_VALUES);
+        let start = |t: usize| {
+            (0..h)
+                .map(|i| (t * h + i) as f32 * 1e-4)
+                .collect::<Vec<f32>>()
+        };
+        let mut batch: Vec<f32> = (0..n).flat_map(start).collect();
+        let mut s = MoeScratch::default();
+        x.eval_pairs(1, &xs, &pairs, &mut batch, &mut s).unwrap();
+        for t in 0..n {
+            let mut alone = start(t);
+            let mine: Vec<Pair> = pairs
+                .iter()
+                .filter(|p| p.token == t as u32)
+                .map(|p| Pair { token: 0, ..*p })
+                .collect();
+            x.eval_pairs(1, &xs[t * h..(t + 1) * h], &mine, &mut alone, &mut s)
+                .unwrap();
+            let got = &batch[t * h..(t + 1) * h];
+            assert!(
+                got.iter()
+                    .zip(&alone)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "token {t}"
+            );
+            assert!(
+                got.iter().zip(start(t)).any(|(a, b)| a != &b),
+                "token {t} unchanged"
+            );
+        }
+    }
 
     #[test]
     fn top_indices_prefers_lower_index_on_ties() {

@@ -1,6 +1,6 @@
 //! The worker's data plane over real QUIC with mutual TLS on loopback: a well-formed request
 //! gets the experts' partial sum (the same bits as evaluating them in this process, with f32
-//! on the wire); a malformed stream (bytes after its frame, a header announcing an oversized
+//! on the wire), for a decode step's tokens and for a larger batch; a malformed stream (bytes after its frame, a header announcing an oversized
 //! body, a bad magic) gets an error frame with `BAD_REQUEST` and is counted, and the
 //! connection keeps serving.
 
@@ -16,7 +16,7 @@ use proto::control::JoinReply;
 use proto::trust::{self, ClusterCa, Validity, WorkerKey};
 use proto::wire::{code, Dtype, ExpertRequest, Frame, HEADER_LEN};
 use tokio::sync::watch;
-use worker::compute::Executor;
+use worker::compute::{Executor, INLINE_TOKENS};
 use worker::dataplane::{serve, Stats};
 
 /// Sends `bytes` on a new stream, ends it, and decodes the one frame that comes back.
@@ -138,8 +138,56 @@ async fn requests_are_answered_and_malformed_streams_refused_and_counted() {
 
     // The connection still serves.
     assert!(matches!(exchange(&conn, &good).await, Frame::Result(_)));
+
+    // A batch larger than a decode step's (computed off the data plane's thread): each token
+    // its own pair of experts, the same bits as in this process.
+    let n = INLINE_TOKENS + 5;
+    let big_xs: Vec<f32> = (0..n * hidden)
+        .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.03)
+        .collect();
+    let big = ExpertRequest {
+        request_id: 8,
+        layer: layer as u32,
+        hidden,
+        dtype: Dtype::F32,
+        counts: vec![2; n],
+        experts: (0..n)
+            .flat_map(|t| [(t % 4) as u16, 4 + (t % 3) as u16])
+            .collect(),
+        weights: (0..n).flat_map(|t| [0.5, 0.01 * t as f32]).collect(),
+        xs: big_xs.clone(),
+    };
+    let pairs: Vec<Pair> = (0..n)
+        .flat_map(|t| {
+            [(t % 4, 0.5), (4 + t % 3, 0.01 * t as f32)].map(|(e, weight)| Pair {
+                token: t as u32,
+                expert: e as u32,
+                weight,
+            })
+        })
+        .collect();
+    let mut want = vec![0f32; n * hidden];
+    experts
+        .eval_pairs(
+            layer,
+            &big_xs,
+            &pairs,
+            &mut want,
+            &mut MoeScratch::default(),
+        )
+        .unwrap();
+    let mut bytes = Vec::new();
+    big.encode(&mut bytes).unwrap();
+    match exchange(&conn, &bytes).await {
+        Frame::Result(r) => {
+            assert_eq!(r.request_id, 8);
+            assert_eq!(r.ys, want);
+        }
+        other => panic!("a large request answered {other:?}"),
+    }
+
     let t0 = Instant::now();
-    while stats.served.load(Ordering::Relaxed) < 2 {
+    while stats.served.load(Ordering::Relaxed) < 3 {
         assert!(t0.elapsed() < Duration::from_secs(10), "{stats:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

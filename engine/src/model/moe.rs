@@ -621,12 +621,15 @@ const ROWS_PER_TASK: usize = 16;
 
 /// `dst` row `i` = row `rows[i]` of `xs` (`h` wide), spread over the kernels' pool when large.
 fn gather_rows(xs: &[f32], h: usize, rows: &[u32], dst: &mut [f32]) {
+    if h == 0 {
+        return;
+    }
     let copy = |i0: usize, d: &mut [f32]| {
         for (d, &t) in d.chunks_exact_mut(h).zip(&rows[i0..]) {
             d.copy_from_slice(&xs[t as usize * h..(t as usize + 1) * h]);
         }
     };
-    if dst.len() < ops::PARALLEL_VALUES || h == 0 {
+    if dst.len() < ops::PARALLEL_VALUES {
         return copy(0, dst);
     }
     crate::cpu::pool::global()
@@ -636,6 +639,9 @@ fn gather_rows(xs: &[f32], h: usize, rows: &[u32], dst: &mut [f32]) {
 /// `out` row `t` += `w · y[r]` for each `(r, w)` of `contrib[starts[t]..starts[t + 1]]`, in
 /// that order (the same sums whether or not spread over the kernels' pool).
 fn scatter_rows(y: &[f32], h: usize, starts: &[usize], contrib: &[(u32, f32)], out: &mut [f32]) {
+    if h == 0 {
+        return;
+    }
     let add = |t0: usize, o: &mut [f32]| {
         for (t, o) in (t0..).zip(o.chunks_exact_mut(h)) {
             for &(r, w) in &contrib[starts[t]..starts[t + 1]] {
@@ -643,7 +649,7 @@ fn scatter_rows(y: &[f32], h: usize, starts: &[usize], contrib: &[(u32, f32)], o
             }
         }
     };
-    if contrib.len() * h < ops::PARALLEL_VALUES || h == 0 {
+    if contrib.len() * h < ops::PARALLEL_VALUES {
         return add(0, out);
     }
     crate::cpu::pool::global()

@@ -69,13 +69,16 @@ pub struct ClusterBenchArgs {
     /// Compute threads of each worker process of the decode comparison.
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
+    /// Workers of the round-trip measurement, each holding whole groups (1 to 8): with one,
+    /// every layer is a single exchange and nothing else competes for the cores.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=8))]
+    round_trip_workers: u16,
     /// Intermediate width of the round trip's stand-in experts: 1 leaves almost nothing but
     /// the transport; larger values add real (BF16) expert compute to each round trip.
     #[arg(long, default_value_t = 1)]
     expert_inter: usize,
 }
 
-const WORKERS: usize = 3;
 const N_EXPERTS: usize = 256;
 const N_GROUPS: usize = 8;
 const TOP_K: usize = 8;
@@ -93,7 +96,14 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    round_trip(&rt, a.hidden, a.expert_inter.max(1), a.iters, dtype)?;
+    round_trip(
+        &rt,
+        a.hidden,
+        a.expert_inter.max(1),
+        a.iters,
+        dtype,
+        a.round_trip_workers as usize,
+    )?;
     if let Some(model) = &a.model {
         decode_comparison(&rt, model, a.workers, a.worker_threads, a.decode, dtype)?;
     }
@@ -126,10 +136,11 @@ fn tiny_experts(hidden: usize, inter: usize, held: impl Fn(usize) -> bool) -> Lo
     LocalExperts { hidden, layers }
 }
 
-/// Groups 0-2 on worker 1, 3-5 on worker 2, 6-7 on worker 3.
-fn owner_of(e: usize) -> u64 {
+/// Whole groups per worker: with 3 workers, groups 0-2 on worker 1, 3-5 on worker 2, 6-7 on
+/// worker 3.
+fn owner_of(e: usize, workers: usize) -> u64 {
     let g = e / (N_EXPERTS / N_GROUPS);
-    1 + (g * WORKERS / N_GROUPS) as u64
+    1 + (g * workers / N_GROUPS) as u64
 }
 
 /// A router-like choice: 4 random groups, 8 random experts among them.
@@ -172,13 +183,14 @@ fn round_trip(
     inter: usize,
     iters: usize,
     dtype: Dtype,
+    workers: usize,
 ) -> Result<()> {
     let dir = tempdir()?;
     let ca = ClusterCa::load_or_create(&dir)?;
     let token = ca.join_token();
     let server_id = ca.coordinator_identity(&["127.0.0.1".into()])?;
     let routes = Arc::new(Routes::default());
-    let owners: Vec<u64> = (0..N_EXPERTS).map(owner_of).collect();
+    let owners: Vec<u64> = (0..N_EXPERTS).map(|e| owner_of(e, workers)).collect();
     routes.set_owners(LAYER as u32, owners);
 
     // Both ends as in the daemons: each endpoint on a data-plane runtime of its own.
@@ -192,7 +204,7 @@ fn round_trip(
     };
     let addr = endpoint.local_addr()?;
     let mut keep = Vec::new();
-    for w in 1..=WORKERS as u64 {
+    for w in 1..=workers as u64 {
         let name = format!("bench-w{w}");
         let key = WorkerKey::generate(&name)?;
         let cert = ca.issue_worker(key.csr_der(), &name, Validity::days(1))?;
@@ -203,7 +215,7 @@ fn round_trip(
             },
             &token,
         )?;
-        let experts = Arc::new(tiny_experts(hidden, inter, |e| owner_of(e) == w));
+        let experts = Arc::new(tiny_experts(hidden, inter, |e| owner_of(e, workers) == w));
         let exec = worker::compute::Executor::start(experts);
         let (_tx, rx) = watch::channel(Some(exec));
         let stats = Arc::new(worker::dataplane::Stats::default());
@@ -249,7 +261,7 @@ fn round_trip(
     for i in 0..50 {
         remote.eval(LAYER, &xs, &routing(i), &mut out, &mut scratch)?;
     }
-    for w in 1..=WORKERS as u64 {
+    for w in 1..=workers as u64 {
         if let Some(s) = routes.stats(w) {
             s.clear_samples();
             s.bytes_out.store(0, Ordering::Relaxed);
@@ -268,7 +280,11 @@ fn round_trip(
     let datagrams_before = datagrams();
     for i in 0..iters {
         let r = routing(1000 + i as u64);
-        let mut ws: Vec<u64> = r.experts.iter().map(|&e| owner_of(e as usize)).collect();
+        let mut ws: Vec<u64> = r
+            .experts
+            .iter()
+            .map(|&e| owner_of(e as usize, workers))
+            .collect();
         ws.dedup();
         workers_touched += ws.len();
         let t = Instant::now();
@@ -279,7 +295,7 @@ fn round_trip(
         beyond.push(us - remote.last_compute_us() as f64);
     }
     let (mut bytes, mut compute50, mut compute99) = (0u64, 0f64, 0f64);
-    for w in 1..=WORKERS as u64 {
+    for w in 1..=workers as u64 {
         if let Some(s) = routes.stats(w) {
             bytes += s.bytes_out.load(Ordering::Relaxed) + s.bytes_in.load(Ordering::Relaxed);
             if let Some((c50, c99)) = s.compute_percentiles() {
@@ -324,7 +340,7 @@ fn round_trip(
     let per_layer_bytes = bytes as f64 / iters as f64;
     let per_layer_datagrams = (datagrams() - datagrams_before) as f64 / iters as f64;
     println!(
-        "MoE layer round trip, 1 token, hidden {hidden} {:?}, {TOP_K} experts (inter {inter}) over {WORKERS} workers (avg {:.2} touched), {iters} layers:",
+        "MoE layer round trip, 1 token, hidden {hidden} {:?}, {TOP_K} experts (inter {inter}) over {workers} workers (avg {:.2} touched), {iters} layers:",
         dtype,
         workers_touched as f64 / iters as f64
     );

@@ -73,6 +73,10 @@ pub struct ClusterBenchArgs {
     /// every layer is a single exchange and nothing else competes for the cores.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=8))]
     round_trip_workers: u16,
+    /// Busy-poll window of every data-plane thread, microseconds (0: off): after each
+    /// exchange the thread polls its sockets this long instead of sleeping.
+    #[arg(long, default_value_t = 0)]
+    busy_poll_us: u64,
     /// Intermediate width of the round trip's stand-in experts: 1 leaves almost nothing but
     /// the transport; larger values add real (BF16) expert compute to each round trip.
     #[arg(long, default_value_t = 1)]
@@ -103,9 +107,18 @@ pub fn run(a: ClusterBenchArgs) -> Result<()> {
         a.iters,
         dtype,
         a.round_trip_workers as usize,
+        Duration::from_micros(a.busy_poll_us),
     )?;
     if let Some(model) = &a.model {
-        decode_comparison(&rt, model, a.workers, a.worker_threads, a.decode, dtype)?;
+        decode_comparison(
+            &rt,
+            model,
+            a.workers,
+            a.worker_threads,
+            a.decode,
+            dtype,
+            a.busy_poll_us,
+        )?;
     }
     Ok(())
 }
@@ -184,6 +197,7 @@ fn round_trip(
     iters: usize,
     dtype: Dtype,
     workers: usize,
+    busy_poll: Duration,
 ) -> Result<()> {
     let dir = tempdir()?;
     let ca = ClusterCa::load_or_create(&dir)?;
@@ -195,6 +209,7 @@ fn round_trip(
 
     // Both ends as in the daemons: each endpoint on a data-plane runtime of its own.
     let dp = Arc::new(DataPlaneRuntime::new()?);
+    dp.set_busy_poll(busy_poll);
     let endpoint = {
         let _g = dp.handle().enter();
         trust::quic_endpoint(
@@ -235,7 +250,13 @@ fn round_trip(
             anyhow::Ok((ep, c))
         }))??;
         let incoming = rt.block_on(accept)??;
-        let serving = wdp.spawn(worker::dataplane::serve(conn.1.clone(), rx, stats));
+        wdp.set_busy_poll(busy_poll);
+        let serving = wdp.spawn(worker::dataplane::serve(
+            conn.1.clone(),
+            rx,
+            stats,
+            Some(wdp.busy_poll()),
+        ));
         routes.connect(w, name, incoming);
         keep.push((conn, _tx, serving, wdp));
     }
@@ -378,6 +399,7 @@ fn decode_comparison(
     worker_threads: usize,
     n_decode: usize,
     dtype: Dtype,
+    busy_poll_us: u64,
 ) -> Result<()> {
     let mf =
         Arc::new(ModelFile::open(path).with_context(|| format!("opening {}", path.display()))?);
@@ -420,6 +442,7 @@ fn decode_comparison(
         model: Some(mf.clone()),
         activations: engine::tensor::activations(),
         device: "cpu".into(),
+        busy_poll: Duration::from_micros(busy_poll_us),
     }))?;
     let mut procs = Vec::new();
     for w in 0..workers {
@@ -433,6 +456,8 @@ fn decode_comparison(
                 &worker_threads.to_string(),
                 "--memory",
                 "64",
+                "--busy-poll-us",
+                &busy_poll_us.to_string(),
             ])
             .arg("--model")
             .arg(path)

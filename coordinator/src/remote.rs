@@ -343,6 +343,10 @@ impl RemoteExperts {
             sent += 1;
         }
         inbox.state.lock().expect("inbox lock").expected = Some(sent);
+        if sent > 0 {
+            // The answers are a round trip away: the data plane's thread polls for them.
+            self.dp.touch();
+        }
         Ok(Pending {
             layer,
             batches,

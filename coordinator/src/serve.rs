@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// Seconds a layer waits for its workers' answers.
     #[arg(long, default_value_t = 10.0)]
     request_timeout: f64,
+    /// After each layer's requests go out, poll for the answers (and the next layer) this
+    /// many microseconds instead of sleeping: lower latency where waking an idle core is slow
+    /// (VMs, deep idle states), at the cost of a core. 0 (the default) turns it off.
+    #[arg(long, default_value_t = 0)]
+    busy_poll_us: u64,
     #[arg(long)]
     threads: Option<usize>,
     /// The activation format of quantized products (every worker follows this choice).
@@ -154,6 +159,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         },
         heartbeat_timeout: Duration::from_secs_f64(a.heartbeat_timeout),
         request_timeout: Duration::from_secs_f64(a.request_timeout),
+        busy_poll: Duration::from_micros(a.busy_poll_us),
         names: a.names.clone(),
         local,
         model: Some(mf.clone()),

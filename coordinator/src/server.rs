@@ -65,6 +65,9 @@ pub struct ClusterOptions {
     pub activations: engine::tensor::Activations,
     /// Where this process runs the always-active part, for the status ("cpu (8 threads, AVX2)").
     pub device: String,
+    /// How long the data plane's thread polls for answers after each layer's requests go
+    /// out, instead of sleeping (zero: it sleeps; see `proto::runtime::BusyPoll`).
+    pub busy_poll: Duration,
 }
 
 pub use proto::control::MAX_FETCH;
@@ -150,6 +153,7 @@ impl Cluster {
         // The QUIC endpoint (and so every worker's connection) runs on the data plane's own
         // thread, apart from the control plane and the API.
         let dp = Arc::new(DataPlaneRuntime::new().context("starting the data plane's thread")?);
+        dp.set_busy_poll(opts.busy_poll);
         let quic = {
             let _in_dp = dp.handle().enter();
             trust::quic_endpoint(addr, Some(trust::quic_server_config(&identity)?))

@@ -45,6 +45,9 @@ pub struct Options {
     pub devices: Vec<control::DeviceInfo>,
     /// The GPU the experts are computed on (`None`: the CPU backend).
     pub gpu: Option<Arc<engine::gpu::GpuContext>>,
+    /// How long the data plane's thread polls for the next request after each answer
+    /// instead of sleeping (zero: it sleeps; see `proto::runtime::BusyPoll`).
+    pub busy_poll: Duration,
 }
 
 /// Tokens per pass of the GPU expert kernels (larger batches take several passes).
@@ -153,6 +156,7 @@ pub async fn run(opts: Options, identity: Identity) -> Result<()> {
     let loaded: Arc<watch::Sender<Option<Executor>>> = Arc::new(watch::channel(None).0);
     let stats = Arc::new(Stats::default());
     let dp = DataPlaneRuntime::new().context("starting the data plane's thread")?;
+    dp.set_busy_poll(opts.busy_poll);
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = std::time::Instant::now();
@@ -235,7 +239,12 @@ async fn session(
     });
 
     let serve = {
-        let task = dp.spawn(dataplane::serve(conn, loaded.subscribe(), stats.clone()));
+        let task = dp.spawn(dataplane::serve(
+            conn,
+            loaded.subscribe(),
+            stats.clone(),
+            Some(dp.busy_poll()),
+        ));
         async move {
             Err::<(), _>(match task.await {
                 Ok(e) => anyhow!("data plane closed: {e}"),

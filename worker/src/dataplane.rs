@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use proto::runtime::BusyPoll;
 use proto::stream::{read_only_frame, write_bytes, StreamError};
 use proto::wire::{code, ErrorFrame, Frame};
 
@@ -25,17 +26,27 @@ pub struct Stats {
 
 /// Serves requests on `conn` until it closes, with whatever executor `exec` holds at the time
 /// of each request (none yet: requests are refused as not held); returns why it closed.
+///
+/// With `poll`, the data plane's thread keeps polling for the busy-poll window after each
+/// answer (the next layer's request follows within a token's time).
 pub async fn serve(
     conn: quinn::Connection,
     exec: watch::Receiver<Option<Executor>>,
     stats: Arc<Stats>,
+    poll: Option<BusyPoll>,
 ) -> quinn::ConnectionError {
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let exec = exec.borrow().clone();
                 let stats = stats.clone();
-                tokio::spawn(async move { handle(send, recv, exec, stats).await });
+                let poll = poll.clone();
+                tokio::spawn(async move {
+                    handle(send, recv, exec, stats).await;
+                    if let Some(p) = poll {
+                        p.touch();
+                    }
+                });
             }
             Err(e) => return e,
         }

@@ -48,6 +48,11 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// After each answer, poll for the next request this many microseconds instead of
+    /// sleeping: lower latency where waking an idle core is slow (VMs, deep idle states), at
+    /// the cost of that core. For a box of its own; 0 (the default) turns it off.
+    #[arg(long, default_value_t = 0)]
+    busy_poll_us: u64,
     /// With the wgpu backend: products in f16 pairs where the adapter has `shader-f16`
     /// (less exact; off by default).
     #[arg(long)]
@@ -164,6 +169,7 @@ fn real_main() -> Result<()> {
         cache_dir: cli.cache_dir,
         devices: vec![device],
         gpu,
+        busy_poll: std::time::Duration::from_micros(cli.busy_poll_us),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -85,7 +85,7 @@ async fn requests_are_answered_and_malformed_streams_refused_and_counted() {
         },
         async { endpoint.accept().await.unwrap().await.unwrap() }
     );
-    tokio::spawn(serve(dialled, loaded, stats.clone()));
+    tokio::spawn(serve(dialled, loaded, stats.clone(), None));
     let conn = accepted;
 
     let xs: Vec<f32> = (0..hidden)

@@ -156,6 +156,7 @@ pub fn start_cluster(
             model: stream.then(|| file.clone()),
             activations: Default::default(),
             device: "cpu".into(),
+            busy_poll: Duration::ZERO,
         }))
         .unwrap();
     (rt, cluster)

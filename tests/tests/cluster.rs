@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    coordinator_bin, spawn, start_cluster, worker_bin, worker_log, Serve, Worker, HALF,
+    coordinator_bin, spawn, spawn_with, start_cluster, worker_bin, worker_log, Serve, Worker, HALF,
 };
 use coordinator::server::Cluster;
 use engine::model::kv_cache::CacheType;
@@ -673,11 +673,16 @@ fn generate_through_processes(
     ]);
     let mut serve = Serve::start(model, &dir.join(format!("coordinator-{wire}")), &args);
     let cache = dir.join(format!("cache-{wire}"));
+    // Workers take the coordinator's busy-poll window too, when it has one.
+    let poll: Vec<&str> = match extra.iter().position(|&a| a == "--busy-poll-us") {
+        Some(i) => extra[i..i + 2].to_vec(),
+        None => vec![],
+    };
     let _workers: Vec<Worker> = (1..=3)
         .map(|i| {
             let name = format!("{wire}-w{i}");
             let streamed = stream && i == 3;
-            spawn(
+            spawn_with(
                 &serve.addr,
                 Some(&serve.token),
                 (!streamed).then_some(model),
@@ -685,6 +690,7 @@ fn generate_through_processes(
                 &dir.join(&name),
                 &name,
                 &memory,
+                &poll,
             )
         })
         .collect();
@@ -736,6 +742,8 @@ fn processes_match_one_process(model: &Path, reference: &str, stream: bool, bf16
     );
     assert!(d < 1e-3, "f32 on the wire: logits differ by {d}");
 
+    // With bf16 on the wire, every data-plane thread also busy-polls after its exchanges:
+    // the same answers.
     let (_, got) = generate_through_processes(
         dir.path(),
         model,
@@ -743,7 +751,7 @@ fn processes_match_one_process(model: &Path, reference: &str, stream: bool, bf16
         "bf16",
         stream,
         Some(&want_tokens),
-        &[],
+        &["--busy-poll-us", "200"],
     );
     let d = max_diff(&got, &want);
     let agree = argmax_rows(&got, vocab)

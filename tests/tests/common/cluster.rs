@@ -97,6 +97,21 @@ pub fn spawn(
     name: &str,
     memory_gib: &str,
 ) -> Worker {
+    spawn_with(addr, token, model, cache, state, name, memory_gib, &[])
+}
+
+/// [`spawn`] with extra command-line arguments.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_with(
+    addr: &str,
+    token: Option<&str>,
+    model: Option<&Path>,
+    cache: Option<&Path>,
+    state: &Path,
+    name: &str,
+    memory_gib: &str,
+    extra: &[&str],
+) -> Worker {
     let mut cmd = Command::new(worker_bin());
     cmd.args(["--coordinator", addr, "--name", name, "--threads", "1"])
         .args(["--memory", memory_gib]);
@@ -119,6 +134,7 @@ pub fn spawn(
     if let Some(t) = token {
         cmd.args(["--join-token", t]);
     }
+    cmd.args(extra);
     Worker(cmd.spawn().expect("starting a worker"))
 }
 

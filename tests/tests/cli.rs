@@ -69,6 +69,7 @@ fn status_and_drain_against_a_real_cluster() {
         &dir.path().join("w1"),
         "w1",
         "1",
+        &[],
     );
     assert!(
         rt.block_on(cluster.wait_serving(Duration::from_secs(60))),

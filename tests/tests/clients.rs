@@ -56,6 +56,7 @@ impl Api {
             &self.state(&name),
             &name,
             HALF,
+            &[],
         );
         self.workers[i].1 = Some(w);
     }

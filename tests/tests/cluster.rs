@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    coordinator_bin, spawn, spawn_with, start_cluster, worker_bin, worker_log, Serve, Worker, HALF,
+    coordinator_bin, spawn, start_cluster, worker_bin, worker_log, Serve, Worker, HALF,
 };
 use coordinator::server::Cluster;
 use engine::model::kv_cache::CacheType;
@@ -34,7 +34,7 @@ fn spawn_worker(
     name: &str,
     memory_gib: &str,
 ) -> Worker {
-    spawn(addr, token, Some(model), None, state, name, memory_gib)
+    spawn(addr, token, Some(model), None, state, name, memory_gib, &[])
 }
 
 /// The tiny synthetic model, written into `dir` and loaded.
@@ -335,6 +335,7 @@ fn stream_then_restart(
         &dir.join("w2"),
         "w2",
         &half,
+        &[],
     );
     assert!(
         rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
@@ -384,6 +385,7 @@ fn stream_then_restart(
         &dir.join("w2"),
         "w2",
         &half,
+        &[],
     );
     assert!(
         rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
@@ -682,7 +684,7 @@ fn generate_through_processes(
         .map(|i| {
             let name = format!("{wire}-w{i}");
             let streamed = stream && i == 3;
-            spawn_with(
+            spawn(
                 &serve.addr,
                 Some(&serve.token),
                 (!streamed).then_some(model),
@@ -811,6 +813,7 @@ fn serve_on_a_gpu_matches_generate_on_the_cpu() {
         &dir.path().join("w1"),
         "w1",
         "1",
+        &[],
     );
     serve.wait(Duration::from_secs(300));
     assert!(

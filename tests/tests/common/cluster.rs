@@ -87,22 +87,9 @@ impl Drop for Worker {
 }
 
 /// A worker with its own copy of the model, or (`model: None`) one that streams its experts
-/// from the coordinator into `cache`.
-pub fn spawn(
-    addr: &str,
-    token: Option<&str>,
-    model: Option<&Path>,
-    cache: Option<&Path>,
-    state: &Path,
-    name: &str,
-    memory_gib: &str,
-) -> Worker {
-    spawn_with(addr, token, model, cache, state, name, memory_gib, &[])
-}
-
-/// [`spawn`] with extra command-line arguments.
+/// from the coordinator into `cache`; `extra`: more of its command-line arguments.
 #[allow(clippy::too_many_arguments)]
-pub fn spawn_with(
+pub fn spawn(
     addr: &str,
     token: Option<&str>,
     model: Option<&Path>,

@@ -263,9 +263,6 @@ struct QuantSeg {
     n: usize,
 }
 
-/// Values below which quantising runs on the calling thread (a dispatch costs more).
-const PARALLEL_QUANT_VALUES: usize = 32 * 1024;
-
 /// Quantises every segment, spread over the kernels' pool when there is enough of it (a
 /// prefill's activations: serial, this was the largest part of the time one thread spent
 /// alone). `tasks` is scratch.
@@ -289,7 +286,7 @@ unsafe fn quantize_segments(segs: &[QuantSeg], tasks: &mut Vec<(u32, u32, u32)>)
     };
     let total: usize = segs.iter().map(|g| g.n * g.cols).sum();
     let pool = crate::cpu::pool::global();
-    if total < PARALLEL_QUANT_VALUES || pool.threads() <= 1 {
+    if total < crate::cpu::pool::PARALLEL_VALUES || pool.threads() <= 1 {
         for (k, g) in segs.iter().enumerate() {
             run(k, 0, g.n);
         }

@@ -4,6 +4,7 @@
 //! experts held in this process; a remote implementation sends the same inputs over a network.
 
 use crate::config::{ModelConfig, Scoring};
+use crate::cpu::pool::PARALLEL_VALUES;
 use crate::model::ops;
 use crate::model::weights::{fp8_matrix, ExpertMatrix, ExpertSet, Mlp, MoeWeights, RawMatrix};
 use crate::quant::{QuantError, QuantType};
@@ -629,7 +630,7 @@ fn gather_rows(xs: &[f32], h: usize, rows: &[u32], dst: &mut [f32]) {
             d.copy_from_slice(&xs[t as usize * h..(t as usize + 1) * h]);
         }
     };
-    if dst.len() < ops::PARALLEL_VALUES {
+    if dst.len() < PARALLEL_VALUES {
         return copy(0, dst);
     }
     crate::cpu::pool::global()
@@ -649,7 +650,7 @@ fn scatter_rows(y: &[f32], h: usize, starts: &[usize], contrib: &[(u32, f32)], o
             }
         }
     };
-    if contrib.len() * h < ops::PARALLEL_VALUES {
+    if contrib.len() * h < PARALLEL_VALUES {
         return add(0, out);
     }
     crate::cpu::pool::global()
@@ -721,7 +722,7 @@ mod tests {
                 })
             })
             .collect();
-        assert!(n * k * h >= ops::PARALLEL_VALUES && n * k * inter >= ops::PARALLEL_VALUES);
+        assert!(n * k * h >= PARALLEL_VALUES && n * k * inter >= PARALLEL_VALUES);
         let start = |t: usize| {
             (0..h)
                 .map(|i| (t * h + i) as f32 * 1e-4)

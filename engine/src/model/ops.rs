@@ -55,15 +55,11 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// Values from which element-wise work is spread over the kernels' pool (below, a dispatch
-/// costs more than it saves).
-pub const PARALLEL_VALUES: usize = 32 * 1024;
-
 /// [`swiglu`], spread over the kernels' pool when it is large (a prefill's): the same values.
 pub fn swiglu_par(gate: &mut [f32], up: &[f32]) {
     const CHUNK: usize = 8192;
     let n = gate.len().min(up.len());
-    if n < PARALLEL_VALUES {
+    if n < crate::cpu::pool::PARALLEL_VALUES {
         return swiglu(gate, up);
     }
     crate::cpu::pool::global().for_each_chunk_mut(&mut gate[..n], CHUNK, |i, g| {

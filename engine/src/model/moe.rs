@@ -204,10 +204,10 @@ pub struct MoeScratch {
     lists: Vec<Vec<(u32, f32)>>,
     /// Experts with tokens, in id order, and their token counts.
     active: Vec<(u32, usize)>,
-    /// The token of each gathered row of `x`.
-    rows: Vec<u32>,
-    /// Each token's share of the answer, expert by expert: the pairs (row of `y`, weight) of
-    /// token `t` are `contrib[starts[t]..starts[t + 1]]`.
+    /// The token and weight of each gathered row of `x` (and of `y`).
+    rows: Vec<(u32, f32)>,
+    /// Each token's rows of `y` with their weights, in gather order (expert by expert): token
+    /// `t`'s are `contrib[starts[t]..starts[t + 1]]`.
     starts: Vec<usize>,
     contrib: Vec<(u32, f32)>,
     x: Vec<f32>,
@@ -472,7 +472,7 @@ impl LocalExperts {
                 continue;
             }
             s.active.push((e as u32, m));
-            s.rows.extend(s.lists[e].iter().map(|&(t, _)| t));
+            s.rows.extend_from_slice(&s.lists[e]);
             inter_total += m * mlp.gate.rows;
             rows_total += m;
         }
@@ -522,29 +522,25 @@ impl LocalExperts {
             }
             g.run();
         }
-        // Each token's rows of `y`, expert by expert as above, added into its row of `out`.
+        // Each token's rows of `y` (a counting sort of the rows by token, stable, so in expert
+        // order as before), added into its row of `out`. After the prefix sums `starts[t]` is
+        // token `t`'s start and `starts[t + 1]` its end; filling moves each start to its end.
         s.starts.clear();
         s.starts.resize(n + 1, 0);
-        for &t in &s.rows {
+        for &(t, _) in &s.rows {
             s.starts[t as usize + 1] += 1;
         }
         for t in 0..n {
             s.starts[t + 1] += s.starts[t];
         }
         s.contrib.resize(rows_total, (0, 0.0));
-        let mut y0 = 0;
-        for &(e, _) in &s.active {
-            for &(t, w) in &s.lists[e as usize] {
-                let at = &mut s.starts[t as usize];
-                s.contrib[*at] = (y0, w);
-                *at += 1;
-                y0 += 1;
-            }
+        for (r, &(t, w)) in s.rows.iter().enumerate() {
+            let at = &mut s.starts[t as usize];
+            s.contrib[*at] = (r as u32, w);
+            *at += 1;
         }
-        // `starts[t]` now ends token `t`'s range: shift back to starts.
-        for t in (1..=n).rev() {
-            s.starts[t] = s.starts[t - 1];
-        }
+        // Each `starts[t]` now holds its token's end, the next one's start: shift them back.
+        s.starts.copy_within(0..n, 1);
         s.starts[0] = 0;
         scatter_rows(&s.y, h, &s.starts, &s.contrib, &mut out[..n * h]);
         Ok(())
@@ -620,13 +616,13 @@ pub fn mlp_forward(
 /// Rows (tokens) per task when gathering or scattering rows over the kernels' pool.
 const ROWS_PER_TASK: usize = 16;
 
-/// `dst` row `i` = row `rows[i]` of `xs` (`h` wide), spread over the kernels' pool when large.
-fn gather_rows(xs: &[f32], h: usize, rows: &[u32], dst: &mut [f32]) {
+/// `dst` row `i` = row `rows[i].0` of `xs` (`h` wide), spread over the kernels' pool when large.
+fn gather_rows(xs: &[f32], h: usize, rows: &[(u32, f32)], dst: &mut [f32]) {
     if h == 0 {
         return;
     }
     let copy = |i0: usize, d: &mut [f32]| {
-        for (d, &t) in d.chunks_exact_mut(h).zip(&rows[i0..]) {
+        for (d, &(t, _)) in d.chunks_exact_mut(h).zip(&rows[i0..]) {
             d.copy_from_slice(&xs[t as usize * h..(t as usize + 1) * h]);
         }
     };

@@ -735,6 +735,23 @@ unsafe fn k4_block_end<const T: usize>(
     }
 }
 
+/// `acc[t] += (dy_t · dx) · sumi[t]`, lane by lane, `dy_t` the activation scale (f32) at
+/// `a[t] + off`: the float step of a Q6_K block or half block, whose scales are all in `sumi`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scaled_sums<const T: usize>(
+    acc: &mut [__m256; T],
+    sumi: &[__m256i; T],
+    dx: __m256,
+    a: [*const u8; T],
+    off: usize,
+) {
+    for t in 0..T {
+        let d = _mm256_mul_ps(f32x8(a[t].add(off)), dx);
+        acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_k_avx2(nb: usize, w: *const u8, a: *const u8) -> f32 {
     q5_k_n::<1>(nb, w, [a])[0]
@@ -814,11 +831,7 @@ unsafe fn q6_k_n<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -> 
                 }
             }
         }
-        let dx = f16x8(x.add(208));
-        for t in 0..T {
-            let d = _mm256_mul_ps(f32x8(a[t].add(i * 292)), dx);
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-        }
+        scaled_sums(&mut acc, &sumi, f16x8(x.add(208)), a, i * 292);
     }
     hsums(acc)
 }
@@ -921,10 +934,7 @@ unsafe fn q6_k_q16<const T: usize>(nb: usize, w: *const u8, a: [*const u8; T]) -
                 let wo = _mm256_sub_epi16(_mm256_maddubs_epi16(qk, _mm256_slli_epi16(s, 8)), off);
                 group_q16(&mut sumi, we, wo, a, i * Z_BYTES + Z_QS + 256 * h + 64 * k);
             }
-            for t in 0..T {
-                let d = _mm256_mul_ps(f32x8(a[t].add(i * Z_BYTES)), dx);
-                acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
-            }
+            scaled_sums(&mut acc, &sumi, dx, a, i * Z_BYTES);
         }
     }
     hsums(acc)

@@ -423,10 +423,8 @@ unsafe fn q6_k_q16<const T: usize>(
                     *s = dpwssd_at(*s, wv, a[t].add(i * Z_BYTES + Z_QS + 256 * h + 64 * k));
                 }
             }
-            for t in 0..T {
-                let d = _mm256_mul_ps(f32x8(a[t].add(i * Z_BYTES)), dx);
-                acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(fold(sumi[t], c)), acc[t]);
-            }
+            let sumi: [__m256i; T] = from_fn(|t| fold(sumi[t], c));
+            scaled_sums(&mut acc, &sumi, dx, a, i * Z_BYTES);
         }
     }
     acc
@@ -598,11 +596,8 @@ unsafe fn q6_k_q8<const T: usize>(
                 }
             }
         }
-        let dx = f16x8(x.add(208));
-        for t in 0..T {
-            let d = _mm256_mul_ps(f32x8(a[t].add(i * Y_BYTES)), dx);
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(fold(sumi[t], c)), acc[t]);
-        }
+        let sumi: [__m256i; T] = from_fn(|t| fold(sumi[t], c));
+        scaled_sums(&mut acc, &sumi, f16x8(x.add(208)), a, i * Y_BYTES);
     }
     acc
 }

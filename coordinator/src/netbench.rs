@@ -74,8 +74,9 @@ pub struct ClusterBenchArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=8))]
     round_trip_workers: u16,
     /// Busy-poll window of every data-plane thread, microseconds (0: off): after each
-    /// exchange the thread polls its sockets this long instead of sleeping.
-    #[arg(long, default_value_t = 0)]
+    /// exchange the thread polls its sockets this long instead of sleeping. The daemons'
+    /// default.
+    #[arg(long, default_value_t = proto::runtime::DEFAULT_BUSY_POLL_US)]
     busy_poll_us: u64,
     /// Intermediate width of the round trip's stand-in experts: 1 leaves almost nothing but
     /// the transport; larger values add real (BF16) expert compute to each round trip.

@@ -227,8 +227,25 @@ impl Inbox {
         }
     }
 
-    /// Every answer that arrived before `deadline` (all of them, unless it passed).
-    fn wait(&self, deadline: Instant) -> Vec<Answer> {
+    /// Every answer that arrived before `deadline` (all of them, unless it passed). For the
+    /// first `spin` of the wait the thread polls, yielding its core between looks, before it
+    /// sleeps.
+    fn wait(&self, deadline: Instant, spin: Duration) -> Vec<Answer> {
+        if !spin.is_zero() {
+            let t0 = Instant::now();
+            loop {
+                {
+                    let g = self.state.lock().expect("inbox lock");
+                    if g.expected.is_some_and(|n| g.answers.len() >= n) {
+                        break;
+                    }
+                }
+                if t0.elapsed() >= spin || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
         let mut g = self.state.lock().expect("inbox lock");
         while g.expected.is_some_and(|n| g.answers.len() < n) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -446,7 +463,9 @@ impl RoutedExperts for RemoteExperts {
             // than spin on the cores the runtime needs to receive them.
             engine::cpu::pool::global().rest();
         }
-        let got = p.inbox.wait(deadline);
+        // With busy polling on, this thread polls for the answers too (yielding its core to any
+        // thread with work): the data plane's thread then hands them over without a wake-up.
+        let got = p.inbox.wait(deadline, self.dp.busy_poll_window());
         for (i, r) in got {
             answered[i] = true;
             match r {
@@ -498,37 +517,42 @@ mod tests {
 
     #[test]
     fn the_inbox_returns_when_the_last_answer_is_in_or_at_its_deadline() {
-        // All in: the wait ends with the last answer, long before the deadline.
-        let inbox = Arc::new(Inbox::default());
-        inbox.put(answer(0));
-        inbox.state.lock().unwrap().expected = Some(3);
-        let late = {
-            let inbox = inbox.clone();
-            std::thread::spawn(move || {
-                for i in 1..3 {
-                    std::thread::sleep(Duration::from_millis(20));
-                    inbox.put(answer(i));
-                }
-            })
-        };
-        let t0 = Instant::now();
-        let mut got: Vec<usize> = inbox
-            .wait(t0 + Duration::from_secs(30))
-            .into_iter()
-            .map(|a| a.0)
-            .collect();
-        got.sort_unstable();
-        assert_eq!(got, [0, 1, 2]);
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        late.join().unwrap();
+        // Sleeping at once, polling for part of the wait, and polling past the last answer.
+        for spin in [0, 30, 5_000].map(Duration::from_millis) {
+            // All in: the wait ends with the last answer, long before the deadline.
+            let inbox = Arc::new(Inbox::default());
+            inbox.put(answer(0));
+            inbox.state.lock().unwrap().expected = Some(3);
+            let late = {
+                let inbox = inbox.clone();
+                std::thread::spawn(move || {
+                    for i in 1..3 {
+                        std::thread::sleep(Duration::from_millis(20));
+                        inbox.put(answer(i));
+                    }
+                })
+            };
+            let t0 = Instant::now();
+            let mut got: Vec<usize> = inbox
+                .wait(t0 + Duration::from_secs(30), spin)
+                .into_iter()
+                .map(|a| a.0)
+                .collect();
+            got.sort_unstable();
+            assert_eq!(got, [0, 1, 2], "spin {spin:?}");
+            assert!(t0.elapsed() < Duration::from_secs(4), "spin {spin:?}");
+            late.join().unwrap();
 
-        // One missing: what arrived, once the deadline has passed.
-        let inbox = Inbox::default();
-        inbox.state.lock().unwrap().expected = Some(2);
-        inbox.put(answer(1));
-        let t0 = Instant::now();
-        let got = inbox.wait(t0 + Duration::from_millis(50));
-        assert_eq!(got.len(), 1);
-        assert!(t0.elapsed() >= Duration::from_millis(50));
+            // One missing: what arrived, once the deadline has passed (also when the deadline
+            // comes before the end of the polling).
+            let inbox = Inbox::default();
+            inbox.state.lock().unwrap().expected = Some(2);
+            inbox.put(answer(1));
+            let t0 = Instant::now();
+            let got = inbox.wait(t0 + Duration::from_millis(50), spin);
+            assert_eq!(got.len(), 1, "spin {spin:?}");
+            assert!(t0.elapsed() >= Duration::from_millis(50), "spin {spin:?}");
+            assert!(t0.elapsed() < Duration::from_secs(4), "spin {spin:?}");
+        }
     }
 }

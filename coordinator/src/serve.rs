@@ -47,9 +47,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 10.0)]
     request_timeout: f64,
     /// After each layer's requests go out, poll for the answers (and the next layer) this
-    /// many microseconds instead of sleeping: lower latency where waking an idle core is slow
-    /// (VMs, deep idle states), at the cost of a core. 0 (the default) turns it off.
-    #[arg(long, default_value_t = 0)]
+    /// many microseconds instead of sleeping (yielding the core to any thread with work):
+    /// lower latency, most of all where waking an idle core is slow (VMs, deep idle states),
+    /// for a core's power during generation. 0 turns it off.
+    #[arg(long, default_value_t = proto::runtime::DEFAULT_BUSY_POLL_US)]
     busy_poll_us: u64,
     #[arg(long)]
     threads: Option<usize>,

@@ -49,9 +49,10 @@ struct Cli {
     #[arg(long)]
     threads: Option<usize>,
     /// After each answer, poll for the next request this many microseconds instead of
-    /// sleeping: lower latency where waking an idle core is slow (VMs, deep idle states), at
-    /// the cost of that core. For a box of its own; 0 (the default) turns it off.
-    #[arg(long, default_value_t = 0)]
+    /// sleeping (yielding the core to any thread with work): lower latency, most of all where
+    /// waking an idle core is slow (VMs, deep idle states), for a core's power during
+    /// generation. 0 turns it off.
+    #[arg(long, default_value_t = proto::runtime::DEFAULT_BUSY_POLL_US)]
     busy_poll_us: u64,
     /// With the wgpu backend: products in f16 pairs where the adapter has `shader-f16`
     /// (less exact; off by default).

@@ -93,9 +93,9 @@ impl Drop for DataPlaneRuntime {
 /// The busy-poll window of the daemons' data planes unless told otherwise (`--busy-poll-us`),
 /// microseconds: longer than the gap between a token's MoE layers on a CPU coordinator, so
 /// during a generation the data plane's threads never sleep, and short enough that an idle
-/// cluster stops polling at once. On a 2-core VM it took the loopback cluster's round trip
-/// less compute from 138-180 us to 104-106 us (three workers) and from 98 to 42 us (one), and
-/// its decode from 0.68-0.71 to 0.80-0.81 of one process.
+/// cluster stops polling at once. On a 2-core VM (coordinator and three workers on the same
+/// two cores) it took the loopback round trip less compute from a median of 180 us to 117 us
+/// (from 98 to 42 us with one worker), and decode from 0.72 to 0.82 of one process.
 pub const DEFAULT_BUSY_POLL_US: u64 = 1000;
 
 /// Keeps the data plane's thread polling its sockets for a while instead of sleeping.
@@ -111,7 +111,7 @@ pub const DEFAULT_BUSY_POLL_US: u64 = 1000;
 /// Each turn of the loop also yields the core to the OS (`sched_yield`), so a poller never
 /// holds a core that another thread has work for: without it, three workers and a coordinator
 /// polling on two cores took each other's time slices and the loopback round trip grew from
-/// 175-213 us to 580 us; with it, it fell to 84-146 us. On an idle core the poller keeps
+/// 138-188 us to 580 us; with it, it fell to 83-145 us. On an idle core the poller keeps
 /// running and costs that core's power for the window.
 #[derive(Clone)]
 pub struct BusyPoll {

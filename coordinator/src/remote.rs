@@ -231,28 +231,24 @@ impl Inbox {
     /// first `spin` of the wait the thread polls, yielding its core between looks, before it
     /// sleeps.
     fn wait(&self, deadline: Instant, spin: Duration) -> Vec<Answer> {
-        if !spin.is_zero() {
-            let t0 = Instant::now();
-            loop {
-                {
-                    let g = self.state.lock().expect("inbox lock");
-                    if g.expected.is_some_and(|n| g.answers.len() >= n) {
-                        break;
-                    }
-                }
-                if t0.elapsed() >= spin || Instant::now() >= deadline {
-                    break;
-                }
-                std::thread::yield_now();
-            }
-        }
+        let poll_until = Instant::now() + spin;
         let mut g = self.state.lock().expect("inbox lock");
         while g.expected.is_some_and(|n| g.answers.len() < n) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let now = Instant::now();
+            if now >= deadline {
                 break;
             }
-            g = self.all_in.wait_timeout(g, left).expect("inbox lock").0;
+            if now < poll_until {
+                drop(g);
+                std::thread::yield_now();
+                g = self.state.lock().expect("inbox lock");
+            } else {
+                g = self
+                    .all_in
+                    .wait_timeout(g, deadline - now)
+                    .expect("inbox lock")
+                    .0;
+            }
         }
         std::mem::take(&mut g.answers)
     }

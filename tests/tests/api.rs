@@ -713,6 +713,15 @@ fn a_full_queue_refuses_and_a_gone_client_frees_its_slot() {
         let mut running = running;
         let first = running.chunk().await.unwrap().unwrap();
         assert!(first.starts_with(b"data: "));
+        // The first chunk (the role) leaves before the batching thread takes the request in:
+        // wait until it runs, so that the queue's one place is free for the next.
+        let t0 = Instant::now();
+        while s.api.metrics.active.load(Ordering::Relaxed) < 1
+            || s.api.metrics.queue_depth.load(Ordering::Relaxed) != 0
+        {
+            assert!(t0.elapsed() < Duration::from_secs(10), "never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let waiting = tokio::spawn({
             let url = s.url("/v1/chat/completions");
             let body = chat_body("Wait your turn.", 3, false);

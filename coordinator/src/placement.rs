@@ -20,8 +20,13 @@
 //!    the remainders are packed into the leftover groups, so at most a few groups per layer are
 //!    split between workers.
 //!
-//! Replicas (an expert held by two workers, to survive the loss of one) come later: the plan
-//! already answers "who holds (layer, expert)" as a list.
+//! 4. **Spare copies** ([`plan_with_copies`], optional). Once every expert has its owner, the
+//!    memory left over takes further copies of experts, each on a worker that does not hold
+//!    that expert yet: a whole group on one worker where one has room (so a failover keeps
+//!    groups together), else expert by expert; each time the worker with the most free memory
+//!    times speed. Copies are best effort: what finds no room is counted
+//!    ([`Plan::without_spare`]), never a reason to refuse the plan. A copy serves when the
+//!    owner is lost, so the loss of one box costs no request.
 
 use std::fmt::Write as _;
 
@@ -116,13 +121,20 @@ pub struct LayerPlan {
     pub layer: u32,
     /// `owner[e]`: the worker holding expert `e`.
     pub owner: Vec<WorkerIdx>,
+    /// `spares[e]`: the workers holding a spare copy of expert `e` (never its owner, never
+    /// twice the same worker); all empty without spare copies.
+    pub spares: Vec<Vec<WorkerIdx>>,
     pub n_groups: u32,
 }
 
 /// What one worker ends up holding.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct WorkerLoad {
+    /// Experts it owns.
     pub experts: u64,
+    /// Spare copies it holds.
+    pub spares: u64,
+    /// Bytes of both.
     pub bytes: u64,
 }
 
@@ -131,26 +143,33 @@ pub struct WorkerLoad {
 pub struct Plan {
     pub layers: Vec<LayerPlan>,
     pub workers: Vec<WorkerLoad>,
+    /// Copies asked for that found no room (0 when every expert has all its copies).
+    pub without_spare: u64,
 }
 
 impl Plan {
-    /// The workers holding `expert` of model layer `layer` (one until replicas exist).
-    pub fn holders(&self, layer: u32, expert: u32) -> &[WorkerIdx] {
+    /// The workers holding `expert` of model layer `layer`: its owner, then its spares.
+    pub fn holders(&self, layer: u32, expert: u32) -> Vec<WorkerIdx> {
         self.layers
             .iter()
             .find(|l| l.layer == layer)
-            .and_then(|l| l.owner.get(expert as usize))
-            .map(std::slice::from_ref)
-            .unwrap_or(&[])
+            .and_then(|l| {
+                let e = expert as usize;
+                let o = *l.owner.get(e)?;
+                Some(std::iter::once(o).chain(l.spares[e].iter().copied()).collect())
+            })
+            .unwrap_or_default()
     }
 
-    /// The experts `worker` holds, per model layer (layers where it holds none are omitted).
+    /// The experts `worker` holds (owned or spare), per model layer (layers where it holds none
+    /// are omitted).
     pub fn experts_of(&self, worker: WorkerIdx) -> Vec<(u32, Vec<u32>)> {
         self.layers
             .iter()
             .filter_map(|l| {
-                let es: Vec<u32> = (0..l.owner.len() as u32)
-                    .filter(|&e| l.owner[e as usize] == worker)
+                let es: Vec<u32> = (0..l.owner.len())
+                    .filter(|&e| l.owner[e] == worker || l.spares[e].contains(&worker))
+                    .map(|e| e as u32)
                     .collect();
                 (!es.is_empty()).then_some((l.layer, es))
             })
@@ -162,30 +181,117 @@ impl Plan {
     pub fn render(&self, workers: &[WorkerCapacity]) -> String {
         let mut s = String::new();
         for (i, (w, load)) in workers.iter().zip(&self.workers).enumerate() {
-            let _ = writeln!(
+            let _ = write!(
                 s,
                 "worker {i} {}: {} experts, {} bytes of {}",
                 w.name, load.experts, load.bytes, w.memory
             );
+            if load.spares > 0 {
+                let _ = write!(s, " (with {} spare copies)", load.spares);
+            }
+            s.push('\n');
         }
         for l in &self.layers {
             let size = l.owner.len() / l.n_groups as usize;
             let _ = write!(s, "layer {}:", l.layer);
-            for g in l.owner.chunks(size) {
+            for (gi, g) in l.owner.chunks(size).enumerate() {
                 let mut owners: Vec<WorkerIdx> = g.to_vec();
                 owners.sort_unstable();
                 owners.dedup();
                 let names: Vec<String> = owners.iter().map(|o| o.to_string()).collect();
                 let _ = write!(s, " {}", names.join("/"));
+                let mut spares: Vec<WorkerIdx> = l.spares[gi * size..(gi + 1) * size]
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .collect();
+                spares.sort_unstable();
+                spares.dedup();
+                if !spares.is_empty() {
+                    let names: Vec<String> = spares.iter().map(|o| o.to_string()).collect();
+                    let _ = write!(s, "+{}", names.join("/"));
+                }
             }
             s.push('\n');
+        }
+        if self.without_spare > 0 {
+            let _ = writeln!(s, "copies without room: {}", self.without_spare);
         }
         s
     }
 }
 
-/// Plans the placement of `layers`' experts on `workers`.
+/// Plans the placement of `layers`' experts on `workers`, one copy of each.
 pub fn plan(layers: &[LayerExperts], workers: &[WorkerCapacity]) -> Result<Plan, PlanError> {
+    plan_with_copies(layers, workers, 1)
+}
+
+/// Plans the placement with up to `copies` copies of every expert (1: no spares; at most one
+/// per worker). The owners are planned first, exactly as by [`plan`]; the spare copies take
+/// only the memory left over, and the plan fails only when the owners do not fit.
+pub fn plan_with_copies(
+    layers: &[LayerExperts],
+    workers: &[WorkerCapacity],
+    copies: usize,
+) -> Result<Plan, PlanError> {
+    let mut p = plan_owners(layers, workers)?;
+    for _ in 1..copies.min(workers.len()) {
+        add_spares(layers, workers, &mut p);
+    }
+    let wanted = copies.max(1) - 1;
+    p.without_spare = p
+        .layers
+        .iter()
+        .flat_map(|lp| &lp.spares)
+        .map(|s| wanted.saturating_sub(s.len()) as u64)
+        .sum();
+    Ok(p)
+}
+
+/// One more spare copy of every expert, where memory allows (see the module documentation).
+fn add_spares(layers: &[LayerExperts], workers: &[WorkerCapacity], p: &mut Plan) {
+    let mut free: Vec<u64> = workers
+        .iter()
+        .zip(&p.workers)
+        .map(|(w, l)| w.memory.saturating_sub(l.bytes))
+        .collect();
+    // The worker with the most free memory times speed among `ok` that has `bytes` free
+    // (ties: the lower index).
+    let pick = |free: &[u64], bytes: u64, ok: &dyn Fn(WorkerIdx) -> bool| {
+        (0..workers.len())
+            .filter(|&w| ok(w) && free[w] >= bytes)
+            .max_by(|&a, &b| {
+                (free[a] as f64 * workers[a].speed)
+                    .total_cmp(&(free[b] as f64 * workers[b].speed))
+                    .then(b.cmp(&a))
+            })
+    };
+    for (l, lp) in layers.iter().zip(p.layers.iter_mut()) {
+        let size = (l.n_experts / l.n_groups) as usize;
+        for g in 0..l.n_groups as usize {
+            let range = g * size..(g + 1) * size;
+            let holds =
+                |lp: &LayerPlan, w: WorkerIdx, e: usize| lp.owner[e] == w || lp.spares[e].contains(&w);
+            // The whole group on one worker that holds none of it.
+            let whole = pick(&free, size as u64 * l.expert_bytes, &|w| {
+                range.clone().all(|e| !holds(lp, w, e))
+            });
+            for e in range.clone() {
+                let target =
+                    whole.or_else(|| pick(&free, l.expert_bytes, &|w| !holds(lp, w, e)));
+                if let Some(w) = target {
+                    free[w] -= l.expert_bytes;
+                    lp.spares[e].push(w);
+                    p.workers[w].spares += 1;
+                    p.workers[w].bytes += l.expert_bytes;
+                }
+            }
+        }
+    }
+}
+
+/// The owners: one copy of every expert.
+fn plan_owners(layers: &[LayerExperts], workers: &[WorkerCapacity]) -> Result<Plan, PlanError> {
     if workers.is_empty() {
         return Err(PlanError::NoWorkers);
     }
@@ -269,12 +375,14 @@ pub fn plan(layers: &[LayerExperts], workers: &[WorkerCapacity]) -> Result<Plan,
         out.push(LayerPlan {
             layer: l.layer,
             owner: arrange_groups(l, &counts),
+            spares: vec![Vec::new(); l.n_experts as usize],
             n_groups: l.n_groups,
         });
     }
     Ok(Plan {
         layers: out,
         workers: load,
+        without_spare: 0,
     })
 }
 
@@ -422,16 +530,27 @@ mod tests {
         }
     }
 
-    /// Every expert exactly once, no worker past its memory, loads add up.
+    /// Every expert owned exactly once, spares on other workers than its owner and each
+    /// other, no worker past its memory, loads add up.
     fn check_valid(layers: &[LayerExperts], workers: &[WorkerCapacity], p: &Plan) {
         assert_eq!(p.layers.len(), layers.len());
         let mut load = vec![WorkerLoad::default(); workers.len()];
         for (l, lp) in layers.iter().zip(&p.layers) {
             assert_eq!(lp.owner.len(), l.n_experts as usize);
-            for &o in &lp.owner {
+            assert_eq!(lp.spares.len(), l.n_experts as usize);
+            for (e, &o) in lp.owner.iter().enumerate() {
                 assert!(o < workers.len(), "expert left unplaced");
                 load[o].experts += 1;
                 load[o].bytes += l.expert_bytes;
+                let mut holders = vec![o];
+                for &s in &lp.spares[e] {
+                    assert!(s < workers.len());
+                    assert!(!holders.contains(&s), "two copies on worker {s}");
+                    holders.push(s);
+                    load[s].spares += 1;
+                    load[s].bytes += l.expert_bytes;
+                }
+                assert_eq!(p.holders(l.layer, e as u32), holders);
             }
         }
         assert_eq!(load, p.workers);
@@ -459,6 +578,64 @@ mod tests {
              layer 4: 1 1 0 0 2 2 0/1 0/2\n\
              layer 5: 2 2 0 0 1 1 0/2 0/1\n\
              layer 6: 0 0 1 1 2 2 0/1 1/2\n"
+        );
+    }
+
+    #[test]
+    fn spare_copies_snapshot() {
+        // Room for two copies of everything: every group gets one spare, whole, on another
+        // worker; memory stays balanced.
+        let layers: Vec<_> = v3(100).into_iter().take(3).collect();
+        let workers = [
+            worker("a", 60_000, 1.0),
+            worker("b", 60_000, 1.0),
+            worker("c", 60_000, 1.0),
+        ];
+        let p = plan_with_copies(&layers, &workers, 2).unwrap();
+        check_valid(&layers, &workers, &p);
+        assert_eq!(p.without_spare, 0);
+        assert_eq!(
+            p.render(&workers),
+            "worker 0 a: 256 experts, 51200 bytes of 60000 (with 256 spare copies)\n\
+             worker 1 b: 256 experts, 51200 bytes of 60000 (with 256 spare copies)\n\
+             worker 2 c: 256 experts, 51200 bytes of 60000 (with 256 spare copies)\n\
+             layer 3: 0+1 0+2 1+0 1+0 2+1 2+0 0/1+2 1/2+0\n\
+             layer 4: 1+2 1+2 0+1 0+1 2+0 2+1 0/1+2 0/2+1\n\
+             layer 5: 2+0 2+0 0+2 0+1 1+2 1+0 0/2+1 0/1+2\n"
+        );
+        // The spares change nothing of the owners.
+        let owners = plan(&layers, &workers).unwrap();
+        for (a, b) in p.layers.iter().zip(&owners.layers) {
+            assert_eq!(a.owner, b.owner);
+        }
+    }
+
+    #[test]
+    fn spare_copies_take_only_the_memory_left_and_count_what_found_no_room() {
+        // 768 experts of 100 bytes on 3 workers of 30000: 300 slots each, 256 owned, so 44
+        // spares each at most: 132 of the 768 copies asked for.
+        let layers: Vec<_> = v3(100).into_iter().take(3).collect();
+        let workers = [
+            worker("a", 30_000, 1.0),
+            worker("b", 30_000, 1.0),
+            worker("c", 30_000, 1.0),
+        ];
+        let p = plan_with_copies(&layers, &workers, 2).unwrap();
+        check_valid(&layers, &workers, &p);
+        let spares: u64 = p.workers.iter().map(|w| w.spares).sum();
+        assert_eq!(spares, 132);
+        assert_eq!(p.without_spare, 768 - 132);
+        assert!(p.render(&workers).ends_with("copies without room: 636\n"));
+        // More copies than workers: each expert gets one per other worker at most.
+        let two = [worker("a", 100_000, 1.0), worker("b", 100_000, 1.0)];
+        let p = plan_with_copies(&layers, &two, 3).unwrap();
+        check_valid(&layers, &two, &p);
+        assert!(p.layers.iter().flat_map(|l| &l.spares).all(|s| s.len() == 1));
+        assert_eq!(p.without_spare, 768);
+        // One copy: the owners' plan exactly.
+        assert_eq!(
+            plan_with_copies(&layers, &workers, 1).unwrap(),
+            plan(&layers, &workers).unwrap()
         );
     }
 
@@ -633,10 +810,14 @@ mod tests {
                     )
                 })
                 .collect();
-            match plan(&layers, &workers) {
+            let copies = 1 + (next() % 3) as usize;
+            match plan_with_copies(&layers, &workers, copies) {
                 Ok(p) => {
                     check_valid(&layers, &workers, &p);
-                    assert_eq!(plan(&layers, &workers).unwrap(), p);
+                    assert_eq!(plan_with_copies(&layers, &workers, copies).unwrap(), p);
+                    let spares: u64 = p.workers.iter().map(|w| w.spares).sum();
+                    let asked = (copies as u64 - 1) * n_layers * n_experts as u64;
+                    assert_eq!(spares + p.without_spare, asked);
                 }
                 Err(PlanError::DoesNotFit { .. }) => {
                     // Only when whole experts cannot fit: check by counting capacities.

@@ -117,6 +117,58 @@ pub fn split(
     Ok(batches.into_iter().flatten().collect())
 }
 
+/// The work of `failed` batches cut anew for other workers: each (token, expert, weight) goes
+/// to `target(expert)`, with the token's hidden vector taken from its failed batch. Batches
+/// come out ordered by worker; `request_id`s are left 0. `Err(expert)`: an expert `target`
+/// has no worker for, and nothing is sent.
+pub fn reroute(
+    failed: &[&Batch],
+    mut target: impl FnMut(u16) -> Option<WorkerIdx>,
+) -> Result<Vec<Batch>, u16> {
+    // Per new worker: its batches, and the (failed batch, token) its last entry came from.
+    let mut out: std::collections::BTreeMap<WorkerIdx, (Vec<Batch>, (usize, usize))> =
+        Default::default();
+    for (bi, b) in failed.iter().enumerate() {
+        let r = &b.request;
+        let h = r.hidden;
+        for (t, es, ws) in r.pairs() {
+            for (&e, &w) in es.iter().zip(ws) {
+                let o = target(e).ok_or(e)?;
+                let (list, last) = out.entry(o).or_insert((Vec::new(), (usize::MAX, 0)));
+                // A token of two failed batches gets two entries, which the worker and
+                // `combine` both simply add up.
+                let same = *last == (bi, t) && !list.is_empty();
+                if !same && list.last().is_none_or(|nb| nb.tokens.len() == MAX_TOKENS) {
+                    list.push(Batch {
+                        worker: o,
+                        tokens: Vec::new(),
+                        request: ExpertRequest {
+                            request_id: 0,
+                            layer: r.layer,
+                            hidden: h,
+                            dtype: r.dtype,
+                            ..Default::default()
+                        },
+                    });
+                }
+                *last = (bi, t);
+                let nb = list.last_mut().expect("pushed above");
+                if !same {
+                    nb.tokens.push(b.tokens[t]);
+                    nb.request.counts.push(0);
+                    nb.request
+                        .xs
+                        .extend_from_slice(&r.xs[t * h..(t + 1) * h]);
+                }
+                *nb.request.counts.last_mut().expect("pushed above") += 1;
+                nb.request.experts.push(e);
+                nb.request.weights.push(w);
+            }
+        }
+    }
+    Ok(out.into_values().flat_map(|(list, _)| list).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +262,64 @@ mod tests {
                 2 * MAX_TOKENS as u32 + 2
             ]
         );
+    }
+
+    #[test]
+    fn failed_batches_are_rerouted_to_other_holders_with_the_same_sum() {
+        // 4 tokens, top-2, 4 experts on 2 workers; worker 1 fails and its experts (2, 3) go
+        // to workers 0 and 2. The new batches must add up to what worker 1's would have.
+        let owner = [0, 0, 1, 1];
+        let r = routing(2, vec![0, 2, 3, 1, 2, 3, 0, 1], vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]);
+        let xs: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let b = split(7, &xs, 2, &r, &owner, Dtype::Bf16).unwrap();
+        let failed = [&b[1]];
+        let moved = reroute(&failed, |e| Some([9, 9, 0, 2][e as usize])).unwrap();
+        assert_eq!(
+            moved.iter().map(|m| m.worker).collect::<Vec<_>>(),
+            [0, 2],
+            "ordered by worker"
+        );
+        // Worker 0 gets expert 2 (tokens 0 and 2), worker 2 expert 3 (tokens 1 and 2).
+        assert_eq!(moved[0].tokens, [0, 2]);
+        assert_eq!(moved[0].request.experts, [2, 2]);
+        assert_eq!(moved[0].request.weights, [0.2, 0.5]);
+        assert_eq!(moved[0].request.xs, [0.0, 1.0, 4.0, 5.0]);
+        assert_eq!(moved[1].tokens, [1, 2]);
+        assert_eq!(moved[1].request.counts, [1, 1]);
+        assert_eq!(moved[1].request.experts, [3, 3]);
+        assert_eq!(moved[1].request.xs, [2.0, 3.0, 4.0, 5.0]);
+        assert!(moved.iter().all(|m| m.request.layer == 7 && m.request.dtype == Dtype::Bf16));
+        // The same pairs as the failed batch, with the same weights.
+        let mut pairs: Vec<(u32, u16, u32)> = moved
+            .iter()
+            .flat_map(|m| {
+                m.request.pairs().flat_map(move |(t, es, ws)| {
+                    es.iter()
+                        .zip(ws)
+                        .map(move |(&e, &w)| (m.tokens[t], e, w.to_bits()))
+                })
+            })
+            .collect();
+        pairs.sort_unstable();
+        let b1 = &b[1];
+        let mut want: Vec<(u32, u16, u32)> = b1
+            .request
+            .pairs()
+            .flat_map(|(t, es, ws)| {
+                es.iter()
+                    .zip(ws)
+                    .map(move |(&e, &w)| (b1.tokens[t], e, w.to_bits()))
+            })
+            .collect();
+        want.sort_unstable();
+        assert_eq!(pairs, want);
+        // Two failed batches that share a token: both entries reach the new worker.
+        let both = reroute(&[&b[0], &b[1]], |_| Some(5)).unwrap();
+        assert_eq!(both.len(), 1);
+        assert_eq!(both[0].request.experts.len(), 8);
+        assert_eq!(both[0].tokens, [0, 1, 3, 0, 1, 2]);
+        // An expert nobody else holds: nothing is sent.
+        assert_eq!(reroute(&failed, |e| (e == 2).then_some(0)), Err(3));
     }
 
     #[test]

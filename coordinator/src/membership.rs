@@ -18,6 +18,14 @@
 //! then to another live worker that still holds it (a draining one). The cluster serves when
 //! every expert has a route to a live worker that holds it.
 //!
+//! Spare copies (`Config::copies` > 1): the plan also gives workers spare copies of experts
+//! other workers own, in the memory the owners leave (see `placement`). A spare holder serves
+//! an expert when its owner is lost (the routes go to any live worker that holds it), so the
+//! loss of one box interrupts nothing. The lost owner keeps the expert: when it comes back and
+//! has loaded it again, the routes return to it, so the load spreads as planned. Only experts
+//! with no live spare are repaired (moved to workers with room). A drained worker's experts
+//! go to their spare holders where they have one.
+//!
 //! Draining worker W (`handle_drain`): its experts are re-placed onto live workers with room (the
 //! same allocator as the repair of lost workers; refused, changing nothing, when they do not
 //! fit), those load them while W keeps serving, the routes switch to them as each is loaded,
@@ -89,7 +97,8 @@ pub enum Action {
     PlanFailed(PlanError),
     /// The cluster's readiness changed.
     Serving(bool),
-    /// The routes changed: read them with [`Membership::layer_owners`].
+    /// The routes changed: read them with [`Membership::layer_owners`] (and the fallbacks with
+    /// [`Membership::layer_holders`]).
     Routes,
     /// A draining worker disconnected or went silent and left the membership.
     Left { worker: WorkerId, name: String },
@@ -148,6 +157,9 @@ pub struct Config {
     /// How long a drained worker keeps its experts after no route points at it any more
     /// (requests sent just before the switch are still answered).
     pub drain_grace: Duration,
+    /// Copies of every expert the plan asks for (1: no spares); spares take only the memory
+    /// the owners leave.
+    pub copies: usize,
 }
 
 pub struct Membership {
@@ -157,8 +169,14 @@ pub struct Membership {
     generation: u64,
     /// The plan: `owner[layer index in cfg.layers][expert]`, once planned.
     owner: Option<Vec<Vec<WorkerId>>>,
+    /// Spare holders, same indexing as `owner` (empty lists without spares).
+    spares: Vec<Vec<Vec<WorkerId>>>,
+    /// Copies the plan asked for that found no room.
+    without_spare: u64,
     /// Who answers for each expert now (same shape as `owner`).
     routes: Option<Vec<Vec<WorkerId>>>,
+    /// Every live worker that serves each expert, the route first.
+    holders: Option<Vec<Vec<Vec<WorkerId>>>>,
     drains: BTreeMap<WorkerId, Drain>,
     serving: bool,
     actions: VecDeque<Action>,
@@ -172,7 +190,10 @@ impl Membership {
             next_id: 1,
             generation: 0,
             owner: None,
+            spares: Vec::new(),
+            without_spare: 0,
             routes: None,
+            holders: None,
             drains: BTreeMap::new(),
             serving: false,
             actions: VecDeque::new(),
@@ -205,6 +226,33 @@ impl Membership {
     pub fn layer_owners(&self, layer: u32) -> Option<&[WorkerId]> {
         let li = self.cfg.layers.iter().position(|l| l.layer == layer)?;
         self.routes.as_ref().map(|o| o[li].as_slice())
+    }
+
+    /// For each of one model layer's experts, every live worker that serves it, the current
+    /// route first (what a request falls back on when its route fails), if planned.
+    pub fn layer_holders(&self, layer: u32) -> Option<&[Vec<WorkerId>]> {
+        let li = self.cfg.layers.iter().position(|l| l.layer == layer)?;
+        self.holders.as_ref().map(|h| h[li].as_slice())
+    }
+
+    /// Experts with at least two live workers serving them, and all experts: how much of the
+    /// model survives the loss of one more box without a gap.
+    pub fn redundancy(&self) -> (u64, u64) {
+        let mut count = BTreeMap::<(u32, u32), u32>::new();
+        for w in self.workers.values() {
+            if w.state != WorkerState::Lost {
+                for &x in &w.held {
+                    *count.entry(x).or_default() += 1;
+                }
+            }
+        }
+        let total = self.cfg.layers.iter().map(|l| l.n_experts as u64).sum();
+        (count.values().filter(|&&c| c >= 2).count() as u64, total)
+    }
+
+    /// Spare copies the plan asked for that found no room among the workers it was made for.
+    pub fn without_spare(&self) -> u64 {
+        self.without_spare
     }
 
     /// Whether `id` is draining (or drained).
@@ -299,13 +347,14 @@ impl Membership {
             &mut self.workers.get_mut(&id).expect("known worker").state,
             WorkerState::Draining,
         );
-        let moved = self.replace(&BTreeSet::from([id]));
-        if let Some((owner, targets, missing)) = moved {
+        let moved = self.replace(&BTreeSet::from([id]), false);
+        if let Some((owner, spares, targets, missing)) = moved {
             if missing > 0 {
                 self.workers.get_mut(&id).expect("known worker").state = before;
                 return Err(DrainError::NoRoom { name, missing });
             }
             self.owner = Some(owner);
+            self.spares = spares;
             for t in targets {
                 let experts = self.experts_of(t);
                 self.send(t, experts);
@@ -417,7 +466,7 @@ impl Membership {
                 speed: w.speed,
             })
             .collect();
-        match placement::plan(&self.cfg.layers, &caps) {
+        match placement::plan_with_copies(&self.cfg.layers, &caps, self.cfg.copies) {
             Ok(plan) => self.adopt(&plan, &ids),
             Err(e) => self.actions.push_back(Action::PlanFailed(e)),
         }
@@ -430,6 +479,17 @@ impl Membership {
             .map(|l| l.owner.iter().map(|&i| ids[i]).collect())
             .collect();
         self.owner = Some(owner);
+        self.spares = plan
+            .layers
+            .iter()
+            .map(|l| {
+                l.spares
+                    .iter()
+                    .map(|s| s.iter().map(|&i| ids[i]).collect())
+                    .collect()
+            })
+            .collect();
+        self.without_spare = plan.without_spare;
         for (i, &id) in ids.iter().enumerate() {
             let experts = plan.experts_of(i);
             self.send(id, experts);
@@ -465,10 +525,11 @@ impl Membership {
         if lost.is_empty() {
             return;
         }
-        let Some((owner, changed, _)) = self.replace(&lost) else {
+        let Some((owner, spares, changed, _)) = self.replace(&lost, true) else {
             return;
         };
         self.owner = Some(owner);
+        self.spares = spares;
         for id in changed {
             let experts = self.experts_of(id);
             self.send(id, experts);
@@ -482,28 +543,48 @@ impl Membership {
         }
     }
 
-    /// The plan with the experts of `from` moved onto live workers with free memory (the one
-    /// with the most free memory times speed first), the workers that got experts, and the
+    /// The plan with the experts `from` owns moved onto the live worker with the most free
+    /// memory times speed, except those a live spare holder serves: with `keep_spares` (`from`
+    /// is lost and may come back) they stay, and the routes go to the spare meanwhile; without
+    /// (`from` leaves) the spare holder becomes the owner. Spares held by `from` stay with
+    /// `keep_spares` (a lost worker loads them again when it comes back), else they are
+    /// dropped. Returns the owners, the spares, the workers that got experts to load, and the
     /// bytes of the experts that found no room (they stay where they were); `None` if nothing
     /// is planned yet.
+    #[allow(clippy::type_complexity)]
     fn replace(
         &self,
         from: &BTreeSet<WorkerId>,
-    ) -> Option<(Vec<Vec<WorkerId>>, BTreeSet<WorkerId>, u64)> {
+        keep_spares: bool,
+    ) -> Option<(
+        Vec<Vec<WorkerId>>,
+        Vec<Vec<Vec<WorkerId>>>,
+        BTreeSet<WorkerId>,
+        u64,
+    )> {
         let mut owner = self.owner.clone()?;
-        // Free memory of the live workers.
+        let mut spares = self.spares.clone();
+        let live: BTreeSet<WorkerId> = self
+            .live()
+            .iter()
+            .map(|w| w.id)
+            .filter(|id| !from.contains(id))
+            .collect();
+        // Free memory of the live workers (owned and spare experts both take room).
         let mut free: Vec<(WorkerId, u64, f64)> = self
             .live()
             .iter()
-            .filter(|w| !from.contains(&w.id))
+            .filter(|w| live.contains(&w.id))
             .map(|w| {
                 let used: u64 = self
                     .cfg
                     .layers
                     .iter()
-                    .zip(owner.iter())
-                    .map(|(l, os)| {
-                        os.iter().filter(|&&o| o == w.id).count() as u64 * l.expert_bytes
+                    .zip(owner.iter().zip(&spares))
+                    .map(|(l, (os, ss))| {
+                        let n = os.iter().filter(|&&o| o == w.id).count()
+                            + ss.iter().filter(|s| s.contains(&w.id)).count();
+                        n as u64 * l.expert_bytes
                     })
                     .sum();
                 (w.id, w.memory.saturating_sub(used), w.speed)
@@ -511,9 +592,25 @@ impl Membership {
             .collect();
         let mut changed = BTreeSet::new();
         let mut missing = 0;
-        for (l, os) in self.cfg.layers.iter().zip(owner.iter_mut()) {
-            for o in os.iter_mut() {
+        for (l, (os, ss)) in self
+            .cfg
+            .layers
+            .iter()
+            .zip(owner.iter_mut().zip(spares.iter_mut()))
+        {
+            for (o, s) in os.iter_mut().zip(ss.iter_mut()) {
+                if !keep_spares {
+                    s.retain(|x| !from.contains(x));
+                }
                 if !from.contains(o) {
+                    continue;
+                }
+                if let Some(k) = s.iter().position(|x| live.contains(x)) {
+                    // A live spare serves it already: a lost owner keeps it (the routes go to
+                    // the spare until the owner is back), a leaving one hands it over.
+                    if !keep_spares {
+                        *o = s.remove(k);
+                    }
                     continue;
                 }
                 let best = free
@@ -530,20 +627,24 @@ impl Membership {
                 }
             }
         }
-        Some((owner, changed, missing))
+        Some((owner, spares, changed, missing))
     }
 
     fn experts_of(&self, id: WorkerId) -> Vec<(u32, Vec<u32>)> {
         let Some(owner) = &self.owner else {
             return Vec::new();
         };
+        let none = Vec::new();
         self.cfg
             .layers
             .iter()
+            .enumerate()
             .zip(owner)
-            .filter_map(|(l, os)| {
-                let es: Vec<u32> = (0..os.len() as u32)
-                    .filter(|&e| os[e as usize] == id)
+            .filter_map(|((li, l), os)| {
+                let ss = self.spares.get(li).unwrap_or(&none);
+                let es: Vec<u32> = (0..os.len())
+                    .filter(|&e| os[e] == id || ss.get(e).is_some_and(|s| s.contains(&id)))
+                    .map(|e| e as u32)
                     .collect();
                 (!es.is_empty()).then_some((l.layer, es))
             })
@@ -553,8 +654,10 @@ impl Membership {
     /// After every event: recompute the routes, move drains along, update readiness.
     fn settle(&mut self, now: Instant) {
         let routes = self.compute_routes();
-        if routes != self.routes {
+        let holders = self.compute_holders(routes.as_ref());
+        if routes != self.routes || holders != self.holders {
             self.routes = routes;
+            self.holders = holders;
             self.actions.push_back(Action::Routes);
         }
         let drains: Vec<(WorkerId, Drain)> = self.drains.iter().map(|(&k, &v)| (k, v)).collect();
@@ -578,6 +681,36 @@ impl Membership {
             self.serving = serving;
             self.actions.push_back(Action::Serving(serving));
         }
+    }
+
+    /// Every live worker serving each expert, the route first.
+    fn compute_holders(
+        &self,
+        routes: Option<&Vec<Vec<WorkerId>>>,
+    ) -> Option<Vec<Vec<Vec<WorkerId>>>> {
+        let routes = routes?;
+        Some(
+            self.cfg
+                .layers
+                .iter()
+                .zip(routes)
+                .map(|(l, rs)| {
+                    rs.iter()
+                        .enumerate()
+                        .map(|(e, &r)| {
+                            let e = e as u32;
+                            let first = self.holds(r, l.layer, e).then_some(r);
+                            first
+                                .into_iter()
+                                .chain(self.workers.keys().copied().filter(|&w| {
+                                    w != r && self.holds(w, l.layer, e)
+                                }))
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect(),
+        )
     }
 
     /// Each expert's planned owner if it holds the expert, else a live worker that still
@@ -635,6 +768,7 @@ mod tests {
                 })
                 .collect(),
             drain_grace: Duration::from_millis(500),
+            copies: 1,
         }
     }
 
@@ -700,7 +834,12 @@ mod tests {
         assert!(!m.is_serving());
         ready(&mut m, t0, b);
         assert!(m.is_serving());
-        assert_eq!(drain(&mut m), vec![Action::Serving(true)]);
+        // Each loaded worker adds holders (the routes' fallbacks), then the cluster serves.
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::Routes, Action::Routes, Action::Serving(true)]
+        );
+        assert_eq!(m.layer_holders(2).unwrap()[4], [b]);
         assert_eq!(m.owner(2, 4), Some(b));
         assert_eq!(m.layer_owners(1), Some(&[a, a, a, a, b, b, b, b][..]));
     }
@@ -734,6 +873,8 @@ mod tests {
                     worker: b,
                     name: "b".into()
                 },
+                // b no longer holds anything: the fallbacks change.
+                Action::Routes,
                 Action::Serving(false)
             ]
         );
@@ -749,6 +890,84 @@ mod tests {
             "{acts:?}"
         );
         ready(&mut m, t2, b);
+        assert!(m.is_serving());
+    }
+
+    #[test]
+    fn spare_copies_serve_through_a_loss_and_the_owner_takes_its_experts_back() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(Config {
+            copies: 2,
+            ..cfg(2)
+        });
+        // Room for all 16 experts on each: 8 owned, 8 spare.
+        let a = m.handle_hello(t0, hello("a", 160));
+        let b = m.handle_hello(t0, hello("b", 160));
+        let acts = drain(&mut m);
+        let all: Vec<(u32, Vec<u32>)> = vec![(1, (0..8).collect()), (2, (0..8).collect())];
+        assert_eq!(assigned(&acts, a), Some(all.clone()));
+        assert_eq!(assigned(&acts, b), Some(all));
+        assert_eq!(m.without_spare(), 0);
+        assert_eq!(m.redundancy(), (0, 16));
+        ready(&mut m, t0, a);
+        ready(&mut m, t0, b);
+        assert!(m.is_serving());
+        assert_eq!(m.redundancy(), (16, 16));
+        let planned: Vec<Vec<WorkerId>> = [1, 2]
+            .iter()
+            .map(|&l| m.layer_owners(l).unwrap().to_vec())
+            .collect();
+        assert_eq!(routed_to(&m, a), 8);
+        for (i, l) in [1u32, 2].into_iter().enumerate() {
+            for (e, hs) in m.layer_holders(l).unwrap().iter().enumerate() {
+                let other = if planned[i][e] == a { b } else { a };
+                assert_eq!(hs, &[planned[i][e], other], "layer {l} expert {e}");
+            }
+        }
+        drain(&mut m);
+
+        // b goes silent: no gap, a answers for everything, nothing moves.
+        m.handle_report(
+            t0 + Duration::from_secs(2),
+            a,
+            Report {
+                generation: m.worker(a).unwrap().generation,
+                loaded: true,
+                done_bytes: 0,
+                total_bytes: 0,
+            },
+        );
+        m.handle_tick(t0 + Duration::from_secs(4));
+        let acts = drain(&mut m);
+        assert!(m.is_serving(), "{acts:?}");
+        assert!(!acts.contains(&Action::Serving(false)), "{acts:?}");
+        assert!(
+            !acts.iter().any(|x| matches!(x, Action::Assign { .. })),
+            "{acts:?}"
+        );
+        assert_eq!(routed_to(&m, a), 16);
+        assert_eq!(m.redundancy(), (0, 16));
+        assert!(m.unavailable().is_empty());
+
+        // b comes back, reloads, and gets its share of the routes again.
+        let t2 = t0 + Duration::from_secs(5);
+        assert_eq!(m.handle_hello(t2, hello("b", 160)), b);
+        assert_eq!(routed_to(&m, a), 16, "until b has loaded");
+        ready(&mut m, t2, b);
+        assert_eq!(routed_to(&m, b), 8);
+        assert_eq!(m.redundancy(), (16, 16));
+        for (i, l) in [1u32, 2].into_iter().enumerate() {
+            assert_eq!(m.layer_owners(l).unwrap(), &planned[i][..]);
+        }
+
+        // Draining b: its experts go to their spare holder a, at once (a holds them).
+        m.handle_drain(t2, b).unwrap();
+        assert_eq!(
+            (1..=2)
+                .map(|l| m.layer_owners(l).unwrap().iter().filter(|&&o| o == a).count())
+                .sum::<usize>(),
+            16
+        );
         assert!(m.is_serving());
     }
 

@@ -437,6 +437,7 @@ fn decode_comparison(
         hidden: model.cfg.hidden,
         dtype,
         heartbeat_timeout: Duration::from_secs(10),
+        copies: 1,
         request_timeout: Duration::from_secs(30),
         names: vec![],
         local: None,

@@ -43,6 +43,12 @@ pub struct ServeArgs {
     /// Seconds without a heartbeat before a worker counts as lost.
     #[arg(long, default_value_t = 3.0)]
     heartbeat_timeout: f64,
+    /// Copies of every routed expert across the workers. With 2, a spare copy of each expert
+    /// sits on another worker where memory allows, and the loss of one box costs no request:
+    /// its experts are answered by their spares at once. Spares take only the memory left
+    /// after one copy of everything; `cluster status` shows how much of the model has one.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    replicas: u64,
     /// Seconds a layer waits for its workers' answers.
     #[arg(long, default_value_t = 10.0)]
     request_timeout: f64,
@@ -159,6 +165,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             Dtype::Bf16
         },
         heartbeat_timeout: Duration::from_secs_f64(a.heartbeat_timeout),
+        copies: a.replicas as usize,
         request_timeout: Duration::from_secs_f64(a.request_timeout),
         busy_poll: Duration::from_micros(a.busy_poll_us),
         names: a.names.clone(),

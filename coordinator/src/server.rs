@@ -51,6 +51,8 @@ pub struct ClusterOptions {
     pub dtype: Dtype,
     /// Silence after which a worker is declared lost.
     pub heartbeat_timeout: Duration,
+    /// Copies of every routed expert to place (1: none spare; see `membership`).
+    pub copies: usize,
     /// Longest wait for one layer's answers.
     pub request_timeout: Duration,
     /// Extra names (DNS or IP) for the coordinator's certificate.
@@ -181,6 +183,7 @@ impl Cluster {
             heartbeat_timeout: opts.heartbeat_timeout,
             layers,
             drain_grace: DRAIN_GRACE,
+            copies: opts.copies.max(1),
         });
         let local = opts.local.as_ref().map(|l| {
             let id = membership.handle_hello(

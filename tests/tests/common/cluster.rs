@@ -160,6 +160,7 @@ pub fn start_cluster(
             hidden: cfg.hidden,
             dtype: Dtype::F32,
             heartbeat_timeout,
+            copies: 1,
             request_timeout,
             names: vec![],
             local: None,

@@ -156,9 +156,7 @@ pub fn reroute(
                 if !same {
                     nb.tokens.push(b.tokens[t]);
                     nb.request.counts.push(0);
-                    nb.request
-                        .xs
-                        .extend_from_slice(&r.xs[t * h..(t + 1) * h]);
+                    nb.request.xs.extend_from_slice(&r.xs[t * h..(t + 1) * h]);
                 }
                 *nb.request.counts.last_mut().expect("pushed above") += 1;
                 nb.request.experts.push(e);
@@ -269,7 +267,11 @@ mod tests {
         // 4 tokens, top-2, 4 experts on 2 workers; worker 1 fails and its experts (2, 3) go
         // to workers 0 and 2. The new batches must add up to what worker 1's would have.
         let owner = [0, 0, 1, 1];
-        let r = routing(2, vec![0, 2, 3, 1, 2, 3, 0, 1], vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]);
+        let r = routing(
+            2,
+            vec![0, 2, 3, 1, 2, 3, 0, 1],
+            vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+        );
         let xs: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let b = split(7, &xs, 2, &r, &owner, Dtype::Bf16).unwrap();
         let failed = [&b[1]];
@@ -288,7 +290,9 @@ mod tests {
         assert_eq!(moved[1].request.counts, [1, 1]);
         assert_eq!(moved[1].request.experts, [3, 3]);
         assert_eq!(moved[1].request.xs, [2.0, 3.0, 4.0, 5.0]);
-        assert!(moved.iter().all(|m| m.request.layer == 7 && m.request.dtype == Dtype::Bf16));
+        assert!(moved
+            .iter()
+            .all(|m| m.request.layer == 7 && m.request.dtype == Dtype::Bf16));
         // The same pairs as the failed batch, with the same weights.
         let mut pairs: Vec<(u32, u16, u32)> = moved
             .iter()

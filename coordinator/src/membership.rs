@@ -702,9 +702,12 @@ impl Membership {
                             let first = self.holds(r, l.layer, e).then_some(r);
                             first
                                 .into_iter()
-                                .chain(self.workers.keys().copied().filter(|&w| {
-                                    w != r && self.holds(w, l.layer, e)
-                                }))
+                                .chain(
+                                    self.workers
+                                        .keys()
+                                        .copied()
+                                        .filter(|&w| w != r && self.holds(w, l.layer, e)),
+                                )
                                 .collect()
                         })
                         .collect()
@@ -964,7 +967,12 @@ mod tests {
         m.handle_drain(t2, b).unwrap();
         assert_eq!(
             (1..=2)
-                .map(|l| m.layer_owners(l).unwrap().iter().filter(|&&o| o == a).count())
+                .map(|l| m
+                    .layer_owners(l)
+                    .unwrap()
+                    .iter()
+                    .filter(|&&o| o == a)
+                    .count())
                 .sum::<usize>(),
             16
         );

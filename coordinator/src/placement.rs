@@ -156,7 +156,11 @@ impl Plan {
             .and_then(|l| {
                 let e = expert as usize;
                 let o = *l.owner.get(e)?;
-                Some(std::iter::once(o).chain(l.spares[e].iter().copied()).collect())
+                Some(
+                    std::iter::once(o)
+                        .chain(l.spares[e].iter().copied())
+                        .collect(),
+                )
             })
             .unwrap_or_default()
     }
@@ -270,15 +274,15 @@ fn add_spares(layers: &[LayerExperts], workers: &[WorkerCapacity], p: &mut Plan)
         let size = (l.n_experts / l.n_groups) as usize;
         for g in 0..l.n_groups as usize {
             let range = g * size..(g + 1) * size;
-            let holds =
-                |lp: &LayerPlan, w: WorkerIdx, e: usize| lp.owner[e] == w || lp.spares[e].contains(&w);
+            let holds = |lp: &LayerPlan, w: WorkerIdx, e: usize| {
+                lp.owner[e] == w || lp.spares[e].contains(&w)
+            };
             // The whole group on one worker that holds none of it.
             let whole = pick(&free, size as u64 * l.expert_bytes, &|w| {
                 range.clone().all(|e| !holds(lp, w, e))
             });
             for e in range.clone() {
-                let target =
-                    whole.or_else(|| pick(&free, l.expert_bytes, &|w| !holds(lp, w, e)));
+                let target = whole.or_else(|| pick(&free, l.expert_bytes, &|w| !holds(lp, w, e)));
                 if let Some(w) = target {
                     free[w] -= l.expert_bytes;
                     lp.spares[e].push(w);
@@ -630,7 +634,11 @@ mod tests {
         let two = [worker("a", 100_000, 1.0), worker("b", 100_000, 1.0)];
         let p = plan_with_copies(&layers, &two, 3).unwrap();
         check_valid(&layers, &two, &p);
-        assert!(p.layers.iter().flat_map(|l| &l.spares).all(|s| s.len() == 1));
+        assert!(p
+            .layers
+            .iter()
+            .flat_map(|l| &l.spares)
+            .all(|s| s.len() == 1));
         assert_eq!(p.without_spare, 768);
         // One copy: the owners' plan exactly.
         assert_eq!(

@@ -5,8 +5,10 @@
 //! The forward pass runs on a plain thread (never on the async runtime); `begin` spawns one
 //! task per worker batch on the data plane's runtime and returns at once, so the shared expert is computed
 //! while the workers compute; `eval` waits for the answers with a deadline. A worker that is
-//! missing, closes its stream, answers with an error or misses the deadline makes the layer fail
-//! with an error that names the worker and the experts it was asked for.
+//! missing, closes its stream, answers with an error or misses the deadline has its work sent
+//! once more, to other live workers that hold the same experts (spare copies); where an
+//! expert has no other holder, the layer fails with an error that names the worker and the
+//! experts it was asked for.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,6 +107,9 @@ impl WorkerStats {
 pub struct Routes {
     /// Per model layer: the holder of each expert (as the index `dispatch::split` takes).
     owners: RwLock<HashMap<u32, Arc<Vec<usize>>>>,
+    /// Per model layer: every live holder of each expert, the route first (the fallbacks
+    /// when a worker fails).
+    holders: RwLock<HashMap<u32, Arc<Vec<Vec<WorkerId>>>>>,
     /// Live data-plane connections of ready workers.
     conns: RwLock<HashMap<WorkerId, (String, quinn::Connection)>>,
     stats: RwLock<HashMap<WorkerId, Arc<WorkerStats>>>,
@@ -118,6 +123,13 @@ impl Routes {
             layer,
             Arc::new(owners.into_iter().map(|o| o as usize).collect()),
         );
+    }
+
+    pub fn set_holders(&self, layer: u32, holders: Vec<Vec<WorkerId>>) {
+        self.holders
+            .write()
+            .expect("routes lock")
+            .insert(layer, Arc::new(holders));
     }
 
     pub fn connect(&self, id: WorkerId, name: String, conn: quinn::Connection) {
@@ -148,12 +160,29 @@ impl Routes {
         false
     }
 
+    /// Forgets `id`'s connection and closes it: requests on their way fail at once (and go to
+    /// spare copies) instead of waiting for their deadline. For a worker declared lost.
+    pub fn close(&self, id: WorkerId, why: &str) {
+        let conn = self.conns.write().expect("routes lock").remove(&id);
+        if let Some((_, c)) = conn {
+            c.close(3u32.into(), why.as_bytes());
+        }
+    }
+
     pub fn is_connected(&self, id: WorkerId) -> bool {
         self.conns.read().expect("routes lock").contains_key(&id)
     }
 
     pub fn stats(&self, id: WorkerId) -> Option<Arc<WorkerStats>> {
         self.stats.read().expect("routes lock").get(&id).cloned()
+    }
+
+    fn holders(&self, layer: u32) -> Option<Arc<Vec<Vec<WorkerId>>>> {
+        self.holders
+            .read()
+            .expect("routes lock")
+            .get(&layer)
+            .cloned()
     }
 
     fn owners(&self, layer: u32) -> Option<Arc<Vec<usize>>> {
@@ -304,11 +333,16 @@ impl RemoteExperts {
             layer,
             detail: "no placement for this layer".into(),
         })?;
-        let mut batches = dispatch::split(l, xs, self.cfg.hidden, routing, &owners, self.cfg.dtype)
+        let batches = dispatch::split(l, xs, self.cfg.hidden, routing, &owners, self.cfg.dtype)
             .map_err(|e| ExpertError::Unavailable {
                 layer,
                 detail: e.to_string(),
             })?;
+        Ok(self.send_batches(layer, batches))
+    }
+
+    /// Sends every batch not for this process's own experts; what cannot be sent is noted.
+    fn send_batches(&self, layer: usize, mut batches: Vec<Batch>) -> Pending {
         let inbox = Arc::new(Inbox::default());
         let mut sent = 0;
         let mut unsent = Vec::new();
@@ -360,14 +394,14 @@ impl RemoteExperts {
             // The answers are a round trip away: the data plane's thread polls for them.
             self.dp.touch();
         }
-        Ok(Pending {
+        Pending {
             layer,
             batches,
             sent,
             inbox,
             unsent,
             started: Instant::now(),
-        })
+        }
     }
 
     fn missing(&self, layer: usize, p: &Pending, failed: &[(usize, String)]) -> ExpertError {
@@ -427,13 +461,47 @@ impl RoutedExperts for RemoteExperts {
             Some(p) if p.layer == layer => p,
             _ => self.send(layer, xs, routing)?,
         };
-        if !p.unsent.is_empty() {
-            return Err(self.missing(layer, &p, &p.unsent));
+        let xs = &xs[..routing.n_tokens() * self.cfg.hidden];
+        let (answers, failed) = self.settle(&p, xs, out, scratch)?;
+        if failed.is_empty() {
+            return self.combine(&p, &answers, out);
         }
+        // Some workers failed: their work once more, to other workers holding the same
+        // experts. `out` holds this process's own share already; the others' answers are kept
+        // and added with the retry's.
+        let retry = self.failover(&p, &failed)?;
+        tracing::warn!(
+            "layer {layer}: {}; answered by spare copies",
+            failed
+                .iter()
+                .map(|(_, why)| why.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        let (more, failed) = self.settle(&retry, xs, out, scratch)?;
+        if !failed.is_empty() {
+            return Err(self.missing(layer, &retry, &failed));
+        }
+        self.combine(&p, &answers, out)?;
+        self.combine(&retry, &more, out)
+    }
+}
+
+impl RemoteExperts {
+    /// Evaluates `p`'s batches for this process's own experts into `out`, then waits for the
+    /// others' answers: the answers by batch, and the batches that failed (with why).
+    #[allow(clippy::type_complexity)]
+    fn settle(
+        &self,
+        p: &Pending,
+        xs: &[f32],
+        out: &mut [f32],
+        scratch: &mut MoeScratch,
+    ) -> Result<(Vec<Option<ExpertResult>>, Vec<(usize, String)>), ExpertError> {
+        let layer = p.layer;
         // Our own experts first, while the workers compute theirs.
         let local = self.local();
         if let Some((wid, local)) = &local {
-            let h = self.cfg.hidden;
             for b in p.batches.iter().filter(|b| b.worker as WorkerId == *wid) {
                 let mut pairs = Vec::with_capacity(b.request.experts.len());
                 for (t, es, ws) in b.request.pairs() {
@@ -445,28 +513,29 @@ impl RoutedExperts for RemoteExperts {
                         });
                     }
                 }
-                local.eval_pairs(layer, &xs[..routing.n_tokens() * h], &pairs, out, scratch)?;
+                local.eval_pairs(layer, xs, &pairs, out, scratch)?;
             }
         }
         let deadline = p.started + self.cfg.timeout;
-        let mut failed = Vec::new();
-        // Answers are kept until all are in and then added in batch order (by worker), not in
-        // arrival order: a token's sum is then the same on every run and in every batch.
+        let mut failed = p.unsent.clone();
         let mut answers: Vec<Option<ExpertResult>> = p.batches.iter().map(|_| None).collect();
         let mut answered = vec![false; p.batches.len()];
+        for (i, _) in &p.unsent {
+            answered[*i] = true;
+        }
         if p.sent > 0 {
             // The answers are a network round trip away: the kernels' idle threads park rather
             // than spin on the cores the runtime needs to receive them.
             engine::cpu::pool::global().rest();
-        }
-        // With busy polling on, this thread polls for the answers too (yielding its core to any
-        // thread with work): the data plane's thread then hands them over without a wake-up.
-        let got = p.inbox.wait(deadline, self.dp.busy_poll_window());
-        for (i, r) in got {
-            answered[i] = true;
-            match r {
-                Ok(res) => answers[i] = Some(res),
-                Err(e) => failed.push((i, e)),
+            // With busy polling on, this thread polls for the answers too (yielding its core
+            // to any thread with work): the data plane's thread then hands them over without
+            // a wake-up.
+            for (i, r) in p.inbox.wait(deadline, self.dp.busy_poll_window()) {
+                answered[i] = true;
+                match r {
+                    Ok(res) => answers[i] = Some(res),
+                    Err(e) => failed.push((i, e)),
+                }
             }
         }
         // Past the deadline: every remote batch without an answer has failed.
@@ -484,22 +553,60 @@ impl RoutedExperts for RemoteExperts {
                 ));
             }
         }
-        if failed.is_empty() {
-            let slowest = answers.iter().flatten().map(|r| r.compute_us).max();
-            self.last_compute_us
-                .store(slowest.unwrap_or(0), Ordering::Relaxed);
-            for (i, res) in answers.iter().enumerate() {
-                if let Some(res) = res {
-                    if let Err(e) = p.batches[i].combine(res, out) {
-                        failed.push((i, e.to_string()));
-                    }
+        Ok((answers, failed))
+    }
+
+    /// Adds the answers into `out` in batch order (by worker), not in arrival order: a token's
+    /// sum is then the same on every run and in every batch.
+    fn combine(
+        &self,
+        p: &Pending,
+        answers: &[Option<ExpertResult>],
+        out: &mut [f32],
+    ) -> Result<(), ExpertError> {
+        let slowest = answers.iter().flatten().map(|r| r.compute_us).max();
+        self.last_compute_us
+            .store(slowest.unwrap_or(0), Ordering::Relaxed);
+        let mut failed = Vec::new();
+        for (i, res) in answers.iter().enumerate() {
+            if let Some(res) = res {
+                if let Err(e) = p.batches[i].combine(res, out) {
+                    failed.push((i, e.to_string()));
                 }
             }
         }
-        if !failed.is_empty() {
-            return Err(self.missing(layer, &p, &failed));
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(self.missing(p.layer, p, &failed))
         }
-        Ok(())
+    }
+
+    /// The `failed` batches of `p` sent again, each expert to a live holder other than the
+    /// workers that failed; the layer's error (naming them) when an expert has no other.
+    fn failover(&self, p: &Pending, failed: &[(usize, String)]) -> Result<Pending, ExpertError> {
+        let layer = p.layer;
+        let dead: Vec<WorkerId> = failed
+            .iter()
+            .map(|(i, _)| p.batches[*i].worker as WorkerId)
+            .collect();
+        let local = self.local().map(|(id, _)| id);
+        let holders = self.routes.holders(layer as u32).unwrap_or_default();
+        let target = |e: u16| {
+            holders.get(e as usize).and_then(|hs| {
+                hs.iter()
+                    .copied()
+                    .find(|h| {
+                        !dead.contains(h) && (local == Some(*h) || self.routes.is_connected(*h))
+                    })
+                    .map(|h| h as usize)
+            })
+        };
+        let batches: Vec<&Batch> = failed.iter().map(|(i, _)| &p.batches[*i]).collect();
+        match dispatch::reroute(&batches, target) {
+            Ok(moved) => Ok(self.send_batches(layer, moved)),
+            Err(_) => Err(self.missing(layer, p, failed)),
+        }
     }
 }
 

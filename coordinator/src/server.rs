@@ -418,8 +418,13 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
                     .send_replace(Some(assignment));
             }
             Action::Lost { worker, name } => {
-                tracing::warn!("worker {worker} ({name}) lost: its experts are unavailable");
-                let _ = shared.routes.disconnect(worker, None);
+                tracing::warn!(
+                    "worker {worker} ({name}) lost: its experts go to their spare copies, or \
+                     are unavailable where they have none"
+                );
+                // Requests on their way to it fail now and go to the spares, instead of
+                // waiting for their deadline; it reconnects if it is still alive.
+                shared.routes.close(worker, "declared lost");
             }
             Action::Left { worker, name } => {
                 tracing::info!("worker {worker} ({name}) was drained and has left");
@@ -437,6 +442,9 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
                 for &(layer, _, _) in &shared.opts.layout {
                     if let Some(o) = m.layer_owners(layer as u32) {
                         shared.routes.set_owners(layer as u32, o.to_vec());
+                    }
+                    if let Some(h) = m.layer_holders(layer as u32) {
+                        shared.routes.set_holders(layer as u32, h.to_vec());
                     }
                 }
             }
@@ -537,6 +545,7 @@ fn status(shared: &Shared) -> control::ClusterStatus {
         .iter()
         .map(|&(l, _, b)| (l as u32, b))
         .collect();
+    let (experts_with_spare, experts) = m.redundancy();
     let workers = m
         .workers()
         .map(|w| {
@@ -595,6 +604,9 @@ fn status(shared: &Shared) -> control::ClusterStatus {
         tokens_per_second: tokens_per_second(shared),
         coordinator_device: shared.opts.device.clone(),
         activations: worker::numerics::to_wire(shared.opts.activations),
+        copies: shared.opts.copies.max(1) as u32,
+        experts,
+        experts_with_spare,
     }
 }
 
@@ -633,6 +645,60 @@ impl Service {
 }
 
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+/// A worker's assignment stream, which lives as long as its session: when the stream is
+/// dropped (its connection closed, as when the process dies) and no newer session of the
+/// same worker follows its assignments, the worker is lost at once, not after the heartbeat
+/// timeout, so its requests go to spare copies without waiting.
+struct Session {
+    stream: Option<BoxStream<pb::Assignment>>,
+    shared: Arc<Shared>,
+    id: WorkerId,
+}
+
+impl tokio_stream::Stream for Session {
+    type Item = Result<pb::Assignment, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.stream.as_mut() {
+            Some(s) => s.as_mut().poll_next(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Drop the receiver first, so that the count below is of the other sessions only.
+        self.stream = None;
+        let followed = self
+            .shared
+            .assignments
+            .lock()
+            .expect("assignments lock")
+            .get(&self.id)
+            .is_some_and(|tx| tx.receiver_count() > 0);
+        // Without a runtime (shutting down) there is nobody left to tell.
+        if followed || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let actions = {
+            let mut m = self.shared.membership.lock().expect("membership lock");
+            if m.worker(self.id)
+                .is_none_or(|w| w.state == membership::WorkerState::Lost)
+            {
+                return;
+            }
+            tracing::warn!("worker {}'s control connection closed", self.id);
+            m.handle_disconnect(Instant::now(), self.id);
+            std::iter::from_fn(|| m.poll_action()).collect::<Vec<_>>()
+        };
+        apply(&self.shared, actions);
+    }
+}
 
 #[tonic::async_trait]
 impl grpc::Control for Service {
@@ -748,7 +814,11 @@ impl grpc::Control for Service {
         let stream = tokio_stream::wrappers::WatchStream::new(rx);
         let stream =
             tokio_stream::StreamExt::filter_map(stream, |a| a.map(|a| Ok(pb::Assignment::from(a))));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(Session {
+            stream: Some(Box::pin(stream)),
+            shared: self.0.clone(),
+            id,
+        })))
     }
 
     async fn heartbeat(

@@ -1101,6 +1101,12 @@ pub struct ClusterStatus {
     pub coordinator_device: String,
     /// The cluster's numerics: the activation format of quantized products.
     pub activations: Activations,
+    /// Copies of every routed expert the plan asks for (1: no spares).
+    pub copies: u32,
+    /// Routed experts of the model.
+    pub experts: u64,
+    /// Of them, those served by two or more live workers: they survive the loss of one.
+    pub experts_with_spare: u64,
 }
 
 impl From<ClusterStatus> for pb::ClusterStatus {
@@ -1113,6 +1119,9 @@ impl From<ClusterStatus> for pb::ClusterStatus {
             tokens_per_second: s.tokens_per_second,
             coordinator_device: s.coordinator_device,
             activations: s.activations.to_pb(),
+            copies: s.copies,
+            experts: s.experts,
+            experts_with_spare: s.experts_with_spare,
         }
     }
 }
@@ -1139,6 +1148,9 @@ impl TryFrom<pb::ClusterStatus> for ClusterStatus {
             tokens_per_second: s.tokens_per_second,
             coordinator_device: text("coordinator_device", s.coordinator_device, MAX_TEXT_LEN)?,
             activations: Activations::from_pb("activations", s.activations)?,
+            copies: s.copies.max(1),
+            experts: s.experts,
+            experts_with_spare: s.experts_with_spare.min(s.experts),
         })
     }
 }
@@ -1381,6 +1393,9 @@ mod tests {
             tokens_per_second: 4.5,
             coordinator_device: "cpu (8 threads)".into(),
             activations: Activations::Int16,
+            copies: 2,
+            experts: 14848,
+            experts_with_spare: 14000,
         };
         assert_eq!(
             ClusterStatus::try_from(pb::ClusterStatus::from(s.clone())).unwrap(),
@@ -1425,6 +1440,9 @@ mod tests {
             tokens_per_second: 0.0,
             coordinator_device: String::new(),
             activations: Activations::F32,
+            copies: 1,
+            experts: 0,
+            experts_with_spare: 0,
         });
         status.workers.push(pb::WorkerStatus {
             name: "w".into(),

@@ -144,6 +144,9 @@ impl Control for TestControl {
                 tokens_per_second: 0.0,
                 coordinator_device: String::new(),
                 activations: Default::default(),
+                copies: 1,
+                experts: 0,
+                experts_with_spare: 0,
             }
             .into(),
         ))

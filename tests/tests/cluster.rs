@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    coordinator_bin, spawn, start_cluster, worker_bin, worker_log, Serve, Worker, HALF,
+    coordinator_bin, spawn, start_cluster, start_cluster_with_copies, worker_bin, worker_log,
+    Serve, Worker, ALL, HALF,
 };
 use coordinator::server::Cluster;
 use engine::model::kv_cache::CacheType;
@@ -1090,6 +1091,138 @@ fn a_worker_killed_mid_generation_fails_it_quickly_and_its_restart_restores_serv
     assert_eq!(
         short(&experts).expect("a generation after the restart"),
         before
+    );
+}
+
+/// Waits (up to 60 s) until the cluster's status satisfies `ok`.
+fn wait_status(cluster: &Cluster, what: &str, ok: impl Fn(&proto::control::ClusterStatus) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = cluster.status();
+        if ok(&st) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} never happened: {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// With two copies of every expert, a worker killed mid-generation costs no request: the
+/// generation finishes with one process's tokens, the cluster keeps serving with the worker
+/// offline, and the worker's restart brings the spare copies back and takes its share of the
+/// work again.
+#[test]
+fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let (path, file, model) = tiny_model(dir.path());
+    let (rt, cluster) = start_cluster_with_copies(
+        dir.path(),
+        &file,
+        &model.cfg,
+        2,
+        Duration::from_secs(2),
+        Duration::from_secs(3),
+        false,
+        2,
+    );
+    let (addr, token) = (cluster.addr.to_string(), cluster.token.to_string());
+    let _w1 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w1"),
+        "w1",
+        ALL,
+    );
+    let w2 = spawn_worker(
+        &addr,
+        Some(&token),
+        &path,
+        &dir.path().join("w2"),
+        "w2",
+        ALL,
+    );
+    assert!(
+        rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
+        "the cluster never became ready: {:?}",
+        cluster.status()
+    );
+    // Each worker owns half of the 64 experts and holds a spare of the other half.
+    wait_status(&cluster, "two copies of every expert", |st| {
+        st.experts == 64 && st.experts_with_spare == 64
+    });
+    let st = cluster.status();
+    assert_eq!(st.copies, 2);
+    assert!(st.workers.iter().all(|w| w.experts_held == 64), "{st:?}");
+
+    let prompt = [0u32, 17, 300, 42, 7];
+    const N: usize = 300;
+    let local: Arc<dyn RoutedExperts> = Arc::new(file.load_experts(&ExpertFilter::All).unwrap());
+    let want = generate_on_thread(&file, &model, local, &prompt, N, Default::default())
+        .join()
+        .unwrap()
+        .unwrap();
+    assert_eq!(want.len(), N);
+    let experts: Arc<dyn RoutedExperts> = cluster.experts();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let long = generate_on_thread(&file, &model, experts.clone(), &prompt, N, progress.clone());
+    let t0 = Instant::now();
+    while progress.load(Ordering::Relaxed) < 16 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the generation never got going"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(!long.is_finished(), "the generation ended before the kill");
+    drop(w2);
+    let killed = Instant::now();
+    let done_then = progress.load(Ordering::Relaxed);
+    let got = long
+        .join()
+        .unwrap()
+        .expect("the generation fails with a worker lost although every expert has a spare");
+    eprintln!(
+        "the generation ended {:?} after the kill ({done_then} pieces of text were out then)",
+        killed.elapsed(),
+    );
+    assert_eq!(got, want, "the tokens of one process");
+
+    // w2 shows offline, the cluster still serves, and no expert has a second copy now.
+    wait_status(&cluster, "w2 offline", |st| {
+        st.workers
+            .iter()
+            .any(|w| w.name == "w2" && w.state == proto::control::WorkerState::Offline)
+    });
+    let st = cluster.status();
+    assert!(st.all_loaded, "{st:?}");
+    assert_eq!(st.experts_with_spare, 0, "{st:?}");
+
+    // w2 comes back: the spares are back, and it answers for its own experts again.
+    let _w2 = spawn_worker(&addr, None, &path, &dir.path().join("w2"), "w2", ALL);
+    wait_status(&cluster, "w2's return", |st| {
+        st.experts_with_spare == 64
+            && st
+                .workers
+                .iter()
+                .any(|w| w.name == "w2" && w.state == proto::control::WorkerState::Ready)
+    });
+    let served = |c: &Cluster| {
+        c.worker_stats()
+            .into_iter()
+            .find(|(n, _)| n == "w2")
+            .map_or(0, |(_, s)| s.requests.load(Ordering::Relaxed))
+    };
+    let before = served(&cluster);
+    let again = generate_on_thread(&file, &model, experts, &prompt, 24, Default::default())
+        .join()
+        .unwrap()
+        .expect("a generation after w2's return");
+    assert_eq!(again, want[..24]);
+    assert!(
+        served(&cluster) > before,
+        "w2 got no requests after its return"
     );
 }
 

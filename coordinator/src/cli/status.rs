@@ -129,6 +129,12 @@ pub struct StatusJson {
     pub coordinator_device: String,
     /// The activation format of quantized products: "f32", "int16" or "int8".
     pub activations: &'static str,
+    /// Copies of every routed expert the plan asks for (1: no spares).
+    pub copies: u32,
+    /// Routed experts of the model.
+    pub experts_total: u64,
+    /// Of them, those served by two or more live workers (they survive the loss of one).
+    pub experts_with_spare: u64,
     pub workers: Vec<WorkerJson>,
 }
 
@@ -172,6 +178,9 @@ impl From<&ClusterStatus> for StatusJson {
             tokens_per_second: s.tokens_per_second,
             coordinator_device: s.coordinator_device.clone(),
             activations: s.activations.as_str(),
+            copies: s.copies,
+            experts_total: s.experts,
+            experts_with_spare: s.experts_with_spare,
             workers: s.workers.iter().map(WorkerJson::from).collect(),
         }
     }
@@ -242,6 +251,13 @@ pub fn render_table(s: &ClusterStatus) -> String {
     };
     let _ = writeln!(out, "coordinator: {own}, {acts} activations");
     let _ = writeln!(out, "experts:     {experts}");
+    if s.copies > 1 {
+        let _ = writeln!(
+            out,
+            "copies:      {} of each asked; {} of {} experts have a spare on a live worker",
+            s.copies, s.experts_with_spare, s.experts
+        );
+    }
     let _ = writeln!(out, "throughput:  {:.1} tokens/s", s.tokens_per_second);
     let _ = writeln!(out, "workers:     {} ({ready} ready)", s.workers.len());
     out.push('\n');
@@ -412,6 +428,9 @@ mod tests {
             tokens_per_second: 7.25,
             coordinator_device: "vulkan NVIDIA GeForce RTX 4090".into(),
             activations: Activations::Int8,
+            copies: 2,
+            experts: 14848,
+            experts_with_spare: 13000,
             workers: vec![
                 WorkerStatus {
                     id: 1,
@@ -527,6 +546,9 @@ mod tests {
             tokens_per_second: 0.0,
             coordinator_device: String::new(),
             activations: Activations::F32,
+            copies: 1,
+            experts: 0,
+            experts_with_spare: 0,
         };
         check_snapshot("status_empty.txt", &render_table(&s));
     }

@@ -45,6 +45,9 @@ pub fn cluster_bin() -> PathBuf {
 /// workers split the 64 experts evenly and neither can take over the other's share.
 pub const HALF: &str = "0.00586";
 
+/// Memory for all 64 of the tiny model's experts (and a little more).
+pub const ALL: &str = "0.0118";
+
 /// Runs `cmd` with `stdin` and its output collected, failing the test if it takes longer than
 /// `limit`.
 pub fn output_within(cmd: &mut Command, stdin: &str, limit: Duration) -> Output {
@@ -143,6 +146,30 @@ pub fn start_cluster(
     request_timeout: Duration,
     stream: bool,
 ) -> (tokio::runtime::Runtime, Cluster) {
+    start_cluster_with_copies(
+        dir,
+        file,
+        cfg,
+        min_workers,
+        heartbeat_timeout,
+        request_timeout,
+        stream,
+        1,
+    )
+}
+
+/// As [`start_cluster`], placing `copies` copies of every expert where memory allows.
+#[allow(clippy::too_many_arguments)]
+pub fn start_cluster_with_copies(
+    dir: &Path,
+    file: &Arc<ModelFile>,
+    cfg: &engine::config::ModelConfig,
+    min_workers: usize,
+    heartbeat_timeout: Duration,
+    request_timeout: Duration,
+    stream: bool,
+    copies: usize,
+) -> (tokio::runtime::Runtime, Cluster) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -160,7 +187,7 @@ pub fn start_cluster(
             hidden: cfg.hidden,
             dtype: Dtype::F32,
             heartbeat_timeout,
-            copies: 1,
+            copies,
             request_timeout,
             names: vec![],
             local: None,

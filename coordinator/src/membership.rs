@@ -95,6 +95,9 @@ pub enum Action {
     Lost { worker: WorkerId, name: String },
     /// Log: planning failed (not enough memory among the workers present).
     PlanFailed(PlanError),
+    /// Log: the plan is made, with `spares` spare copies placed and `without_spare` of those
+    /// asked for left out for lack of memory.
+    Planned { spares: u64, without_spare: u64 },
     /// The cluster's readiness changed.
     Serving(bool),
     /// The routes changed: read them with [`Membership::layer_owners`] (and the fallbacks with
@@ -490,6 +493,10 @@ impl Membership {
             })
             .collect();
         self.without_spare = plan.without_spare;
+        self.actions.push_back(Action::Planned {
+            spares: plan.workers.iter().map(|w| w.spares).sum(),
+            without_spare: plan.without_spare,
+        });
         for (i, &id) in ids.iter().enumerate() {
             let experts = plan.experts_of(i);
             self.send(id, experts);
@@ -809,11 +816,18 @@ mod tests {
         assert!(drain(&mut m).is_empty(), "one worker of two: no plan yet");
         let b = m.handle_hello(t0, hello("b", 1000));
         let acts = drain(&mut m);
-        assert_eq!(acts.len(), 3);
-        assert_eq!(acts[2], Action::Routes);
+        assert_eq!(acts.len(), 4);
+        assert_eq!(
+            acts[0],
+            Action::Planned {
+                spares: 0,
+                without_spare: 0
+            }
+        );
+        assert_eq!(acts[3], Action::Routes);
         let Action::Assign {
             worker, experts, ..
-        } = &acts[0]
+        } = &acts[1]
         else {
             panic!("{acts:?}")
         };
@@ -907,6 +921,13 @@ mod tests {
         let a = m.handle_hello(t0, hello("a", 160));
         let b = m.handle_hello(t0, hello("b", 160));
         let acts = drain(&mut m);
+        assert_eq!(
+            acts[0],
+            Action::Planned {
+                spares: 16,
+                without_spare: 0
+            }
+        );
         let all: Vec<(u32, Vec<u32>)> = vec![(1, (0..8).collect()), (2, (0..8).collect())];
         assert_eq!(assigned(&acts, a), Some(all.clone()));
         assert_eq!(assigned(&acts, b), Some(all));
@@ -977,6 +998,69 @@ mod tests {
             16
         );
         assert!(m.is_serving());
+    }
+
+    #[test]
+    fn with_some_spares_a_loss_leaves_a_gap_only_where_there_was_none() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(Config {
+            copies: 2,
+            ..cfg(3)
+        });
+        // 16 experts of 10 bytes on three workers of 80: the owners take 160 of the 240, so
+        // only some experts get a spare, and nobody has room to take over a lost worker's.
+        let ids = ["a", "b", "c"].map(|n| m.handle_hello(t0, hello(n, 80)));
+        let acts = drain(&mut m);
+        let Some(Action::Planned {
+            spares,
+            without_spare,
+        }) = acts.first().cloned()
+        else {
+            panic!("{acts:?}")
+        };
+        assert!(spares > 0 && without_spare > 0, "{acts:?}");
+        assert_eq!(spares + without_spare, 16);
+        for id in ids {
+            ready(&mut m, t0, id);
+        }
+        assert!(m.is_serving());
+        assert_eq!(m.redundancy(), (spares, 16));
+        let c = ids[2];
+        // What c owns without a spare elsewhere is what the cluster must miss.
+        let mut want: Vec<(u32, Vec<u32>)> = Vec::new();
+        for l in [1u32, 2] {
+            let es: Vec<u32> = (0..8u32)
+                .filter(|&e| {
+                    m.owner(l, e) == Some(c) && m.layer_holders(l).unwrap()[e as usize].len() == 1
+                })
+                .collect();
+            if !es.is_empty() {
+                want.push((l, es));
+            }
+        }
+        let owned_by_c = (1..=2u32)
+            .map(|l| (0..8).filter(|&e| m.owner(l, e) == Some(c)).count())
+            .sum::<usize>();
+        let gaps = want.iter().map(|(_, es)| es.len()).sum::<usize>();
+        assert!(
+            gaps > 0 && gaps < owned_by_c,
+            "{gaps} of {owned_by_c}: both cases"
+        );
+        m.handle_disconnect(t0, c);
+        assert_eq!(m.unavailable(), want);
+        assert!(!m.is_serving());
+        // Every expert c owned with a spare is routed to that spare.
+        for l in [1u32, 2] {
+            for e in 0..8u32 {
+                if m.owner(l, e) == Some(c)
+                    && !want.iter().any(|(wl, es)| *wl == l && es.contains(&e))
+                {
+                    let r = m.layer_owners(l).unwrap()[e as usize];
+                    assert_ne!(r, c);
+                    assert_eq!(m.layer_holders(l).unwrap()[e as usize], [r]);
+                }
+            }
+        }
     }
 
     #[test]

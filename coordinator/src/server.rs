@@ -449,6 +449,17 @@ fn apply(shared: &Arc<Shared>, actions: Vec<Action>) {
                 }
             }
             Action::PlanFailed(e) => tracing::error!("cannot place the experts: {e}"),
+            Action::Planned {
+                spares,
+                without_spare,
+            } => {
+                if spares + without_spare > 0 {
+                    tracing::info!(
+                        "placed {spares} spare copies of experts; {without_spare} more found no \
+                         memory (those experts stop with their worker)"
+                    );
+                }
+            }
             Action::Serving(s) => {
                 if s {
                     tracing::info!("every expert is loaded: serving");

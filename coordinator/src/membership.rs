@@ -951,16 +951,7 @@ mod tests {
         drain(&mut m);
 
         // b goes silent: no gap, a answers for everything, nothing moves.
-        m.handle_report(
-            t0 + Duration::from_secs(2),
-            a,
-            Report {
-                generation: m.worker(a).unwrap().generation,
-                loaded: true,
-                done_bytes: 0,
-                total_bytes: 0,
-            },
-        );
+        ready(&mut m, t0 + Duration::from_secs(2), a);
         m.handle_tick(t0 + Duration::from_secs(4));
         let acts = drain(&mut m);
         assert!(m.is_serving(), "{acts:?}");

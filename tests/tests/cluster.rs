@@ -968,16 +968,25 @@ fn generate_on_thread(
     })
 }
 
-/// A worker killed while a long generation runs through the cluster: the generation fails
-/// within seconds naming the missing experts, the coordinator stays up and shows the worker
-/// offline; the worker restarted from its state directory restores service, with the same
-/// tokens as before.
-#[test]
-fn a_worker_killed_mid_generation_fails_it_quickly_and_its_restart_restores_service() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+/// The tiny model served by a cluster in this process (heartbeat timeout 2 s, layer deadline
+/// 3 s, `copies` of every expert) and two worker processes, w1 and w2, of `memory` GiB each,
+/// once it serves. Fields drop in order: the workers first, the directory last.
+struct TwoWorkers {
+    w2: Worker,
+    w1: Worker,
+    cluster: Cluster,
+    rt: tokio::runtime::Runtime,
+    model: Arc<Model>,
+    file: Arc<ModelFile>,
+    path: PathBuf,
+    addr: String,
+    dir: tempfile::TempDir,
+}
+
+fn two_workers(copies: usize, memory: &str) -> TwoWorkers {
     let dir = tempfile::tempdir().unwrap();
     let (path, file, model) = tiny_model(dir.path());
-    let (rt, cluster) = start_cluster(
+    let (rt, cluster) = start_cluster_with_copies(
         dir.path(),
         &file,
         &model.cfg,
@@ -985,29 +994,56 @@ fn a_worker_killed_mid_generation_fails_it_quickly_and_its_restart_restores_serv
         Duration::from_secs(2),
         Duration::from_secs(3),
         false,
+        copies,
     );
     let (addr, token) = (cluster.addr.to_string(), cluster.token.to_string());
-    let _w1 = spawn_worker(
-        &addr,
-        Some(&token),
-        &path,
-        &dir.path().join("w1"),
-        "w1",
-        HALF,
-    );
-    let w2 = spawn_worker(
-        &addr,
-        Some(&token),
-        &path,
-        &dir.path().join("w2"),
-        "w2",
-        HALF,
-    );
+    let worker = |name: &str| {
+        spawn_worker(
+            &addr,
+            Some(&token),
+            &path,
+            &dir.path().join(name),
+            name,
+            memory,
+        )
+    };
+    let (w1, w2) = (worker("w1"), worker("w2"));
     assert!(
         rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
         "the cluster never became ready: {:?}",
         cluster.status()
     );
+    TwoWorkers {
+        w2,
+        w1,
+        cluster,
+        rt,
+        model,
+        file,
+        path,
+        addr,
+        dir,
+    }
+}
+
+/// A worker killed while a long generation runs through the cluster: the generation fails
+/// within seconds naming the missing experts, the coordinator stays up and shows the worker
+/// offline; the worker restarted from its state directory restores service, with the same
+/// tokens as before.
+#[test]
+fn a_worker_killed_mid_generation_fails_it_quickly_and_its_restart_restores_service() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let TwoWorkers {
+        w2,
+        w1: _w1,
+        cluster,
+        rt,
+        model,
+        file,
+        path,
+        addr,
+        dir,
+    } = two_workers(1, HALF);
     let experts: Arc<dyn RoutedExperts> = cluster.experts();
     let prompt = [0u32, 17, 300, 42, 7];
     let short = |experts: &Arc<dyn RoutedExperts>| {
@@ -1114,40 +1150,17 @@ fn wait_status(cluster: &Cluster, what: &str, ok: impl Fn(&proto::control::Clust
 #[test]
 fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let dir = tempfile::tempdir().unwrap();
-    let (path, file, model) = tiny_model(dir.path());
-    let (rt, cluster) = start_cluster_with_copies(
-        dir.path(),
-        &file,
-        &model.cfg,
-        2,
-        Duration::from_secs(2),
-        Duration::from_secs(3),
-        false,
-        2,
-    );
-    let (addr, token) = (cluster.addr.to_string(), cluster.token.to_string());
-    let _w1 = spawn_worker(
-        &addr,
-        Some(&token),
-        &path,
-        &dir.path().join("w1"),
-        "w1",
-        ALL,
-    );
-    let w2 = spawn_worker(
-        &addr,
-        Some(&token),
-        &path,
-        &dir.path().join("w2"),
-        "w2",
-        ALL,
-    );
-    assert!(
-        rt.block_on(cluster.wait_serving(Duration::from_secs(60))),
-        "the cluster never became ready: {:?}",
-        cluster.status()
-    );
+    let TwoWorkers {
+        w2,
+        w1: _w1,
+        cluster,
+        rt: _rt,
+        model,
+        file,
+        path,
+        addr,
+        dir,
+    } = two_workers(2, ALL);
     // Each worker owns half of the 64 experts and holds a spare of the other half.
     wait_status(&cluster, "two copies of every expert", |st| {
         st.experts == 64 && st.experts_with_spare == 64

@@ -95,6 +95,9 @@ struct WorkerInfo {
     address: String,
     devices: Vec<control::DeviceInfo>,
     served: u64,
+    /// Which hello this is (numbered over all workers): an assignment stream belongs to the
+    /// session of the hello before it.
+    session: u64,
 }
 
 struct Shared {
@@ -102,6 +105,8 @@ struct Shared {
     opts: ClusterOptions,
     membership: Mutex<Membership>,
     info: Mutex<HashMap<WorkerId, WorkerInfo>>,
+    /// Hellos so far (numbers the sessions).
+    hellos: AtomicU64,
     assignments: Mutex<HashMap<WorkerId, watch::Sender<Option<control::Assignment>>>>,
     routes: Arc<Routes>,
     serving: watch::Sender<bool>,
@@ -230,6 +235,7 @@ impl Cluster {
             opts,
             membership: Mutex::new(membership),
             info: Mutex::new(HashMap::new()),
+            hellos: AtomicU64::new(0),
             assignments: Mutex::new(HashMap::new()),
             routes,
             serving: watch::channel(false).0,
@@ -658,13 +664,26 @@ impl Service {
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 /// A worker's assignment stream, which lives as long as its session: when the stream is
-/// dropped (its connection closed, as when the process dies) and no newer session of the
-/// same worker follows its assignments, the worker is lost at once, not after the heartbeat
-/// timeout, so its requests go to spare copies without waiting.
+/// dropped (its connection closed, as when the process dies) and the worker has not said hello
+/// again since, it is lost at once, not after the heartbeat timeout, so its requests go to
+/// spare copies without waiting.
 struct Session {
     stream: Option<BoxStream<pb::Assignment>>,
     shared: Arc<Shared>,
     id: WorkerId,
+    /// The worker's session when the stream was opened (see [`WorkerInfo::session`]).
+    session: Option<u64>,
+}
+
+impl Shared {
+    /// `id`'s current session, if it said hello.
+    fn session(&self, id: WorkerId) -> Option<u64> {
+        self.info
+            .lock()
+            .expect("info lock")
+            .get(&id)
+            .map(|i| i.session)
+    }
 }
 
 impl tokio_stream::Stream for Session {
@@ -683,17 +702,13 @@ impl tokio_stream::Stream for Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // Drop the receiver first, so that the count below is of the other sessions only.
         self.stream = None;
-        let followed = self
-            .shared
-            .assignments
-            .lock()
-            .expect("assignments lock")
-            .get(&self.id)
-            .is_some_and(|tx| tx.receiver_count() > 0);
-        // Without a runtime (shutting down) there is nobody left to tell.
-        if followed || tokio::runtime::Handle::try_current().is_err() {
+        // A newer session has begun (or none was known), or there is no runtime left
+        // (shutting down): nothing to do.
+        if self.session.is_none()
+            || self.shared.session(self.id) != self.session
+            || tokio::runtime::Handle::try_current().is_err()
+        {
             return;
         }
         let actions = {
@@ -789,6 +804,7 @@ impl grpc::Control for Service {
                 address,
                 devices: h.devices.clone(),
                 served: 0,
+                session: self.0.hellos.fetch_add(1, Ordering::Relaxed) + 1,
             },
         );
         apply(&self.0, actions);
@@ -825,10 +841,12 @@ impl grpc::Control for Service {
         let stream = tokio_stream::wrappers::WatchStream::new(rx);
         let stream =
             tokio_stream::StreamExt::filter_map(stream, |a| a.map(|a| Ok(pb::Assignment::from(a))));
+        let session = self.0.session(id);
         Ok(Response::new(Box::pin(Session {
             stream: Some(Box::pin(stream)),
             shared: self.0.clone(),
             id,
+            session,
         })))
     }
 

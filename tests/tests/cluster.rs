@@ -968,8 +968,8 @@ fn generate_on_thread(
     })
 }
 
-/// The tiny model served by a cluster in this process (heartbeat timeout 2 s, layer deadline
-/// 3 s, `copies` of every expert) and two worker processes, w1 and w2, of `memory` GiB each,
+/// The tiny model served by a cluster in this process (heartbeat timeout 30 s, so that a lost
+/// worker is found by its closed connection; layer deadline 3 s; `copies` of every expert) and two worker processes, w1 and w2, of `memory` GiB each,
 /// once it serves. Fields drop in order: the workers first, the directory last.
 struct TwoWorkers {
     w2: Worker,
@@ -991,7 +991,7 @@ fn two_workers(copies: usize, memory: &str) -> TwoWorkers {
         &file,
         &model.cfg,
         2,
-        Duration::from_secs(2),
+        Duration::from_secs(30),
         Duration::from_secs(3),
         false,
         copies,
@@ -1130,9 +1130,16 @@ fn a_worker_killed_mid_generation_fails_it_quickly_and_its_restart_restores_serv
     );
 }
 
-/// Waits (up to 60 s) until the cluster's status satisfies `ok`.
-fn wait_status(cluster: &Cluster, what: &str, ok: impl Fn(&proto::control::ClusterStatus) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Waits (up to `limit`) until the cluster's status satisfies `ok`.
+fn wait_status(
+    cluster: &Cluster,
+    what: &str,
+    limit: Duration,
+    ok: impl Fn(&proto::control::ClusterStatus) -> bool,
+) {
+    let deadline = Instant::now() + limit;
     loop {
         let st = cluster.status();
         if ok(&st) {
@@ -1162,7 +1169,7 @@ fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
         dir,
     } = two_workers(2, ALL);
     // Each worker owns half of the 64 experts and holds a spare of the other half.
-    wait_status(&cluster, "two copies of every expert", |st| {
+    wait_status(&cluster, "two copies of every expert", MINUTE, |st| {
         st.experts == 64 && st.experts_with_spare == 64
     });
     let st = cluster.status();
@@ -1202,8 +1209,9 @@ fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
     );
     assert_eq!(got, want, "the tokens of one process");
 
-    // w2 shows offline, the cluster still serves, and no expert has a second copy now.
-    wait_status(&cluster, "w2 offline", |st| {
+    // w2 shows offline (found by its closed connection, long before the heartbeat timeout),
+    // the cluster still serves, and no expert has a second copy now.
+    wait_status(&cluster, "w2 offline", Duration::from_secs(10), |st| {
         st.workers
             .iter()
             .any(|w| w.name == "w2" && w.state == proto::control::WorkerState::Offline)
@@ -1214,7 +1222,7 @@ fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
 
     // w2 comes back: the spares are back, and it answers for its own experts again.
     let _w2 = spawn_worker(&addr, None, &path, &dir.path().join("w2"), "w2", ALL);
-    wait_status(&cluster, "w2's return", |st| {
+    wait_status(&cluster, "w2's return", MINUTE, |st| {
         st.experts_with_spare == 64
             && st
                 .workers

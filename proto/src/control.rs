@@ -1026,7 +1026,10 @@ pub struct WorkerStatus {
     pub gpu: String,
     pub memory_used_bytes: u64,
     pub memory_total_bytes: u64,
+    /// Routed experts assigned to it, spare copies included.
     pub experts_held: u64,
+    /// Of them, spare copies of experts other workers own.
+    pub spares_held: u64,
     pub layers: Vec<u32>,
     pub state: WorkerState,
     /// 0..=100.
@@ -1047,6 +1050,7 @@ impl From<WorkerStatus> for pb::WorkerStatus {
             memory_used_bytes: w.memory_used_bytes,
             memory_total_bytes: w.memory_total_bytes,
             experts_held: w.experts_held,
+            spares_held: w.spares_held,
             layers: w.layers,
             state: pb::WorkerState::from(w.state) as i32,
             load_percent: w.load_percent,
@@ -1076,6 +1080,7 @@ impl TryFrom<pb::WorkerStatus> for WorkerStatus {
             memory_used_bytes: w.memory_used_bytes,
             memory_total_bytes: w.memory_total_bytes,
             experts_held: w.experts_held,
+            spares_held: w.spares_held.min(w.experts_held),
             layers: w.layers,
             state: WorkerState::from_pb("workers.state", w.state)?,
             load_percent: w.load_percent,
@@ -1383,6 +1388,7 @@ mod tests {
                 memory_used_bytes: 1,
                 memory_total_bytes: 2,
                 experts_held: 3,
+                spares_held: 1,
                 layers: vec![3, 4],
                 state: WorkerState::Offline,
                 load_percent: 50.0,

@@ -1174,7 +1174,12 @@ fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
     });
     let st = cluster.status();
     assert_eq!(st.copies, 2);
-    assert!(st.workers.iter().all(|w| w.experts_held == 64), "{st:?}");
+    assert!(
+        st.workers
+            .iter()
+            .all(|w| w.experts_held == 64 && w.spares_held == 32),
+        "{st:?}"
+    );
 
     let prompt = [0u32, 17, 300, 42, 7];
     const N: usize = 300;

@@ -153,8 +153,10 @@ pub struct WorkerJson {
     pub memory_used_bytes: u64,
     /// Bytes it offered for experts.
     pub memory_total_bytes: u64,
-    /// Routed experts assigned to it, over all layers.
+    /// Routed experts assigned to it, over all layers (spare copies included).
     pub experts_held: u64,
+    /// Of them, spare copies of experts other workers own.
+    pub spares_held: u64,
     /// The MoE layers it holds experts of, ascending.
     pub layers: Vec<u32>,
     /// "joining", "loading", "ready", "draining" or "offline".
@@ -200,6 +202,7 @@ impl From<&WorkerStatus> for WorkerJson {
             memory_used_bytes: w.memory_used_bytes,
             memory_total_bytes: w.memory_total_bytes,
             experts_held: w.experts_held,
+            spares_held: w.spares_held,
             layers,
             state: w.state.as_str(),
             // f32 -> f64 through the decimal text, so 42.5 stays 42.5 and 33.3 stays 33.3.
@@ -368,7 +371,15 @@ fn experts_held(w: &WorkerStatus) -> String {
     if w.experts_held == 0 {
         return "0".into();
     }
-    format!("{} ({})", w.experts_held, layer_ranges(&w.layers))
+    let spares = w.spares_held.min(w.experts_held);
+    if spares == 0 {
+        return format!("{} ({})", w.experts_held, layer_ranges(&w.layers));
+    }
+    format!(
+        "{}+{spares} spare ({})",
+        w.experts_held - spares,
+        layer_ranges(&w.layers)
+    )
 }
 
 /// Layers as compact ranges: `[1, 2, 3, 5, 7, 8]` → `1-3,5,7-8`.
@@ -441,6 +452,7 @@ mod tests {
                     memory_used_bytes: 21_474_836_480 - (1 << 28),
                     memory_total_bytes: 24 << 30,
                     experts_held: 1856,
+                    spares_held: 0,
                     layers: (3..=31).collect(),
                     state: WorkerState::Ready,
                     load_percent: 100.0,
@@ -457,6 +469,7 @@ mod tests {
                     memory_used_bytes: 900 << 20,
                     memory_total_bytes: 1 << 30,
                     experts_held: 64,
+                    spares_held: 16,
                     layers: vec![32, 33, 34, 40, 45, 46],
                     state: WorkerState::Loading,
                     load_percent: 42.7,
@@ -473,6 +486,7 @@ mod tests {
                     memory_used_bytes: 0,
                     memory_total_bytes: 16 << 30,
                     experts_held: 0,
+                    spares_held: 0,
                     layers: vec![],
                     state: WorkerState::Offline,
                     load_percent: 0.0,

@@ -1168,16 +1168,17 @@ fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
         addr,
         dir,
     } = two_workers(2, ALL);
-    // Each worker owns half of the 64 experts and holds a spare of the other half.
+    // Each worker owns its share of the 64 experts (by its measured speed) and holds a spare
+    // of the other's.
     wait_status(&cluster, "two copies of every expert", MINUTE, |st| {
         st.experts == 64 && st.experts_with_spare == 64
     });
     let st = cluster.status();
     assert_eq!(st.copies, 2);
-    assert!(
-        st.workers
-            .iter()
-            .all(|w| w.experts_held == 64 && w.spares_held == 32),
+    assert!(st.workers.iter().all(|w| w.experts_held == 64), "{st:?}");
+    assert_eq!(
+        st.workers.iter().map(|w| w.spares_held).sum::<u64>(),
+        64,
         "{st:?}"
     );
 

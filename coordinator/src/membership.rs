@@ -24,7 +24,9 @@
 //! loss of one box interrupts nothing. The lost owner keeps the expert: when it comes back and
 //! has loaded it again, the routes return to it, so the load spreads as planned. Only experts
 //! with no live spare are repaired (moved to workers with room). A drained worker's experts
-//! go to their spare holders where they have one.
+//! go to their spare holders where they have one. Experts with fewer live holders than
+//! `copies` get spares on live workers with free memory, so a worker that joins a running
+//! cluster restores the copies a loss took.
 //!
 //! Draining worker W (`handle_drain`): its experts are re-placed onto live workers with room (the
 //! same allocator as the repair of lost workers; refused, changing nothing, when they do not
@@ -529,25 +531,103 @@ impl Membership {
             .filter(|w| w.state == WorkerState::Lost)
             .map(|w| w.id)
             .collect();
-        if lost.is_empty() {
-            return;
+        if !lost.is_empty() {
+            let Some((owner, spares, changed, _)) = self.replace(&lost, true) else {
+                return;
+            };
+            self.owner = Some(owner);
+            self.spares = spares;
+            for id in changed {
+                let experts = self.experts_of(id);
+                self.send(id, experts);
+            }
+            // Forget the experts of lost workers that were moved away.
+            for id in lost {
+                let experts = self.experts_of(id);
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.experts = experts;
+                }
+            }
         }
-        let Some((owner, spares, changed, _)) = self.replace(&lost, true) else {
+        self.replenish();
+    }
+
+    /// With spare copies asked for: experts with fewer than `copies` holders that are not
+    /// lost get spares on live workers with free memory (the most free memory times speed
+    /// first; never a worker that already has the expert, lost or not). So a worker that
+    /// joins a running cluster, or memory left after a loss, restores the copies.
+    fn replenish(&mut self) {
+        let Some(owner) = &self.owner else {
             return;
         };
-        self.owner = Some(owner);
+        if self.cfg.copies <= 1 {
+            return;
+        }
+        let mut spares = self.spares.clone();
+        let mut free = self.free_memory(owner, &spares, &BTreeSet::new());
+        let counts = |id: &WorkerId| {
+            self.workers
+                .get(id)
+                .is_some_and(|w| !matches!(w.state, WorkerState::Lost | WorkerState::Draining))
+        };
+        let mut changed = BTreeSet::new();
+        for (l, (os, ss)) in self
+            .cfg
+            .layers
+            .iter()
+            .zip(owner.iter().zip(spares.iter_mut()))
+        {
+            for (o, s) in os.iter().zip(ss.iter_mut()) {
+                let mut have = usize::from(counts(o)) + s.iter().filter(|x| counts(x)).count();
+                while have < self.cfg.copies {
+                    let best = free
+                        .iter_mut()
+                        .filter(|f| f.1 >= l.expert_bytes && f.0 != *o && !s.contains(&f.0))
+                        .max_by(|a, b| (a.1 as f64 * a.2).total_cmp(&(b.1 as f64 * b.2)));
+                    let Some(f) = best else { break };
+                    f.1 -= l.expert_bytes;
+                    s.push(f.0);
+                    changed.insert(f.0);
+                    have += 1;
+                }
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
         self.spares = spares;
         for id in changed {
             let experts = self.experts_of(id);
             self.send(id, experts);
         }
-        // Forget the experts of lost workers that were moved away.
-        for id in lost {
-            let experts = self.experts_of(id);
-            if let Some(w) = self.workers.get_mut(&id) {
-                w.experts = experts;
-            }
-        }
+    }
+
+    /// Free memory of the live workers not in `except`: their memory less what `owner` and
+    /// `spares` give them. `(id, free bytes, speed)`.
+    fn free_memory(
+        &self,
+        owner: &[Vec<WorkerId>],
+        spares: &[Vec<Vec<WorkerId>>],
+        except: &BTreeSet<WorkerId>,
+    ) -> Vec<(WorkerId, u64, f64)> {
+        self.live()
+            .iter()
+            .filter(|w| !except.contains(&w.id))
+            .map(|w| {
+                let used: u64 = self
+                    .cfg
+                    .layers
+                    .iter()
+                    .zip(owner.iter().zip(spares))
+                    .map(|(l, (os, ss))| {
+                        let n = os.iter().filter(|&&o| o == w.id).count()
+                            + ss.iter().filter(|s| s.contains(&w.id)).count();
+                        n as u64 * l.expert_bytes
+                    })
+                    .sum();
+                (w.id, w.memory.saturating_sub(used), w.speed)
+            })
+            .collect()
     }
 
     /// The plan with the experts `from` owns moved onto the live worker with the most free
@@ -578,25 +658,7 @@ impl Membership {
             .filter(|id| !from.contains(id))
             .collect();
         // Free memory of the live workers (owned and spare experts both take room).
-        let mut free: Vec<(WorkerId, u64, f64)> = self
-            .live()
-            .iter()
-            .filter(|w| live.contains(&w.id))
-            .map(|w| {
-                let used: u64 = self
-                    .cfg
-                    .layers
-                    .iter()
-                    .zip(owner.iter().zip(&spares))
-                    .map(|(l, (os, ss))| {
-                        let n = os.iter().filter(|&&o| o == w.id).count()
-                            + ss.iter().filter(|s| s.contains(&w.id)).count();
-                        n as u64 * l.expert_bytes
-                    })
-                    .sum();
-                (w.id, w.memory.saturating_sub(used), w.speed)
-            })
-            .collect();
+        let mut free = self.free_memory(&owner, &spares, from);
         let mut changed = BTreeSet::new();
         let mut missing = 0;
         for (l, (os, ss)) in self
@@ -989,6 +1051,60 @@ mod tests {
             16
         );
         assert!(m.is_serving());
+    }
+
+    #[test]
+    fn a_worker_that_joins_later_restores_the_copies_a_loss_took() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(Config {
+            copies: 2,
+            ..cfg(2)
+        });
+        let a = m.handle_hello(t0, hello("a", 160));
+        let b = m.handle_hello(t0, hello("b", 160));
+        ready(&mut m, t0, a);
+        ready(&mut m, t0, b);
+        assert_eq!(m.redundancy(), (16, 16));
+        drain(&mut m);
+        // b is lost; a has no room for more: one copy of everything, nothing to send.
+        m.handle_disconnect(t0, b);
+        assert!(m.is_serving());
+        assert_eq!(m.redundancy(), (0, 16));
+        let acts = drain(&mut m);
+        assert!(
+            !acts.iter().any(|x| matches!(x, Action::Assign { .. })),
+            "{acts:?}"
+        );
+        // c joins with room for 12: it gets spares of 12 experts, and never a second copy of
+        // one; a's assignment does not change.
+        let c = m.handle_hello(t0, hello("c", 120));
+        let acts = drain(&mut m);
+        let got = assigned(&acts, c).expect("c gets spares");
+        assert_eq!(got.iter().map(|(_, es)| es.len()).sum::<usize>(), 12);
+        assert!(assigned(&acts, a).is_none(), "{acts:?}");
+        ready(&mut m, t0, c);
+        assert_eq!(m.redundancy(), (12, 16));
+        for (l, es) in &got {
+            for &e in es {
+                assert_eq!(m.layer_holders(*l).unwrap()[e as usize].len(), 2);
+            }
+        }
+        // Nothing more to place: the next ticks send nothing.
+        m.handle_tick(t0 + Duration::from_millis(100));
+        assert!(!drain(&mut m)
+            .iter()
+            .any(|x| matches!(x, Action::Assign { .. })),);
+        // Without copies asked for, a later worker gets nothing.
+        let mut m = Membership::new(cfg(2));
+        for n in ["a", "b"] {
+            let id = m.handle_hello(t0, hello(n, 160));
+            ready(&mut m, t0, id);
+        }
+        drain(&mut m);
+        m.handle_hello(t0, hello("c", 160));
+        assert!(!drain(&mut m)
+            .iter()
+            .any(|x| matches!(x, Action::Assign { .. })),);
     }
 
     #[test]

@@ -1152,8 +1152,8 @@ fn wait_status(
 
 /// With two copies of every expert, a worker killed mid-generation costs no request: the
 /// generation finishes with one process's tokens, the cluster keeps serving with the worker
-/// offline, and the worker's restart brings the spare copies back and takes its share of the
-/// work again.
+/// offline, a worker that joins then takes spares as its memory allows, and the killed
+/// worker's restart brings all the spare copies back and takes its share of the work again.
 #[test]
 fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1225,6 +1225,24 @@ fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
     let st = cluster.status();
     assert!(st.all_loaded, "{st:?}");
     assert_eq!(st.experts_with_spare, 0, "{st:?}");
+
+    // w3 joins with room for 32 experts: it takes spares of 32 of them.
+    let _w3 = spawn_worker(
+        &addr,
+        Some(&cluster.token.to_string()),
+        &path,
+        &dir.path().join("w3"),
+        "w3",
+        HALF,
+    );
+    wait_status(&cluster, "w3's spares", MINUTE, |st| {
+        st.experts_with_spare == 32
+            && st.workers.iter().any(|w| {
+                w.name == "w3"
+                    && w.state == proto::control::WorkerState::Ready
+                    && w.spares_held == 32
+            })
+    });
 
     // w2 comes back: the spares are back, and it answers for its own experts again.
     let _w2 = spawn_worker(&addr, None, &path, &dir.path().join("w2"), "w2", ALL);

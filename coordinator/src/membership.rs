@@ -972,16 +972,22 @@ mod tests {
         assert!(m.is_serving());
     }
 
-    #[test]
-    fn spare_copies_serve_through_a_loss_and_the_owner_takes_its_experts_back() {
-        let t0 = Instant::now();
+    /// Two copies asked for, and two workers with room for all 16 experts each (8 owned, 8
+    /// spare), planned but not loaded.
+    fn two_with_spares(t0: Instant) -> (Membership, WorkerId, WorkerId) {
         let mut m = Membership::new(Config {
             copies: 2,
             ..cfg(2)
         });
-        // Room for all 16 experts on each: 8 owned, 8 spare.
         let a = m.handle_hello(t0, hello("a", 160));
         let b = m.handle_hello(t0, hello("b", 160));
+        (m, a, b)
+    }
+
+    #[test]
+    fn spare_copies_serve_through_a_loss_and_the_owner_takes_its_experts_back() {
+        let t0 = Instant::now();
+        let (mut m, a, b) = two_with_spares(t0);
         let acts = drain(&mut m);
         assert_eq!(
             acts[0],
@@ -1056,12 +1062,7 @@ mod tests {
     #[test]
     fn a_worker_that_joins_later_restores_the_copies_a_loss_took() {
         let t0 = Instant::now();
-        let mut m = Membership::new(Config {
-            copies: 2,
-            ..cfg(2)
-        });
-        let a = m.handle_hello(t0, hello("a", 160));
-        let b = m.handle_hello(t0, hello("b", 160));
+        let (mut m, a, b) = two_with_spares(t0);
         ready(&mut m, t0, a);
         ready(&mut m, t0, b);
         assert_eq!(m.redundancy(), (16, 16));

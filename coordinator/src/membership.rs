@@ -176,8 +176,6 @@ pub struct Membership {
     owner: Option<Vec<Vec<WorkerId>>>,
     /// Spare holders, same indexing as `owner` (empty lists without spares).
     spares: Vec<Vec<Vec<WorkerId>>>,
-    /// Copies the plan asked for that found no room.
-    without_spare: u64,
     /// Who answers for each expert now (same shape as `owner`).
     routes: Option<Vec<Vec<WorkerId>>>,
     /// Every live worker that serves each expert, the route first.
@@ -196,7 +194,6 @@ impl Membership {
             generation: 0,
             owner: None,
             spares: Vec::new(),
-            without_spare: 0,
             routes: None,
             holders: None,
             drains: BTreeMap::new(),
@@ -243,21 +240,24 @@ impl Membership {
     /// Experts with at least two live workers serving them, and all experts: how much of the
     /// model survives the loss of one more box without a gap.
     pub fn redundancy(&self) -> (u64, u64) {
-        let mut count = BTreeMap::<(u32, u32), u32>::new();
-        for w in self.workers.values() {
-            if w.state != WorkerState::Lost {
-                for &x in &w.held {
-                    *count.entry(x).or_default() += 1;
-                }
-            }
-        }
         let total = self.cfg.layers.iter().map(|l| l.n_experts as u64).sum();
-        (count.values().filter(|&&c| c >= 2).count() as u64, total)
+        let spared = self
+            .holders
+            .iter()
+            .flatten()
+            .flatten()
+            .filter(|h| h.len() >= 2)
+            .count();
+        (spared as u64, total)
     }
 
-    /// Spare copies the plan asked for that found no room among the workers it was made for.
-    pub fn without_spare(&self) -> u64 {
-        self.without_spare
+    /// How many spare copies (experts other workers own) `id` is assigned.
+    pub fn spares_held(&self, id: WorkerId) -> u64 {
+        self.spares
+            .iter()
+            .flatten()
+            .filter(|s| s.contains(&id))
+            .count() as u64
     }
 
     /// Whether `id` is draining (or drained).
@@ -494,7 +494,6 @@ impl Membership {
                     .collect()
             })
             .collect();
-        self.without_spare = plan.without_spare;
         self.actions.push_back(Action::Planned {
             spares: plan.workers.iter().map(|w| w.spares).sum(),
             without_spare: plan.without_spare,
@@ -563,39 +562,50 @@ impl Membership {
         if self.cfg.copies <= 1 {
             return;
         }
-        let mut spares = self.spares.clone();
-        let mut free = self.free_memory(owner, &spares, &BTreeSet::new());
-        let counts = |id: &WorkerId| {
-            self.workers
-                .get(id)
-                .is_some_and(|w| !matches!(w.state, WorkerState::Lost | WorkerState::Draining))
-        };
-        let mut changed = BTreeSet::new();
-        for (l, (os, ss)) in self
+        let mut free = self.free_memory(owner, &self.spares, &BTreeSet::new());
+        let smallest = self.cfg.layers.iter().map(|l| l.expert_bytes).min();
+        if smallest.is_none_or(|b| free.iter().all(|f| f.1 < b)) {
+            // No room anywhere (the usual case once planned): nothing to look at.
+            return;
+        }
+        let live: BTreeSet<WorkerId> = free.iter().map(|f| f.0).collect();
+        // New spares as (layer index, expert, worker), applied after the look.
+        let mut adds = Vec::new();
+        for (li, (l, (os, ss))) in self
             .cfg
             .layers
             .iter()
-            .zip(owner.iter().zip(spares.iter_mut()))
+            .zip(owner.iter().zip(&self.spares))
+            .enumerate()
         {
-            for (o, s) in os.iter().zip(ss.iter_mut()) {
-                let mut have = usize::from(counts(o)) + s.iter().filter(|x| counts(x)).count();
+            for (e, (o, s)) in os.iter().zip(ss).enumerate() {
+                let mut have =
+                    usize::from(live.contains(o)) + s.iter().filter(|x| live.contains(x)).count();
+                let first = adds.len();
                 while have < self.cfg.copies {
                     let best = free
                         .iter_mut()
-                        .filter(|f| f.1 >= l.expert_bytes && f.0 != *o && !s.contains(&f.0))
+                        .filter(|f| {
+                            f.1 >= l.expert_bytes
+                                && f.0 != *o
+                                && !s.contains(&f.0)
+                                && !adds[first..]
+                                    .iter()
+                                    .any(|a: &(usize, usize, WorkerId)| a.2 == f.0)
+                        })
                         .max_by(|a, b| (a.1 as f64 * a.2).total_cmp(&(b.1 as f64 * b.2)));
                     let Some(f) = best else { break };
                     f.1 -= l.expert_bytes;
-                    s.push(f.0);
-                    changed.insert(f.0);
+                    adds.push((li, e, f.0));
                     have += 1;
                 }
             }
         }
-        if changed.is_empty() {
-            return;
+        let mut changed = BTreeSet::new();
+        for (li, e, w) in adds {
+            self.spares[li][e].push(w);
+            changed.insert(w);
         }
-        self.spares = spares;
         for id in changed {
             let experts = self.experts_of(id);
             self.send(id, experts);
@@ -703,16 +713,14 @@ impl Membership {
         let Some(owner) = &self.owner else {
             return Vec::new();
         };
-        let none = Vec::new();
+        // `spares` has the shape of `owner` once planned.
         self.cfg
             .layers
             .iter()
-            .enumerate()
-            .zip(owner)
-            .filter_map(|((li, l), os)| {
-                let ss = self.spares.get(li).unwrap_or(&none);
+            .zip(owner.iter().zip(&self.spares))
+            .filter_map(|(l, (os, ss))| {
                 let es: Vec<u32> = (0..os.len())
-                    .filter(|&e| os[e] == id || ss.get(e).is_some_and(|s| s.contains(&id)))
+                    .filter(|&e| os[e] == id || ss[e].contains(&id))
                     .map(|e| e as u32)
                     .collect();
                 (!es.is_empty()).then_some((l.layer, es))
@@ -722,8 +730,8 @@ impl Membership {
 
     /// After every event: recompute the routes, move drains along, update readiness.
     fn settle(&mut self, now: Instant) {
-        let routes = self.compute_routes();
-        let holders = self.compute_holders(routes.as_ref());
+        let holders = self.compute_holders();
+        let routes = self.derive_routes(holders.as_ref());
         if routes != self.routes || holders != self.holders {
             self.routes = routes;
             self.holders = holders;
@@ -752,42 +760,9 @@ impl Membership {
         }
     }
 
-    /// Every live worker serving each expert, the route first.
-    fn compute_holders(
-        &self,
-        routes: Option<&Vec<Vec<WorkerId>>>,
-    ) -> Option<Vec<Vec<Vec<WorkerId>>>> {
-        let routes = routes?;
-        Some(
-            self.cfg
-                .layers
-                .iter()
-                .zip(routes)
-                .map(|(l, rs)| {
-                    rs.iter()
-                        .enumerate()
-                        .map(|(e, &r)| {
-                            let e = e as u32;
-                            let first = self.holds(r, l.layer, e).then_some(r);
-                            first
-                                .into_iter()
-                                .chain(
-                                    self.workers
-                                        .keys()
-                                        .copied()
-                                        .filter(|&w| w != r && self.holds(w, l.layer, e)),
-                                )
-                                .collect()
-                        })
-                        .collect()
-                })
-                .collect(),
-        )
-    }
-
-    /// Each expert's planned owner if it holds the expert, else a live worker that still
-    /// holds it, else the owner (a request fails there, naming it).
-    fn compute_routes(&self) -> Option<Vec<Vec<WorkerId>>> {
+    /// Every live worker serving each expert: its planned owner first if it holds it, then
+    /// the others by id.
+    fn compute_holders(&self) -> Option<Vec<Vec<Vec<WorkerId>>>> {
         let owner = self.owner.as_ref()?;
         Some(
             self.cfg
@@ -799,15 +774,38 @@ impl Membership {
                         .enumerate()
                         .map(|(e, &o)| {
                             let e = e as u32;
-                            if self.holds(o, l.layer, e) {
-                                return o;
-                            }
-                            self.workers
-                                .keys()
-                                .copied()
-                                .find(|&w| self.holds(w, l.layer, e))
-                                .unwrap_or(o)
+                            let first = self.holds(o, l.layer, e).then_some(o);
+                            first
+                                .into_iter()
+                                .chain(
+                                    self.workers
+                                        .keys()
+                                        .copied()
+                                        .filter(|&w| w != o && self.holds(w, l.layer, e)),
+                                )
+                                .collect()
                         })
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+
+    /// The routes: each expert's first live holder (its planned owner when that holds it),
+    /// else the owner (a request fails there, naming it).
+    fn derive_routes(
+        &self,
+        holders: Option<&Vec<Vec<Vec<WorkerId>>>>,
+    ) -> Option<Vec<Vec<WorkerId>>> {
+        let owner = self.owner.as_ref()?;
+        Some(
+            holders?
+                .iter()
+                .zip(owner)
+                .map(|(hs, os)| {
+                    hs.iter()
+                        .zip(os)
+                        .map(|(h, &o)| h.first().copied().unwrap_or(o))
                         .collect()
                 })
                 .collect(),
@@ -999,7 +997,7 @@ mod tests {
         let all: Vec<(u32, Vec<u32>)> = vec![(1, (0..8).collect()), (2, (0..8).collect())];
         assert_eq!(assigned(&acts, a), Some(all.clone()));
         assert_eq!(assigned(&acts, b), Some(all));
-        assert_eq!(m.without_spare(), 0);
+        assert_eq!((m.spares_held(a), m.spares_held(b)), (8, 8));
         assert_eq!(m.redundancy(), (0, 16));
         ready(&mut m, t0, a);
         ready(&mut m, t0, b);
@@ -1056,6 +1054,9 @@ mod tests {
                 .sum::<usize>(),
             16
         );
+        // a owns everything now; b's spares are dropped with it.
+        assert!((1..=2).all(|l| (0..8).all(|e| m.owner(l, e) == Some(a))));
+        assert_eq!((m.spares_held(a), m.spares_held(b)), (0, 0));
         assert!(m.is_serving());
     }
 

@@ -602,11 +602,7 @@ fn status(shared: &Shared) -> control::ClusterStatus {
                 memory_used_bytes: used,
                 memory_total_bytes: w.memory,
                 experts_held: held,
-                spares_held: w
-                    .experts
-                    .iter()
-                    .map(|(l, es)| es.iter().filter(|&&e| m.owner(*l, e) != Some(w.id)).count())
-                    .sum::<usize>() as u64,
+                spares_held: m.spares_held(w.id),
                 layers: w.experts.iter().map(|(l, _)| *l).collect(),
                 state,
                 load_percent,

@@ -181,7 +181,8 @@ impl Plan {
     }
 
     /// A compact, stable text form: per worker its totals, per layer the owners of each group
-    /// (`0` = all of the group on worker 0; `0/2` = the group is split between workers 0 and 2).
+    /// (`0` = all of the group on worker 0; `0/2` = the group is split between workers 0 and 2;
+    /// `0+1` = owned by worker 0, spare copies on worker 1), then the copies that found no room.
     pub fn render(&self, workers: &[WorkerCapacity]) -> String {
         let mut s = String::new();
         for (i, (w, load)) in workers.iter().zip(&self.workers).enumerate() {

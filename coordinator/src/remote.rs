@@ -464,12 +464,22 @@ impl RoutedExperts for RemoteExperts {
         let xs = &xs[..routing.n_tokens() * self.cfg.hidden];
         let (answers, failed) = self.settle(&p, xs, out, scratch)?;
         if failed.is_empty() {
-            return self.combine(&p, &answers, out);
+            let slowest = self.combine(&p, &answers, out)?;
+            self.last_compute_us.store(slowest, Ordering::Relaxed);
+            return Ok(());
         }
         // Some workers failed: their work once more, to other workers holding the same
         // experts. `out` holds this process's own share already; the others' answers are kept
         // and added with the retry's.
         let retry = self.failover(&p, &failed)?;
+        let (more, failed_again) = self.settle(&retry, xs, out, scratch)?;
+        if !failed_again.is_empty() {
+            return Err(self.missing(layer, &retry, &failed_again));
+        }
+        let slowest = self
+            .combine(&p, &answers, out)?
+            .max(self.combine(&retry, &more, out)?);
+        self.last_compute_us.store(slowest, Ordering::Relaxed);
         tracing::warn!(
             "layer {layer}: {}; answered by spare copies",
             failed
@@ -478,12 +488,7 @@ impl RoutedExperts for RemoteExperts {
                 .collect::<Vec<_>>()
                 .join("; ")
         );
-        let (more, failed) = self.settle(&retry, xs, out, scratch)?;
-        if !failed.is_empty() {
-            return Err(self.missing(layer, &retry, &failed));
-        }
-        self.combine(&p, &answers, out)?;
-        self.combine(&retry, &more, out)
+        Ok(())
     }
 }
 
@@ -557,16 +562,15 @@ impl RemoteExperts {
     }
 
     /// Adds the answers into `out` in batch order (by worker), not in arrival order: a token's
-    /// sum is then the same on every run and in every batch.
+    /// sum is then the same on every run and in every batch. Returns the slowest worker's own
+    /// compute time among them (microseconds).
     fn combine(
         &self,
         p: &Pending,
         answers: &[Option<ExpertResult>],
         out: &mut [f32],
-    ) -> Result<(), ExpertError> {
+    ) -> Result<u32, ExpertError> {
         let slowest = answers.iter().flatten().map(|r| r.compute_us).max();
-        self.last_compute_us
-            .store(slowest.unwrap_or(0), Ordering::Relaxed);
         let mut failed = Vec::new();
         for (i, res) in answers.iter().enumerate() {
             if let Some(res) = res {
@@ -576,7 +580,7 @@ impl RemoteExperts {
             }
         }
         if failed.is_empty() {
-            Ok(())
+            Ok(slowest.unwrap_or(0))
         } else {
             Err(self.missing(p.layer, p, &failed))
         }

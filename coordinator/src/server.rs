@@ -543,12 +543,7 @@ async fn accept_quic(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                 // An older connection of a worker that has reconnected since.
                 return;
             }
-            let actions = {
-                let mut m = shared.membership.lock().expect("membership lock");
-                m.handle_disconnect(Instant::now(), id);
-                std::iter::from_fn(|| m.poll_action()).collect()
-            };
-            apply(&shared, actions);
+            lose(&shared, id);
         });
     }
 }
@@ -669,7 +664,7 @@ type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> +
 /// again since, it is lost at once, not after the heartbeat timeout, so its requests go to
 /// spare copies without waiting.
 struct Session {
-    stream: Option<BoxStream<pb::Assignment>>,
+    stream: BoxStream<pb::Assignment>,
     shared: Arc<Shared>,
     id: WorkerId,
     /// The worker's session when the stream was opened (see [`WorkerInfo::session`]).
@@ -694,16 +689,12 @@ impl tokio_stream::Stream for Session {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        match self.stream.as_mut() {
-            Some(s) => s.as_mut().poll_next(cx),
-            None => std::task::Poll::Ready(None),
-        }
+        self.stream.as_mut().poll_next(cx)
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.stream = None;
         // A newer session has begun (or none was known), or there is no runtime left
         // (shutting down): nothing to do.
         if self.session.is_none()
@@ -712,19 +703,20 @@ impl Drop for Session {
         {
             return;
         }
-        let actions = {
-            let mut m = self.shared.membership.lock().expect("membership lock");
-            if m.worker(self.id)
-                .is_none_or(|w| w.state == membership::WorkerState::Lost)
-            {
-                return;
-            }
-            tracing::warn!("worker {}'s control connection closed", self.id);
-            m.handle_disconnect(Instant::now(), self.id);
-            std::iter::from_fn(|| m.poll_action()).collect::<Vec<_>>()
-        };
-        apply(&self.shared, actions);
+        tracing::warn!("worker {}'s control connection closed", self.id);
+        lose(&self.shared, self.id);
     }
+}
+
+/// `id`'s connection is gone: membership marks it lost (a no-op if it is already) and the
+/// driver carries out what follows.
+fn lose(shared: &Arc<Shared>, id: WorkerId) {
+    let actions = {
+        let mut m = shared.membership.lock().expect("membership lock");
+        m.handle_disconnect(Instant::now(), id);
+        std::iter::from_fn(|| m.poll_action()).collect()
+    };
+    apply(shared, actions);
 }
 
 #[tonic::async_trait]
@@ -844,7 +836,7 @@ impl grpc::Control for Service {
             tokio_stream::StreamExt::filter_map(stream, |a| a.map(|a| Ok(pb::Assignment::from(a))));
         let session = self.0.session(id);
         Ok(Response::new(Box::pin(Session {
-            stream: Some(Box::pin(stream)),
+            stream: Box::pin(stream),
             shared: self.0.clone(),
             id,
             session,

@@ -13,16 +13,16 @@
 //! The gate word packs `epoch << 32 | CLOSED | started`: opening a job bumps the epoch with
 //! zero started; a worker joins with a compare-exchange that fails once the job is closed.
 
-/// Element-wise work (quantising activations, SwiGLU, gathering rows) below this many values
-/// runs on the calling thread: a dispatch costs more than it saves.
-pub const PARALLEL_VALUES: usize = 32 * 1024;
-
 use std::cell::UnsafeCell;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// Element-wise work (quantising activations, SwiGLU, gathering rows) below this many values
+/// runs on the calling thread: a dispatch costs more than it saves.
+pub const PARALLEL_VALUES: usize = 32 * 1024;
 
 /// How long an idle worker watches for the next job before parking.
 const SPIN: Duration = Duration::from_micros(500);

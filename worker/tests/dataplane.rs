@@ -1,8 +1,8 @@
 //! The worker's data plane over real QUIC with mutual TLS on loopback: a well-formed request
 //! gets the experts' partial sum (the same bits as evaluating them in this process, with f32
-//! on the wire), for a decode step's tokens and for a larger batch; a malformed stream (bytes after its frame, a header announcing an oversized
-//! body, a bad magic) gets an error frame with `BAD_REQUEST` and is counted, and the
-//! connection keeps serving.
+//! on the wire), for a decode step's tokens and for a larger batch; a malformed stream (bytes
+//! after its frame, a header announcing an oversized body, a bad magic) gets an error frame
+//! with `BAD_REQUEST` and is counted, and the connection keeps serving.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,6 +29,44 @@ async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Frame {
         .expect("no answer within 30 s")
         .unwrap();
     Frame::decode_all(&answer).unwrap()
+}
+
+/// A request for `layer` (f32 on the wire) whose token `t` has hidden vector `xs[t]` and the
+/// (expert, weight) pairs `choices[t]`, and the partial sums `experts` give it in this process.
+fn request_and_want(
+    experts: &engine::model::moe::LocalExperts,
+    request_id: u64,
+    layer: usize,
+    hidden: usize,
+    xs: &[f32],
+    choices: &[Vec<(u16, f32)>],
+) -> (ExpertRequest, Vec<f32>) {
+    let req = ExpertRequest {
+        request_id,
+        layer: layer as u32,
+        hidden,
+        dtype: Dtype::F32,
+        counts: choices.iter().map(|c| c.len() as u8).collect(),
+        experts: choices.iter().flatten().map(|&(e, _)| e).collect(),
+        weights: choices.iter().flatten().map(|&(_, w)| w).collect(),
+        xs: xs.to_vec(),
+    };
+    let pairs: Vec<Pair> = choices
+        .iter()
+        .enumerate()
+        .flat_map(|(t, c)| {
+            c.iter().map(move |&(e, weight)| Pair {
+                token: t as u32,
+                expert: e as u32,
+                weight,
+            })
+        })
+        .collect();
+    let mut want = vec![0f32; xs.len()];
+    experts
+        .eval_pairs(layer, xs, &pairs, &mut want, &mut MoeScratch::default())
+        .unwrap();
+    (req, want)
 }
 
 fn assert_refused(f: Frame, what: &str) {
@@ -91,29 +129,17 @@ async fn requests_are_answered_and_malformed_streams_refused_and_counted() {
     let xs: Vec<f32> = (0..hidden)
         .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.05)
         .collect();
-    let req = ExpertRequest {
-        request_id: 7,
-        layer: layer as u32,
+    // A request: the partial sum this process computes from the same experts.
+    let (req, want) = request_and_want(
+        &experts,
+        7,
+        layer,
         hidden,
-        dtype: Dtype::F32,
-        counts: vec![2],
-        experts: vec![0, 3],
-        weights: vec![0.75, 0.25],
-        xs: xs.clone(),
-    };
+        &xs,
+        &[vec![(0, 0.75), (3, 0.25)]],
+    );
     let mut good = Vec::new();
     req.encode(&mut good).unwrap();
-
-    // A request: the partial sum this process computes from the same experts.
-    let mut want = vec![0f32; hidden];
-    let pairs = [(0, 0.75), (3, 0.25)].map(|(expert, weight)| Pair {
-        token: 0,
-        expert,
-        weight,
-    });
-    experts
-        .eval_pairs(layer, &xs, &pairs, &mut want, &mut MoeScratch::default())
-        .unwrap();
     match exchange(&conn, &good).await {
         Frame::Result(r) => {
             assert_eq!(r.request_id, 7);
@@ -145,43 +171,17 @@ async fn requests_are_answered_and_malformed_streams_refused_and_counted() {
     let big_xs: Vec<f32> = (0..n * hidden)
         .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.03)
         .collect();
-    let big = ExpertRequest {
-        request_id: 8,
-        layer: layer as u32,
-        hidden,
-        dtype: Dtype::F32,
-        counts: vec![2; n],
-        experts: (0..n)
-            .flat_map(|t| [(t % 4) as u16, 4 + (t % 3) as u16])
-            .collect(),
-        weights: (0..n).flat_map(|t| [0.5, 0.01 * t as f32]).collect(),
-        xs: big_xs.clone(),
-    };
-    let pairs: Vec<Pair> = (0..n)
-        .flat_map(|t| {
-            [(t % 4, 0.5), (4 + t % 3, 0.01 * t as f32)].map(|(e, weight)| Pair {
-                token: t as u32,
-                expert: e as u32,
-                weight,
-            })
-        })
+    let choices: Vec<Vec<(u16, f32)>> = (0..n)
+        .map(|t| vec![((t % 4) as u16, 0.5), (4 + (t % 3) as u16, 0.01 * t as f32)])
         .collect();
-    let mut want = vec![0f32; n * hidden];
-    experts
-        .eval_pairs(
-            layer,
-            &big_xs,
-            &pairs,
-            &mut want,
-            &mut MoeScratch::default(),
-        )
-        .unwrap();
+    let (big, want) = request_and_want(&experts, 8, layer, hidden, &big_xs, &choices);
     let mut bytes = Vec::new();
     big.encode(&mut bytes).unwrap();
     match exchange(&conn, &bytes).await {
         Frame::Result(r) => {
             assert_eq!(r.request_id, 8);
             assert_eq!(r.ys, want);
+            assert!(want.chunks(hidden).all(|row| row.iter().any(|&v| v != 0.0)));
         }
         other => panic!("a large request answered {other:?}"),
     }

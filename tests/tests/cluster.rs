@@ -969,8 +969,9 @@ fn generate_on_thread(
 }
 
 /// The tiny model served by a cluster in this process (heartbeat timeout 30 s, so that a lost
-/// worker is found by its closed connection; layer deadline 3 s; `copies` of every expert) and two worker processes, w1 and w2, of `memory` GiB each,
-/// once it serves. Fields drop in order: the workers first, the directory last.
+/// worker is found by its closed connection; layer deadline 3 s; `copies` of every expert)
+/// and two worker processes, w1 and w2, of `memory` GiB each, once it serves. Fields drop in
+/// order: the workers first, the directory last.
 struct TwoWorkers {
     w2: Worker,
     w1: Worker,
@@ -1191,6 +1192,12 @@ fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
         .unwrap();
     assert_eq!(want.len(), N);
     let experts: Arc<dyn RoutedExperts> = cluster.experts();
+    let served = |c: &Cluster| {
+        c.worker_stats()
+            .into_iter()
+            .find(|(n, _)| n == "w2")
+            .map_or(0, |(_, s)| s.requests.load(Ordering::Relaxed))
+    };
     let progress = Arc::new(AtomicUsize::new(0));
     let long = generate_on_thread(&file, &model, experts.clone(), &prompt, N, progress.clone());
     let t0 = Instant::now();
@@ -1202,6 +1209,10 @@ fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
         std::thread::sleep(Duration::from_millis(2));
     }
     assert!(!long.is_finished(), "the generation ended before the kill");
+    assert!(
+        served(&cluster) > 0,
+        "w2 answered nothing: its loss would prove nothing"
+    );
     drop(w2);
     let killed = Instant::now();
     let done_then = progress.load(Ordering::Relaxed);
@@ -1253,12 +1264,6 @@ fn with_spare_copies_a_worker_killed_mid_generation_costs_no_request() {
                 .iter()
                 .any(|w| w.name == "w2" && w.state == proto::control::WorkerState::Ready)
     });
-    let served = |c: &Cluster| {
-        c.worker_stats()
-            .into_iter()
-            .find(|(n, _)| n == "w2")
-            .map_or(0, |(_, s)| s.requests.load(Ordering::Relaxed))
-    };
     let before = served(&cluster);
     let again = generate_on_thread(&file, &model, experts, &prompt, 24, Default::default())
         .join()
